@@ -1,0 +1,117 @@
+"""The command line: parse, call a stage, print its summary. Business logic lives in the stages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from tuneship.errors import TuneshipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(no_args_is_help=True, help="Read, audit and split training data.")
+format_app = typer.Typer(no_args_is_help=True, help="Inspect the chat format used for training and inference.")
+app.add_typer(data_app, name="data")
+app.add_typer(format_app, name="format")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="run config (YAML)", exists=False)
+SetOption = typer.Option(None, "--set", help="override a config key: --set train.learning_rate=1e-4 (repeatable)")
+
+
+@app.callback()
+def _root() -> None:
+    """tuneship: fine-tune an open LLM on your examples and ship a model that answers and stops."""
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]):
+    from tuneship.config import config_warnings, load_config
+
+    cfg = load_config(config, overrides)
+    for warning in config_warnings(cfg):
+        err_console.print(f"[yellow]warning:[/] {warning}")
+    return cfg
+
+
+@data_app.command("check")
+def data_check(
+    files: Optional[list[str]] = typer.Argument(None, help="files, folders, globs or s3:// URIs (default: data.sources)"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = SetOption,
+    max_seq_len: Optional[int] = typer.Option(None, help="check truncation at this length (loads the tokenizer)"),
+    model: Optional[str] = typer.Option(None, help="tokenizer for the truncation check (default: model.base)"),
+    out: Optional[Path] = typer.Option(None, help="write train/eval/dropped.jsonl and audit.json/.md here"),
+    as_json: bool = typer.Option(False, "--json", help="print the machine-readable audit to stdout"),
+    strict: bool = typer.Option(False, help="exit non-zero when any error finding exists"),
+) -> None:
+    """Audit data: every problem with file and line; exit 0 when the data is usable."""
+    from tuneship.data.stage import audit_json, write_data_outputs
+    from tuneship.report import print_audit
+    from tuneship.run import run_data_check
+
+    cfg = _load(config, overrides)
+    if files:
+        cfg.data.sources = list(files)
+    if model:
+        cfg.model.base = model
+    if max_seq_len:
+        cfg.train.max_seq_len = max_seq_len
+    result = run_data_check(cfg, with_tokens=bool(model or max_seq_len))
+    written = write_data_outputs(result, out) if out else {}
+    if as_json:
+        sys.stdout.write(json.dumps(audit_json(result), indent=2, ensure_ascii=False) + "\n")
+    else:
+        print_audit(console, result, written)
+    if not result.is_usable or (strict and result.audit.errors):
+        raise typer.Exit(1)
+
+
+@format_app.command("show")
+def format_show(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    overrides: Optional[list[str]] = SetOption,
+    n: int = typer.Option(3, "--n", help="how many training examples to show"),
+) -> None:
+    """Show rendered training examples with the supervised spans highlighted."""
+    from tuneship.report import print_format
+    from tuneship.run import load_chat_format, run_data_check
+
+    cfg = _load(config, overrides)
+    chat_format = load_chat_format(cfg)
+    result = run_data_check(cfg, with_tokens=False)
+    print_format(console, chat_format, result.train[:n])
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    overrides: Optional[list[str]] = SetOption,
+    fresh: bool = typer.Option(False, help="start over instead of resuming from the latest checkpoint"),
+    dry_run: bool = typer.Option(False, help="prepare data and the chat format, run the pre-flight checks, stop"),
+) -> None:
+    """Fine-tune a LoRA adapter; resumes from the latest checkpoint automatically."""
+    from tuneship.report import print_train
+    from tuneship.run import run_train
+
+    cfg = _load(config, overrides)
+    result = run_train(cfg, console, fresh=fresh, dry_run=dry_run)
+    print_train(console, result)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, prog_name="tuneship")
+    except TuneshipError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

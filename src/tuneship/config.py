@@ -1,0 +1,251 @@
+"""The whole run's configuration: pydantic models, YAML files and dotted `--set` overrides.
+
+Every stage reads the same resolved `Config`, and the resolved config is written into the run
+directory, so that one file says exactly what a run did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tuneship.errors import ConfigError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+LEARNING_RATE_HARD = (1e-6, 1e-2)
+LEARNING_RATE_USUAL = (2e-5, 1e-3)
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("tuneship-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dir: Path = Field(Path("runs"), description="parent folder; the run lives in <dir>/<name>")
+
+
+class ModelSection(Section):
+    base: str = Field(
+        EMBEDDED_MODEL,
+        description="local HF folder, hub id, .gguf file, or the embedded smollm2-135m-instruct",
+    )
+    adapter_from: str | None = Field(None, description="a previous run's adapter/ folder to continue from")
+
+
+class S3Section(Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (R2, MinIO); env AWS_ENDPOINT_URL")
+    region: str | None = None
+    local_dir: Path | None = Field(None, description="local mirror; default <cache>/s3/<bucket>/<key>")
+    max_attempts: int = Field(5, ge=1, le=20)
+
+
+class DataSection(Section):
+    sources: list[str] = Field(default_factory=list, description="paths, globs, folders or s3:// URIs")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "plain_text"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="map your column names to prompt/response/system, e.g. {prompt: question, response: answer}",
+    )
+    eval_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 42
+    near_duplicate_similarity: float = Field(0.9, gt=0.0, le=1.0)
+    s3: S3Section = Field(default_factory=S3Section)
+
+
+class ChatSection(Section):
+    template: Literal["auto", "chatml", "llama-3", "mistral", "zephyr", "gemma", "phi-3", "qwen"] = "auto"
+    system_prompt: str | None = Field(
+        None, description="added to conversations without one; null keeps the template's own behaviour"
+    )
+    loss_on: Literal["all_assistant", "last_assistant", "everything"] = "all_assistant"
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    qlora: bool = Field(False, description="4-bit base via bitsandbytes (CUDA only)")
+
+
+class TrainSection(Section):
+    max_seq_len: int = Field(1024, ge=16, le=131072)
+    epochs: float = Field(3.0, gt=0.0, le=1000.0)
+    max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
+    learning_rate: float = 2e-4
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    min_free_disk_gb: float = Field(1.0, ge=0.0, description="disk guard: stop before a save would leave less")
+    sample_every: int = Field(0, ge=0, description="generate sample answers every N steps (0: off)")
+    sample_prompts: list[str] = Field(default_factory=list)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _learning_rate_in_hard_range(cls, value: float) -> float:
+        low, high = LEARNING_RATE_HARD
+        if not low <= value <= high:
+            raise ValueError(f"must be within [{low:g}, {high:g}] (got {value:g}); LoRA usually wants 1e-4 to 5e-4")
+        return value
+
+
+class EvalSection(Section):
+    prompts: Path | None = None
+    max_new_tokens: int = Field(128, ge=1)
+    min_stop_rate: float = Field(1.0, ge=0.0, le=1.0)
+    min_exact_match: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class ExportSection(Section):
+    quants: list[Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"]] = Field(default_factory=lambda: ["Q4_K_M"])
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
+
+
+class DeploySection(Section):
+    target: Literal["ollama", "lmstudio", "llamacpp", "none"] = "ollama"
+    name: str | None = None
+    num_ctx: int | None = Field(None, ge=256)
+
+
+class Config(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    chat: ChatSection = Field(default_factory=ChatSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    deploy: DeploySection = Field(default_factory=DeploySection)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.dir / self.run.name
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply `key.path=value` overrides, validate.
+
+    Relative paths in the file (`data.sources`, `run.dir`, ...) are resolved against the file's
+    folder, so a config works from any working directory.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(path)
+        _resolve_relative_paths(raw, path.parent)
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, path)) from None
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are allowed but usually wrong, worded for a person."""
+    warnings = []
+    low, high = LEARNING_RATE_USUAL
+    if not low <= cfg.train.learning_rate <= high:
+        warnings.append(
+            f"train.learning_rate={cfg.train.learning_rate:g} is outside the usual LoRA range "
+            f"[{low:g}, {high:g}]; expect {'slow learning' if cfg.train.learning_rate < low else 'instability'}"
+        )
+    if cfg.lora.alpha < cfg.lora.r:
+        warnings.append(f"lora.alpha={cfg.lora.alpha} is below lora.r={cfg.lora.r}: the adapter is scaled down")
+    return warnings
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see examples/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (run, model, data, ...)")
+    return raw
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    def resolve(value: str) -> str:
+        if "://" in value or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("sources"), list):
+        data["sources"] = [resolve(s) if isinstance(s, str) else s for s in data["sources"]]
+    for section, key in (("run", "dir"), ("eval", "prompts"), ("model", "adapter_from")):
+        block = raw.get(section)
+        if isinstance(block, dict) and isinstance(block.get(key), str):
+            block[key] = resolve(block[key])
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("base"), str):
+        candidate = base / model["base"]
+        if candidate.exists():
+            model["base"] = str(candidate.resolve())
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value`; the value is parsed as YAML (`[1, 2]`, `true`, `1e-4`, strings)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({exc})") from None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 1e-4 as a string
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    where = f"{path}: " if path else ""
+    lines = [f"{where}invalid config:"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see the config reference in README.md)"
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The data stage: read sources, convert every record to a `Conversation`, audit, split."""

@@ -1,0 +1,191 @@
+"""Every input format becomes a `Conversation` here, at the edge; nothing downstream knows them.
+
+Formats, detected per record (or fixed with `data.format`):
+- messages (OpenAI chat): {"messages": [{"role", "content"}, ...]}
+- sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}
+- alpaca: {"instruction", "input"?, "output"}
+- prompt_completion: {"prompt", "completion"|"response"} (or your columns via `data.columns`)
+- plain_text: {"text": "### Human: ... ### Assistant: ..."}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tuneship.data.conversation import ROLES, Conversation, Message, SourceRef
+from tuneship.data.findings import RecordError
+
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+PLAIN_TEXT_TURN = re.compile(r"###\s*(Human|Assistant|System)\s*:", re.IGNORECASE)
+
+
+def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
+    if columns.get("prompt", "") in record and columns.get("response", "") in record:
+        return "prompt_completion"
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and ("completion" in record or "response" in record):
+        return "prompt_completion"
+    if isinstance(record.get("text"), str) and PLAIN_TEXT_TURN.search(record["text"]):
+        return "plain_text"
+    keys = ", ".join(sorted(record)[:8]) or "none"
+    raise RecordError(
+        "invalid-record",
+        f"unknown record format (keys: {keys}); expected messages, conversations, instruction/output, "
+        "prompt/completion or text with ### Human:/### Assistant:; map other names with data.columns",
+    )
+
+
+def to_conversation(record: Any, source: SourceRef, fmt: str = "auto",
+                    columns: dict[str, str] | None = None) -> Conversation:
+    """Convert one raw record; raises RecordError with a finding code when it cannot."""
+    columns = columns or {}
+    if not isinstance(record, dict):
+        raise RecordError("invalid-record", f"a record must be a JSON object, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = detect_format(record, columns)
+    converter = _CONVERTERS[fmt]
+    messages, raw_roles = converter(record, columns)
+    return _build(messages, raw_roles, source)
+
+
+def _from_messages(record, columns):
+    turns = _require_list(record, "messages")
+    messages, raw_roles = [], []
+    for index, turn in enumerate(turns):
+        where = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            raise RecordError("invalid-record", "each message must be an object with role and content", where)
+        raw_roles.append(_require_str(turn, "role", where))
+        messages.append((turn["role"], _require_str(turn, "content", where), where))
+    return messages, raw_roles
+
+
+def _from_sharegpt(record, columns):
+    turns = _require_list(record, "conversations")
+    messages, raw_roles = [], []
+    for index, turn in enumerate(turns):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise RecordError("invalid-record", "each turn must be an object with from and value", where)
+        raw_roles.append(_require_str(turn, "from", where))
+        messages.append((turn["from"], _require_str(turn, "value", where), where))
+    return messages, raw_roles
+
+
+def _from_alpaca(record, columns):
+    instruction = _require_str(record, "instruction")
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise RecordError("invalid-record", f"must be a string, got {type(extra).__name__}", "input")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [("user", prompt, "instruction"), ("assistant", _require_str(record, "output"), "output")]
+    return _with_system(record, columns, messages), ["instruction", "output"]
+
+
+def _from_prompt_completion(record, columns):
+    prompt_key = columns.get("prompt", "prompt")
+    response_key = columns.get("response") or ("completion" if "completion" in record else "response")
+    messages = [
+        ("user", _require_str(record, prompt_key), prompt_key),
+        ("assistant", _require_str(record, response_key), response_key),
+    ]
+    return _with_system(record, columns, messages), [prompt_key, response_key]
+
+
+def _from_plain_text(record, columns):
+    text = _require_str(record, "text")
+    parts = PLAIN_TEXT_TURN.split(text)
+    if parts[0].strip():
+        raise RecordError("role-order", "text before the first ### Human:/### Assistant: marker", "text")
+    messages, raw_roles = [], []
+    for label, content in zip(parts[1::2], parts[2::2]):
+        raw_roles.append(label.lower())
+        messages.append((label.lower(), content.strip(), "text"))
+    return messages, raw_roles
+
+
+def _with_system(record, columns, messages):
+    system_key = columns.get("system", "system")
+    system = record.get(system_key)
+    if system is None:
+        return messages
+    if not isinstance(system, str):
+        raise RecordError("invalid-record", f"must be a string, got {type(system).__name__}", system_key)
+    return [("system", system, system_key)] + messages
+
+
+_CONVERTERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion,
+    "plain_text": _from_plain_text,
+}
+
+
+def _build(messages: list[tuple[str, str, str]], raw_roles: list[str], source: SourceRef) -> Conversation:
+    """Map roles, take a leading system message aside, and check the turn order and contents."""
+    mapped = []
+    for role, content, where in messages:
+        canonical = ROLE_ALIASES.get(role.strip().lower())
+        if canonical is None:
+            raise RecordError("unknown-role", f"role {role!r} is not one of {', '.join(ROLES)} "
+                              "(or human/gpt); tool calls are not supported yet", where)
+        mapped.append((canonical, content, where))
+    system = None
+    if mapped and mapped[0][0] == "system":
+        system = mapped.pop(0)[1]
+    _check_order(mapped)
+    for role, content, where in mapped:
+        if not content.strip():
+            code = "empty-prompt" if role == "user" else "empty-response"
+            raise RecordError(code, f"the {role} turn is empty; write it or remove the record", where)
+    return Conversation([Message(r, c) for r, c, _ in mapped], source, system, raw_roles)
+
+
+def _check_order(mapped: list[tuple[str, str, str]]) -> None:
+    if not mapped:
+        raise RecordError("role-order", "the conversation has no user/assistant turns")
+    for index, (role, _, where) in enumerate(mapped):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role == "system":
+            raise RecordError("role-order", "a system message is only allowed first", where)
+        if role != expected:
+            raise RecordError("role-order", f"expected a {expected} turn here (turns must alternate, "
+                              "starting with user)", where)
+    if mapped[-1][0] != "assistant":
+        raise RecordError("role-order", "the conversation ends without an assistant answer", mapped[-1][2])
+
+
+def _require_list(record: dict, key: str) -> list:
+    value = record.get(key)
+    if not isinstance(value, list):
+        raise RecordError("invalid-record", f"must be a list, got {type(value).__name__}", key)
+    return value
+
+
+def _require_str(record: dict, key: str, where: str | None = None) -> str:
+    field = f"{where}.{key}" if where else key
+    if key not in record or record[key] is None:
+        raise RecordError("invalid-record", "missing field", field)
+    value = record[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise RecordError("invalid-record", f"must be a string, got {type(value).__name__}", field)
+    return value
