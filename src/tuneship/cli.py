@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tuneship.errors import TuneshipError
 
@@ -36,7 +37,7 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]):
 
     cfg = load_config(config, overrides)
     for warning in config_warnings(cfg):
-        err_console.print(f"[yellow]warning:[/] {warning}")
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     return cfg
 
 
@@ -109,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, prog_name="tuneship")
     except TuneshipError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

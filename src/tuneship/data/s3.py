@@ -77,7 +77,8 @@ def _client(settings):
     region = (settings.region if settings else None) or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     attempts = settings.max_attempts if settings else 5
     retry = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retry)
+    session = boto3.session.Session()  # a fresh session: the default one caches credentials process-wide
+    return session.client("s3", endpoint_url=endpoint, region_name=region, config=retry)
 
 
 def _call(uri: str, settings, action):
@@ -92,12 +93,24 @@ def _call(uri: str, settings, action):
         raise SourceError(f"{uri}: cannot reach the S3 endpoint ({exc}); check data.s3.endpoint_url "
                           "or AWS_ENDPOINT_URL") from None
     except ClientError as exc:
-        raise SourceError(_describe_client_error(uri, exc)) from None
+        raise SourceError(_describe_client_error(uri, exc, settings)) from None
 
 
-def _describe_client_error(uri: str, exc) -> str:
+def _bucket_exists(bucket: str, settings) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        _client(settings).head_bucket(Bucket=bucket)
+    except ClientError:
+        return False
+    return True
+
+
+def _describe_client_error(uri: str, exc, settings) -> str:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     bucket, key = split_uri(uri)
+    if code in ("404", "NotFound") and not _bucket_exists(bucket, settings):
+        code = "NoSuchBucket"  # a HEAD on a key cannot tell a missing bucket from a missing key
     if code == "NoSuchBucket":
         return f"{uri}: bucket {bucket!r} does not exist at this endpoint; check the name and data.s3.endpoint_url"
     if code in ("NoSuchKey", "404", "NotFound"):

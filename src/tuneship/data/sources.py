@@ -161,6 +161,8 @@ def _json_error(label: str, exc: json.JSONDecodeError, text: str) -> RawRecord:
 def _read_csv(path: Path, label: str) -> Iterator[RawRecord]:
     text = _decode_whole(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None:  # reading the header; line numbers count from here
+        return
     line = reader.line_num + 1
     for row in reader:
         if None in row:

@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# torch is installed FIRST and pinned, so that nothing pulls a multi-GB CUDA build by accident.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= train,parquet,s3,dev
+# llama-cpp-python is built from source; portable CPU build (set CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/tuneship data check examples/data --max-seq-len 256 --out runs/demo-data
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: setup
+	$(BIN)/python benchmarks/audit_100k.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real SmolLM2 tokenizer, a tiny random Llama with it, and file helpers.
+
+Converted models are cached under <repo>/.cache/tuneship (TUNESHIP_CACHE), so only the first run
+pays the GGUF dequantization (~20 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TUNESHIP_CACHE", str(REPO / ".cache" / "tuneship"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    """Rows may be dicts (dumped as JSON) or raw strings (written as they are)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def qa(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    from tuneship.base_model import resolve_base_model
+
+    return resolve_base_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_dir, tmp_path_factory) -> str:
+    """Only the tokenizer files of SmolLM2 (a real tokenizer), for format tests."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def tokenizer(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random Llama with the real SmolLM2 tokenizer: trains in seconds on CPU."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,89 @@
+"""The bucket source against a real S3-compatible server (moto's standalone server) on loopback."""
+
+import json
+
+import pytest
+
+from tests.conftest import qa
+from tuneship.config import S3Section
+from tuneship.data.audit import AuditSettings
+from tuneship.data.stage import prepare_data
+from tuneship.errors import SourceError
+
+boto3 = pytest.importorskip("boto3")
+
+
+@pytest.fixture
+def s3_server(monkeypatch, tmp_path):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="train-data")
+    body = "\n".join(json.dumps(qa(f"Q{i}", f"A{i}")) for i in range(3)) + "\n"
+    client.put_object(Bucket="train-data", Key="sets/v1/facts.jsonl", Body=body.encode())
+    client.put_object(Bucket="train-data", Key="sets/v1/more.jsonl", Body=json.dumps(qa("Q9", "A9")).encode())
+    client.put_object(Bucket="train-data", Key="sets/v1/readme.txt", Body=b"not data")
+    yield endpoint, client
+    server.stop()
+
+
+def settings(endpoint, tmp_path, **extra):
+    return S3Section(endpoint_url=endpoint, local_dir=tmp_path / "mirror", max_attempts=2, **extra)
+
+
+def test_reads_an_object_and_remembers_its_uri(s3_server, tmp_path):
+    endpoint, _ = s3_server
+    result = prepare_data(["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(),
+                          s3_settings=settings(endpoint, tmp_path))
+    assert [str(c.source) for c in result.audit.kept] == [f"s3://train-data/sets/v1/facts.jsonl:{i}" for i in (1, 2, 3)]
+    assert (tmp_path / "mirror" / "train-data" / "sets" / "v1" / "facts.jsonl").is_file()
+
+
+def test_prefix_lists_data_files_only(s3_server, tmp_path):
+    endpoint, _ = s3_server
+    result = prepare_data(["s3://train-data/sets/"], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    assert result.files == ["s3://train-data/sets/v1/facts.jsonl", "s3://train-data/sets/v1/more.jsonl"]
+    assert len(result.audit.kept) == 4
+
+
+def test_local_copy_is_used_without_touching_the_bucket(s3_server, tmp_path):
+    endpoint, client = s3_server
+    uri = "s3://train-data/sets/v1/facts.jsonl"
+    prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    client.delete_object(Bucket="train-data", Key="sets/v1/facts.jsonl")
+    again = prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    assert len(again.audit.kept) == 3
+
+
+@pytest.mark.parametrize("uri,message", [
+    ("s3://no-such-bucket/x.jsonl", "bucket 'no-such-bucket' does not exist"),
+    ("s3://train-data/sets/v1/missing.jsonl", "no object 'sets/v1/missing.jsonl'"),
+])
+def test_missing_bucket_and_key_are_actionable(s3_server, tmp_path, uri, message):
+    endpoint, _ = s3_server
+    with pytest.raises(SourceError, match=message):
+        prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+
+
+def test_missing_credentials_say_what_to_set(s3_server, tmp_path, monkeypatch):
+    endpoint, _ = s3_server
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(SourceError, match="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        prepare_data(["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(),
+                     s3_settings=settings(endpoint, tmp_path))
+
+
+def test_unreachable_endpoint_names_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(SourceError, match="cannot reach the S3 endpoint"):
+        prepare_data(["s3://b/k.jsonl"], AuditSettings(), s3_settings=settings("http://127.0.0.1:9", tmp_path))
