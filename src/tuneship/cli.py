@@ -87,7 +87,7 @@ def format_show(
     cfg = _load(config, overrides)
     chat_format = load_chat_format(cfg)
     result = run_data_check(cfg, with_tokens=False)
-    print_format(console, chat_format, result.train[:n])
+    print_format(console, chat_format, (result.train + result.eval)[:n])
 
 
 @app.command()
@@ -98,12 +98,16 @@ def train(
     dry_run: bool = typer.Option(False, help="prepare data and the chat format, run the pre-flight checks, stop"),
 ) -> None:
     """Fine-tune a LoRA adapter; resumes from the latest checkpoint automatically."""
-    from tuneship.report import print_train
+    from tuneship.report import print_format, print_train
     from tuneship.run import run_train
 
     cfg = _load(config, overrides)
     result = run_train(cfg, console, fresh=fresh, dry_run=dry_run)
-    print_train(console, result)
+    if dry_run:
+        print_format(console, result.chat_format, result.data.train[:1])
+        console.print(f"[green]pre-flight passed[/] for {len(result.rendered)} examples; nothing was trained (--dry-run)")
+    else:
+        print_train(console, result)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -43,3 +43,48 @@ def print_audit(console: Console, result, written: dict[str, Path]) -> None:
                   f"(train {len(result.train)}, eval {len(result.eval)}): {verdict}")
     for name, path in written.items():
         console.print(f"  wrote {path}")
+
+
+def print_format(console: Console, chat_format, conversations) -> None:
+    """Rendered examples, supervised text highlighted, and the prompt used at inference."""
+    from rich.text import Text
+
+    spec = chat_format.spec
+    console.print(f"template: [bold]{spec.family}[/]  stop token: [bold]{escape(spec.stop_token)}[/] "
+                  f"(ids {spec.stop_token_ids})  pad: {escape(spec.pad_token)} (id {spec.pad_token_id}"
+                  f"{', added' if spec.is_pad_added else ''})  loss on: {spec.loss_on}  "
+                  f"system prompt: {spec.system_prompt!r}", highlight=False)
+    for conversation in conversations:
+        rendered = chat_format.render(conversation)
+        text = Text()
+        cursor = 0
+        for start, end in rendered.spans:
+            text.append(rendered.text[cursor:start], style="dim")
+            text.append(rendered.text[start:end], style="bold green")
+            cursor = end
+        text.append(rendered.text[cursor:], style="dim")
+        console.rule(f"{conversation.source}  {len(rendered.input_ids)} tokens, "
+                     f"{rendered.supervised_count} supervised (green)")
+        console.print(text)
+        console.print(Text("generation prompt at inference:", style="bold"))
+        console.print(Text(chat_format.generation_prompt(conversation), style="cyan"))
+
+
+def print_train(console: Console, result) -> None:
+    table = Table(title="train")
+    table.add_column("what")
+    table.add_column("value")
+    rows = [
+        ("adapter", result.adapter_dir),
+        ("resumed from", result.resumed_from or "-"),
+        ("steps", str(result.steps)),
+        ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
+        ("time", f"{result.seconds:.1f} s"),
+        ("tokens/s (non-pad, supervised)", f"{result.tokens_per_second:,.0f}, {result.supervised_tokens_per_second:,.0f}"),
+        ("device", f"{result.device} ({result.precision})"),
+    ]
+    for what, value in rows:
+        table.add_row(what, escape(value))
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]note: {escape(note)}[/]")

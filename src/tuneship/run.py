@@ -12,6 +12,7 @@ from typing import Any
 from tuneship.config import Config, save_config
 from tuneship.data.audit import AuditSettings
 from tuneship.data.stage import DataResult, prepare_data, write_data_outputs
+from tuneship.errors import DataError
 
 
 @dataclass
@@ -85,3 +86,50 @@ def load_chat_format(cfg: Config):
     from tuneship.chat.format import ChatFormat
 
     return ChatFormat.from_model_dir(resolve_base_model(cfg.model.base), cfg.chat)
+
+
+@dataclass
+class PreparedRun:
+    """Everything training needs, made and checked before any weight moves."""
+
+    run: Run
+    base_dir: str
+    chat_format: Any
+    data: DataResult
+    rendered: list
+
+
+def prepare_training(cfg: Config) -> PreparedRun:
+    """Run dir, chat format, data stage, rendering and the pre-flight checks."""
+    from tuneship.base_model import resolve_base_model
+    from tuneship.chat.format import ChatFormat
+    from tuneship.train.preflight import preflight
+
+    run = Run.create(cfg)
+    base_dir = resolve_base_model(cfg.model.base)
+    chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
+    data = run_data_stage(cfg, run, chat_format)
+    if not data.is_usable:
+        raise DataError(f"no usable training examples: {data.audit.records_read} read, all dropped or in eval; "
+                        f"see {run.path / 'data' / 'audit.md'}")
+    rendered = [chat_format.render(c) for c in data.train]
+    preflight(chat_format, data.train, rendered, cfg.train.max_seq_len)
+    chat_format.save(run.subdir("chat"))
+    return PreparedRun(run, base_dir, chat_format, data, rendered)
+
+
+def run_train(cfg: Config, console, *, fresh: bool = False, dry_run: bool = False, extra_callbacks=()):
+    """The train stage: returns the PreparedRun for --dry-run, else the TrainResult."""
+    from tuneship.train.trainer import train_adapter
+
+    prepared = prepare_training(cfg)
+    if dry_run:
+        return prepared
+    inputs_hash = fingerprint(cfg.model.model_dump(), cfg.chat.model_dump(), cfg.lora.model_dump(),
+                              cfg.train.model_dump(exclude={"sample_every", "sample_prompts", "report_to"}),
+                              [r.input_ids for r in prepared.rendered])
+    started = time.monotonic()
+    result = train_adapter(prepared.run.path, cfg, prepared.base_dir, prepared.chat_format, prepared.rendered,
+                           inputs_hash, console, fresh=fresh, extra_callbacks=extra_callbacks)
+    prepared.run.record("train", "done", inputs_hash, {"adapter": result.adapter_dir}, time.monotonic() - started)
+    return result

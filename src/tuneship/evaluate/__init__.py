@@ -1,0 +1,1 @@
+"""Evaluation: generation checks and held-out loss, with the run's own ChatFormat."""

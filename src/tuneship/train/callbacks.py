@@ -1,0 +1,125 @@
+"""Trainer callbacks: guards that stop a run cleanly, sample generation, progress, and the log.
+
+A guard raises `TrainingStopped` from inside the training loop, before the optimizer step (NaN) or
+before the save (disk): the weights of the last checkpoint are never overwritten by a bad step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from tuneship.errors import TrainingStopped
+from tuneship.train.batches import TokenCounter
+from tuneship.train.device import free_disk_bytes
+
+NAN_ADVICE = ("try a lower train.learning_rate, train.precision=fp32, or another device; the last good "
+              "checkpoint is kept and `tuneship train` resumes from it")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops at the first non-finite gradient, before the optimizer applies it."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        for name, parameter in model.named_parameters():
+            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+                raise TrainingStopped(f"non-finite gradient in {name} at step {state.global_step + 1}; {NAN_ADVICE}")
+
+
+def check_loss(loss, step: int) -> None:
+    """Called by the trainer on every micro-batch loss (the HF Trainer would hide NaN in its logs)."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise TrainingStopped(f"loss is {value} at step {step}; {NAN_ADVICE}")
+
+
+class DiskGuard(TrainerCallback):
+    """Before each save: is there room for the checkpoint plus train.min_free_disk_gb?"""
+
+    def __init__(self, folder: Path, checkpoint_bytes: int, min_free_bytes: int):
+        self.folder = folder
+        self.checkpoint_bytes = checkpoint_bytes
+        self.min_free_bytes = min_free_bytes
+
+    def check(self, what: str) -> None:
+        free = free_disk_bytes(self.folder)
+        needed = self.checkpoint_bytes + self.min_free_bytes
+        if free < needed:
+            raise TrainingStopped(
+                f"disk guard: {free / 1e9:.2f} GB free in {self.folder}, {what} needs {self.checkpoint_bytes / 1e9:.2f} GB "
+                f"plus train.min_free_disk_gb={self.min_free_bytes / 1e9:g}; free space or lower the limit, then "
+                "rerun `tuneship train` to resume from the last checkpoint")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.check(f"checkpoint {state.global_step}")
+
+
+class SampleGenerator(TrainerCallback):
+    """Every N steps, greedy answers to fixed prompts through the run's own generation prompt."""
+
+    def __init__(self, chat_format, prompts: list[str], every: int, log_path: Path, console, max_new_tokens=64):
+        self.chat_format = chat_format
+        self.prompts = prompts
+        self.every = every
+        self.log_path = log_path
+        self.console = console
+        self.max_new_tokens = max_new_tokens
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or state.global_step % self.every:
+            return
+        from tuneship.evaluate.generation import generate_answers
+
+        answers = generate_answers(model, self.chat_format, [self.chat_format.prompt_for(p) for p in self.prompts],
+                                   self.max_new_tokens)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            for prompt, answer in zip(self.prompts, answers):
+                log.write(json.dumps({"step": state.global_step, "prompt": prompt, **answer.to_json()}) + "\n")
+                self.console.print(f"[dim]step {state.global_step} sample[/] {prompt!r} -> {answer.text!r}"
+                                   f"{'' if answer.stopped else ' [red](did not stop)[/]'}", highlight=False)
+
+
+class ProgressDisplay(TrainerCallback):
+    """A rich progress bar with loss, tokens/s and ETA; also keeps timings for the experiment log."""
+
+    def __init__(self, console, counter: TokenCounter):
+        self.console = console
+        self.counter = counter
+        self.progress = None
+        self.task = None
+        self.started = 0.0
+        self.loss = float("nan")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.started = time.monotonic()
+        self.progress = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        status = f"loss {self.loss:.4f}  {self.counter.tokens / elapsed:,.0f} tok/s"
+        self.progress.update(self.task, completed=state.global_step, status=status)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,76 @@
+"""The base model with a LoRA (or QLoRA) adapter, ready to train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneship.errors import ModelError, TuneshipError
+
+
+class QLoraUnavailable(TuneshipError):
+    """QLoRA was asked for where it cannot run."""
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from: str | None = None):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": getattr(torch, DTYPES[device.precision])}
+    if lora_cfg.qlora:
+        kwargs["quantization_config"] = _qlora_config(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load the base model from {base_dir}: {exc}") from None
+    if chat_format.spec.is_pad_added:
+        model.resize_token_embeddings(len(chat_format.tokenizer))
+    model.config.pad_token_id = chat_format.spec.pad_token_id
+    model.generation_config.pad_token_id = chat_format.spec.pad_token_id
+    model.generation_config.eos_token_id = chat_format.spec.stop_token_ids
+    if lora_cfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    if adapter_from:
+        model = PeftModel.from_pretrained(model, resolve_adapter(adapter_from), is_trainable=True)
+    else:
+        config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    if device.kind != "cpu" and not lora_cfg.qlora:
+        model.to(device.kind)
+    return model
+
+
+def resolve_adapter(path: str) -> str:
+    """A run folder or its adapter/ folder -> the adapter folder."""
+    folder = Path(path)
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        return str(folder / "adapter")
+    if (folder / "adapter_config.json").is_file():
+        return str(folder)
+    raise ModelError(f"model.adapter_from={path}: no adapter_config.json there or in its adapter/ folder")
+
+
+def _qlora_config(device):
+    if device.kind != "cuda":
+        raise QLoraUnavailable(f"lora.qlora=true needs a CUDA GPU (this run is on {device.kind}); "
+                               "set lora.qlora=false to train a plain LoRA")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QLoraUnavailable("lora.qlora=true needs bitsandbytes: pip install bitsandbytes "
+                               "(or set lora.qlora=false)") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=getattr(torch, DTYPES[device.precision]))
+
+
+def trainable_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,215 @@
+"""Train a LoRA adapter with the HF Trainer, guarded, checkpointed and resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+from tuneship.train.batches import ExampleDataset, PadCollator, TokenCounter
+from tuneship.train.device import detect_device, estimate_memory, memory_verdict
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKERS = ("trainer_state.json", "adapter_model.safetensors")
+
+
+class ResumeMismatch(TuneshipError):
+    """The checkpoints were written for other data or settings."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    resumed_from: str | None
+    steps: int
+    final_loss: float | None
+    seconds: float
+    tokens_per_second: float
+    supervised_tokens_per_second: float
+    device: str
+    precision: str
+    notes: list[str] = field(default_factory=list)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that was written completely (trainer_state.json is written last)."""
+    if not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+                if p.name[len(CHECKPOINT_PREFIX):].isdigit() and all((p / m).is_file() for m in COMPLETE_MARKERS)]
+    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def train_adapter(run_path: Path, cfg, base_dir: str, chat_format, train_set, inputs_hash: str, console, *,
+                  fresh: bool = False, extra_callbacks=()) -> TrainResult:
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from tuneship.train import callbacks as cb
+    from tuneship.train.model import load_for_training, trainable_bytes
+
+    device = detect_device(cfg.train.device, cfg.train.precision)
+    _check_memory(base_dir, cfg, device, console)
+    checkpoints = run_path / "checkpoints"
+    resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, console)
+    model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
+    counter = TokenCounter()
+    progress = cb.ProgressDisplay(console, counter)
+    disk_guard = cb.DiskGuard(checkpoints, 4 * trainable_bytes(model) + 1_000_000, int(cfg.train.min_free_disk_gb * 1e9))
+    callbacks = [cb.NonFiniteGuard(), disk_guard, progress, *extra_callbacks]
+    if cfg.train.sample_every and cfg.train.sample_prompts:
+        callbacks.append(cb.SampleGenerator(chat_format, cfg.train.sample_prompts, cfg.train.sample_every,
+                                            run_path / "reports" / "samples.jsonl", console))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_path / "reports" / "tensorboard")
+
+    class GuardedTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            cb.check_loss(loss, self.state.global_step + 1)
+            return loss
+
+    trainer = GuardedTrainer(model=model, args=_training_arguments(TrainingArguments, cfg, device, checkpoints),
+                             train_dataset=ExampleDataset(train_set),
+                             data_collator=PadCollator(chat_format.spec.pad_token_id, counter), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
+    started = time.monotonic()
+    status = "failed"
+    try:
+        if resume:
+            console.print(f"resuming from {resume} (use --fresh to start over)")
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        disk_guard.check("the final adapter")
+        adapter_dir = run_path / "adapter"
+        model.save_pretrained(adapter_dir)
+        chat_format.save(adapter_dir)
+        status = "done"
+    except TuneshipError as exc:
+        status = f"stopped: {exc}"
+        raise
+    finally:
+        progress.stop()
+        seconds = time.monotonic() - started
+        _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume)
+    history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return TrainResult(str(adapter_dir), str(resume) if resume else None, trainer.state.global_step,
+                       history[-1] if history else None, seconds, counter.tokens / max(seconds, 1e-9),
+                       counter.supervised / max(seconds, 1e-9), device.kind, device.precision, device.notes)
+
+
+def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
+    train = cfg.train
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        lr_scheduler_type="cosine",
+        logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        bf16=device.precision == "bf16",
+        fp16=device.precision == "fp16",
+        use_cpu=device.kind == "cpu",
+        report_to=list(train.report_to),
+        remove_unused_columns=False,
+        dataloader_pin_memory=device.kind == "cuda",
+        disable_tqdm=True,
+    )
+
+
+def _check_memory(base_dir: str, cfg, device, console) -> None:
+    estimate = estimate_memory(base_dir, device.precision, lora_r=cfg.lora.r, batch_size=cfg.train.batch_size,
+                               seq_len=cfg.train.max_seq_len, is_qlora=cfg.lora.qlora, device=device.kind)
+    verdict = memory_verdict(estimate)
+    if verdict and verdict[0] == "error":
+        raise TuneshipError(f"the run will not fit in memory: {verdict[1]}")
+    if verdict:
+        console.print(f"[yellow]warning:[/] {verdict[1]}")
+
+
+def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, console) -> Path | None:
+    """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs."""
+    marker = checkpoints / "inputs.json"
+    if fresh:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    resume = latest_checkpoint(checkpoints)
+    if resume and marker.is_file() and json.loads(marker.read_text())["inputs"] != inputs_hash:
+        raise ResumeMismatch(f"the checkpoints in {checkpoints} were made from other data or training settings; "
+                             "rerun with --fresh to start over, or restore the previous config")
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"inputs": inputs_hash}))
+    return resume
+
+
+def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, status, resume) -> None:
+    reports = run_path / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    history = trainer.state.log_history
+    experiment = {
+        "status": status,
+        "resumed_from": str(resume) if resume else None,
+        "config": cfg.model_dump(mode="json"),
+        "data": _audit_totals(run_path),
+        "device": asdict(device),
+        "versions": _versions(),
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "tokens": counter.tokens,
+        "supervised_tokens": counter.supervised,
+        "metrics": history,
+    }
+    (reports / "experiment.json").write_text(json.dumps(experiment, indent=2, default=str), encoding="utf-8")
+    _plot_loss(history, reports / "loss.png")
+
+
+def _audit_totals(run_path: Path) -> dict:
+    audit = run_path / "data" / "audit.json"
+    if not audit.is_file():
+        return {}
+    report = json.loads(audit.read_text(encoding="utf-8"))
+    return {"totals": report["totals"], "counts": report["counts"], "stats": report["stats"]}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    names = ["tuneship", "torch", "transformers", "peft", "accelerate"]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    points = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+    if not points:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot([s for s, _ in points], [loss for _, loss in points])
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    axis.set_title("loss")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
