@@ -1,0 +1,161 @@
+"""Training on a tiny random Llama with the real SmolLM2 tokenizer: real runs, seconds each."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from tests.conftest import REPO, qa, write_jsonl
+from tuneship.cli import main
+from tuneship.config import load_config
+from tuneship.errors import PreflightError, TrainingStopped
+from tuneship.run import run_train
+
+
+def tiny_config(tmp_path: Path, model_dir: str, **train) -> Path:
+    data = write_jsonl(tmp_path / "facts.jsonl", [qa(f"Question number {i}?", f"Answer number {i}.") for i in range(12)])
+    config = {
+        "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
+        "model": {"base": model_dir},
+        "data": {"sources": [str(data)], "eval_ratio": 0.0},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_seq_len": 64, "max_steps": 6, "batch_size": 4, "save_steps": 2, "learning_rate": 1e-3,
+                  "report_to": [], **train},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out + captured.err
+
+
+def quiet():
+    return Console(file=io.StringIO(), width=120)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def test_train_writes_adapter_chat_format_and_reports(tmp_path, tiny_model_dir, capsys):
+    code, out = cli(["train", str(tiny_config(tmp_path, tiny_model_dir))], capsys)
+    assert code == 0, out
+    run_dir = tmp_path / "runs" / "tiny"
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "chat_format.json").read_text())["stop_token"] == "<|im_end|>"
+    assert "<|im_start|>" in json.loads((adapter / "tokenizer_config.json").read_text()).get("chat_template", "") or \
+        "<|im_start|>" in (adapter / "chat_template.jinja").read_text()
+    experiment = json.loads((run_dir / "reports" / "experiment.json").read_text())
+    assert experiment["status"] == "done" and experiment["steps"] == 6
+    assert experiment["data"]["totals"]["kept"] == 12 and "torch" in experiment["versions"]
+    assert any("loss" in entry for entry in experiment["metrics"])
+    assert (run_dir / "reports" / "loss.png").stat().st_size > 1000
+    assert checkpoint_steps(run_dir) == [4, 6]  # save_total_limit=2 bounds the count
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["data"]["status"] == "done" and manifest["train"]["status"] == "done"
+    assert load_config(run_dir / "config.yaml").model.base == tiny_model_dir
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    def poison(module, inputs, output):
+        output["loss"] = output["loss"] * float("nan")
+        return output
+
+    class PoisonLossAtStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 5:
+                model.register_forward_hook(poison)
+
+    cfg = load_config(tiny_config(tmp_path, tiny_model_dir, max_steps=10))
+    with pytest.raises(TrainingStopped, match=r"loss is nan at step 6; try a lower train.learning_rate"):
+        run_train(cfg, quiet(), extra_callbacks=[PoisonLossAtStep()])
+    run_dir = tmp_path / "runs" / "tiny"
+    assert checkpoint_steps(run_dir) == [2, 4]
+    weights = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert weights and all(bool(t.isfinite().all()) for t in weights.values())
+    assert not (run_dir / "adapter").exists()
+    assert json.loads((run_dir / "reports" / "experiment.json").read_text())["status"].startswith("stopped: loss is nan")
+
+
+def test_disk_guard_stops_before_the_first_save(tmp_path, tiny_model_dir, capsys):
+    config = tiny_config(tmp_path, tiny_model_dir)
+    code, out = cli(["train", str(config), "--set", "train.min_free_disk_gb=1000000"], capsys)
+    assert code == TrainingStopped.exit_code and "disk guard:" in out and "Traceback" not in out
+    assert checkpoint_steps(tmp_path / "runs" / "tiny") == []
+
+
+def test_sigkill_mid_run_then_rerun_resumes_from_latest_checkpoint(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=400, save_steps=5, batch_size=2)
+    command = [sys.executable, "-m", "tuneship.cli", "train", str(config)]
+    process = subprocess.Popen(command, cwd=REPO, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(checkpoint_steps(tmp_path / "runs" / "tiny"))
+    assert killed_at < 400
+    rerun = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stdout and f"checkpoint-{killed_at}" in rerun.stdout.replace("\n", "")
+    state = json.loads((checkpoints / "checkpoint-400" / "trainer_state.json").read_text())
+    assert state["global_step"] == 400
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "runs" / "tiny" / "adapter")
+
+
+def test_changed_settings_refuse_to_resume_old_checkpoints(tmp_path, tiny_model_dir, capsys):
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=2)
+    assert cli(["train", str(config)], capsys)[0] == 0
+    code, out = cli(["train", str(config), "--set", "train.learning_rate=5e-4"], capsys)
+    assert code == 1 and "--fresh" in out
+    assert cli(["train", str(config), "--set", "train.learning_rate=5e-4", "--fresh"], capsys)[0] == 0
+
+
+def test_dry_run_prints_the_rendered_sample_and_trains_nothing(tmp_path, tiny_model_dir, capsys):
+    code, out = cli(["train", str(tiny_config(tmp_path, tiny_model_dir)), "--dry-run"], capsys)
+    assert code == 0 and "pre-flight passed" in out and "Answer number" in out and "generation prompt" in out
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints").exists()
+
+
+def test_preflight_names_examples_that_would_not_learn_to_stop(tokenizer):
+    from tuneship.chat.format import IGNORE_INDEX, ChatFormat
+    from tuneship.data.conversation import Conversation, Message, SourceRef
+    from tuneship.train.preflight import preflight
+
+    chat_format = ChatFormat.from_tokenizer(tokenizer)
+    conversation = Conversation([Message("user", "Q"), Message("assistant", "A")], SourceRef("d.jsonl", 7))
+    rendered = chat_format.render(conversation)
+    rendered.labels = [IGNORE_INDEX if t in chat_format.spec.stop_token_ids else label
+                       for t, label in zip(rendered.input_ids, rendered.labels)]
+    with pytest.raises(PreflightError, match=r"1 of 1 examples do not supervise the stop token .* d.jsonl:7"):
+        preflight(chat_format, [conversation], [rendered], 64)
+    rendered.labels = [IGNORE_INDEX] * len(rendered.labels)
+    with pytest.raises(PreflightError, match="have no supervised token"):
+        preflight(chat_format, [conversation], [rendered], 64)
+
+
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    code, out = cli(["train", str(tiny_config(tmp_path, tiny_model_dir)), "--set", "lora.qlora=true"], capsys)
+    assert code == 1 and "lora.qlora=true needs a CUDA GPU" in out
