@@ -13,8 +13,8 @@ from rich.markup import escape
 
 from tuneship.errors import TuneshipError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0] if __doc__ else None,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune an open LLM on your examples and ship a model that answers and stops.")
 data_app = typer.Typer(no_args_is_help=True, help="Read, audit and split training data.")
 format_app = typer.Typer(no_args_is_help=True, help="Inspect the chat format used for training and inference.")
 app.add_typer(data_app, name="data")
@@ -25,11 +25,6 @@ err_console = Console(stderr=True)
 
 ConfigOption = typer.Option(None, "--config", "-c", help="run config (YAML)", exists=False)
 SetOption = typer.Option(None, "--set", help="override a config key: --set train.learning_rate=1e-4 (repeatable)")
-
-
-@app.callback()
-def _root() -> None:
-    """tuneship: fine-tune an open LLM on your examples and ship a model that answers and stops."""
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
