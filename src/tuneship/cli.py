@@ -105,6 +105,63 @@ def train(
         print_train(console, result)
 
 
+def _load_run(target: str, overrides: Optional[list[str]]):
+    """A run directory (its config.yaml) or a config file -> (config, run directory)."""
+    path = Path(target)
+    config = path / "config.yaml" if path.is_dir() else path
+    cfg = _load(config, overrides)
+    return cfg, (path if path.is_dir() else cfg.run_dir)
+
+
+@app.command("eval")
+def evaluate(
+    run: str = typer.Argument(..., help="run directory (or its config file)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Held-out loss and generation checks, base vs fine-tune, with gates (exit 4 when not met)."""
+    from tuneship.evaluate.stage import GateFailed, run_eval
+    from tuneship.report import print_eval
+
+    cfg, run_dir = _load_run(run, overrides)
+    result = run_eval(cfg, run_dir, console)
+    print_eval(console, result.summaries, result.report_path)
+    if result.gate_failures:
+        raise GateFailed("evaluation gates not met:\n  " + "\n  ".join(result.gate_failures))
+
+
+@app.command("export")
+def export(
+    run: str = typer.Argument(..., help="run directory (or its config file)"),
+    overrides: Optional[list[str]] = SetOption,
+    quant: Optional[str] = typer.Option(None, "--quant", help="comma-separated, e.g. Q4_K_M,Q5_K_M,Q8_0 "
+                                        "(default: export.quants)"),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="--no-merge: only the adapter, as a LoRA GGUF"),
+) -> None:
+    """Merge, convert to GGUF, quantize; validate each file and check its answers in llama.cpp."""
+    from tuneship.evaluate.stage import GateFailed
+    from tuneship.export.stage import run_export
+    from tuneship.report import print_export
+
+    if quant:
+        overrides = [*(overrides or []), f"export.quants=[{quant}]"]
+    cfg, run_dir = _load_run(run, overrides)
+    result = run_export(cfg, run_dir, console, merge=merge)
+    print_export(console, result, run_dir / "reports" / "eval.md")
+    if result.gate_failures:
+        raise GateFailed("evaluation gates not met:\n  " + "\n  ".join(result.gate_failures))
+
+
+@app.command("chat")
+def chat(
+    target: str = typer.Argument(..., help="run directory (uses its first quantized GGUF) or a .gguf file"),
+    max_new_tokens: int = typer.Option(256, help="answer length limit"),
+) -> None:
+    """Chat in the terminal with an exported GGUF through llama.cpp, with the run's chat template."""
+    from tuneship.export.chat import chat_loop
+
+    chat_loop(Path(target), console, max_new_tokens)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, prog_name="tuneship")

@@ -106,7 +106,9 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    prompts: Path | None = None
+    prompts: Path | None = Field(None, description="JSONL of questions (and expected answers) checked on every model")
+    max_prompts: int = Field(50, ge=0, description="eval-split examples to generate for")
+    train_prompts: int = Field(0, ge=0, description="training examples to also check (recall of what was taught)")
     max_new_tokens: int = Field(128, ge=1)
     min_stop_rate: float = Field(1.0, ge=0.0, le=1.0)
     min_exact_match: float | None = Field(None, ge=0.0, le=1.0)

@@ -88,3 +88,33 @@ def print_train(console: Console, result) -> None:
     console.print(table)
     for note in result.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
+
+
+def _summary_table(title: str, summaries: dict[str, dict]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    metrics = ["prompts", "stop_rate", "exact_match", "f1", "loops", "leaks", "prompt_token_mismatches"]
+    for metric in metrics:
+        table.add_column(metric)
+    for name, summary in summaries.items():
+        cells = [summary.get(m) for m in metrics]
+        table.add_row(name, *("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in cells))
+    return table
+
+
+def print_eval(console: Console, summaries: dict[str, dict], report_path: Path) -> None:
+    console.print(_summary_table("eval", summaries))
+    console.print(f"report: {report_path} and {report_path.with_suffix('.md')}")
+
+
+def print_export(console: Console, result, report_md: Path) -> None:
+    files = Table(title="export")
+    for column in ("file", "MB", "tensor types"):
+        files.add_column(column)
+    for info in result.ggufs:
+        files.add_row(Path(info["path"]).name, f"{info['size_bytes'] / 1e6:.1f}",
+                      ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()))
+    console.print(files)
+    console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
+    console.print(_summary_table("answers of every artifact", result.summaries))
+    console.print(f"side by side: {report_md}")

@@ -111,10 +111,12 @@ class ChatFormat:
                                                   add_generation_prompt=add_generation_prompt)
 
     def generation_prompt(self, conversation: Conversation) -> str:
-        """The inference prompt: everything before the last assistant turn, plus the generation prompt."""
+        """The inference prompt: everything before the last assistant turn (or all, when a user turn ends
+        the conversation), plus the generation prompt."""
         messages = conversation.chat_messages()
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return self.render_text(messages[:last], add_generation_prompt=True)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return self.render_text(messages, add_generation_prompt=True)
 
     def prompt_for(self, question: str, system: str | None = None) -> str:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-GENERATION_BATCH = 8
+GENERATION_BATCH = 32
 
 
 @dataclass

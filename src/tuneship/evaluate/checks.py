@@ -1,0 +1,95 @@
+"""Checks on one generated answer, and the summary over a prompt set.
+
+- non_empty: the answer has visible text.
+- stopped: generation ended on the stop token, not on the token budget.
+- no_loop: no word 4-gram occurs 3 or more times, and answers of 20+ words keep at least half of
+  their 4-grams distinct. Either failing means the model is repeating itself.
+- no_leak: no special token or template text (`<|im_start|>`, `<|im_end|>`, a role header) appears
+  in the answer.
+- exact: the answer equals the expected one after trimming white space.
+- f1: token-level F1 (lower-cased words, punctuation stripped), as in SQuAD.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+LOOP_NGRAM = 4
+LOOP_MAX_REPEATS = 3
+LOOP_MIN_WORDS = 20
+LOOP_MIN_DISTINCT = 0.5
+_WORD = re.compile(r"\w+")
+
+
+@dataclass
+class AnswerCheck:
+    answer: str
+    stopped: bool
+    non_empty: bool
+    no_loop: bool
+    no_leak: bool
+    exact: bool | None
+    f1: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.stopped and self.non_empty and self.no_loop and self.no_leak
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def is_loop(text: str) -> bool:
+    words = text.lower().split()
+    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+    if not grams:
+        return False
+    if Counter(grams).most_common(1)[0][1] >= LOOP_MAX_REPEATS:
+        return True
+    return len(words) >= LOOP_MIN_WORDS and len(set(grams)) / len(grams) < LOOP_MIN_DISTINCT
+
+
+def leaked(text: str, markers: list[str]) -> list[str]:
+    return [marker for marker in markers if marker and marker in text]
+
+
+def token_f1(answer: str, expected: str) -> float:
+    got, want = _WORD.findall(answer.lower()), _WORD.findall(expected.lower())
+    if not got or not want:
+        return float(got == want)
+    common = sum((Counter(got) & Counter(want)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def check_answer(text: str, stopped: bool, expected: str | None, leak_markers: list[str]) -> AnswerCheck:
+    return AnswerCheck(
+        answer=text,
+        stopped=stopped,
+        non_empty=bool(text.strip()),
+        no_loop=not is_loop(text),
+        no_leak=not leaked(text, leak_markers),
+        exact=None if expected is None else text.strip() == expected.strip(),
+        f1=None if expected is None else round(token_f1(text, expected), 4),
+    )
+
+
+def summarize(checks: list[AnswerCheck]) -> dict:
+    count = max(len(checks), 1)
+    with_expected = [c for c in checks if c.exact is not None]
+    summary = {
+        "prompts": len(checks),
+        "stop_rate": sum(c.stopped for c in checks) / count,
+        "non_empty_rate": sum(c.non_empty for c in checks) / count,
+        "loops": sum(not c.no_loop for c in checks),
+        "leaks": sum(not c.no_leak for c in checks),
+        "passed": sum(c.passed for c in checks),
+    }
+    if with_expected:
+        summary["exact_match"] = sum(bool(c.exact) for c in with_expected) / len(with_expected)
+        summary["f1"] = sum(c.f1 or 0.0 for c in with_expected) / len(with_expected)
+    return summary

@@ -1,0 +1,79 @@
+"""reports/eval.json and eval.md: one column per model (base, adapter, merged, GGUF f16, GGUF quants)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneship.evaluate.checks import AnswerCheck, summarize
+
+COLUMN_ORDER = ["base", "adapter", "merged"]
+MD_ANSWER_WIDTH = 60
+
+
+def load_report(reports: Path, prompts) -> dict:
+    """The existing report when it is about the same prompts, else a new one."""
+    path = reports / "eval.json"
+    ids = [p.id for p in prompts]
+    if path.is_file():
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if [p["id"] for p in report.get("prompts", [])] == ids:
+            return report
+    return {"prompts": [p.to_json() for p in prompts], "models": {}}
+
+
+def add_model(report: dict, name: str, checks: list[AnswerCheck], **extra) -> dict:
+    summary = {**summarize(checks), **extra}
+    report["models"][name] = {"summary": summary, "answers": [c.to_json() for c in checks]}
+    return summary
+
+
+def write_report(reports: Path, report: dict) -> None:
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (reports / "eval.md").write_text(markdown(report), encoding="utf-8")
+
+
+def ordered_models(report: dict) -> list[str]:
+    names = list(report["models"])
+    known = [n for n in COLUMN_ORDER if n in names]
+    ggufs = sorted((n for n in names if n not in COLUMN_ORDER), key=lambda n: (n != "gguf-f16", n))
+    return known + ggufs
+
+
+def markdown(report: dict) -> str:
+    models = ordered_models(report)
+    lines = ["# Evaluation", ""]
+    if "eval_loss" in report:
+        lines += [f"Held-out loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.2f} "
+                  f"({report['eval_tokens']} supervised tokens).", ""]
+    metrics = ["prompts", "stop_rate", "exact_match", "f1", "non_empty_rate", "loops", "leaks",
+               "prompt_token_mismatches"]
+    lines += ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for metric in metrics:
+        values = [report["models"][m]["summary"].get(metric) for m in models]
+        if any(v is not None for v in values):
+            lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")
+    lines += ["", "Answers (✗ = did not stop on the stop token, ! = failed a check):", "",
+              "| prompt | expected | " + " | ".join(models) + " |", "| --- | --- |" + " --- |" * len(models)]
+    for index, prompt in enumerate(report["prompts"]):
+        answers = [_answer_cell(report["models"][m]["answers"][index]) for m in models]
+        lines.append(f"| {_escape(prompt['question'])} | {_escape(prompt['expected'] or '')} | " + " | ".join(answers)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _answer_cell(answer: dict) -> str:
+    marks = ("" if answer["stopped"] else "✗ ") + ("" if answer["passed"] or not answer["stopped"] else "! ")
+    return marks + _escape(answer["answer"])
+
+
+def _escape(text: str) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= MD_ANSWER_WIDTH else text[:MD_ANSWER_WIDTH - 1] + "…"

@@ -1,0 +1,1 @@
+"""Export: merge the adapter, convert to GGUF with llama.cpp's own converter, quantize, validate."""

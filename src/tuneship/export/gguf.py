@@ -1,0 +1,124 @@
+"""GGUF conversion (llama.cpp's converter), quantization (llama.cpp), and validation of every file."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+from tuneship.export.converter import run_script
+from tuneship.export.disk import require_disk
+
+QUANT_FTYPES = {
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+}
+# Plausible bytes per parameter. Wide on purpose: narrow models keep many tensors at q5_0/q8_0
+# (576 columns is not a multiple of 256) and small models are dominated by the embedding table.
+BYTES_PER_PARAMETER = {
+    "f32": (3.8, 4.3), "f16": (1.9, 2.3), "bf16": (1.9, 2.3), "Q8_0": (1.0, 1.3), "Q6_K": (0.75, 1.3),
+    "Q5_K_M": (0.6, 1.3), "Q4_K_M": (0.5, 1.3), "Q4_K_S": (0.5, 1.3),
+}
+
+
+class ExportError(TuneshipError):
+    """Conversion, quantization or validation of a GGUF failed."""
+
+
+@dataclass
+class GGUFInfo:
+    path: str
+    kind: str
+    size_bytes: int
+    parameters: int
+    architecture: str
+    tensor_count: int
+    tensor_types: dict[str, int]
+    eos_token_id: int | None
+    chat_template: str | None
+    problems: list[str] = field(default_factory=list)
+
+
+def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
+    size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    require_disk(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
+    result = run_script("convert_hf_to_gguf.py", [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype])
+    if result.returncode != 0 or not out_path.is_file():
+        raise ExportError(f"llama.cpp's converter failed on {merged_dir}:\n{result.stderr[-2000:]}")
+    return out_path
+
+
+def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:
+    result = run_script("convert_lora_to_gguf.py", [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path),
+                                                   "--outtype", "f16"])
+    if result.returncode != 0 or not out_path.is_file():
+        raise ExportError(f"llama.cpp's LoRA converter failed on {adapter_dir}:\n{result.stderr[-2000:]}")
+    return out_path
+
+
+def quantize(source: Path, out_path: Path, quant: str) -> Path:
+    import llama_cpp
+
+    require_disk(out_path.parent, source.stat().st_size // 2, f"the {quant} GGUF")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_path).encode(), ctypes.byref(params))
+    if status != 0 or not out_path.is_file():
+        raise ExportError(f"llama.cpp could not quantize {source} to {quant} (status {status})")
+    return out_path
+
+
+def read_gguf(path: Path, kind: str) -> GGUFInfo:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # a damaged file fails in many ways inside the reader
+        raise ExportError(f"{path}: not a readable GGUF ({exc})") from None
+
+    def value(key):
+        entry = reader.fields.get(key)
+        return entry.contents() if entry is not None else None
+
+    return GGUFInfo(
+        path=str(path),
+        kind=kind,
+        size_bytes=path.stat().st_size,
+        parameters=sum(int(t.n_elements) for t in reader.tensors),
+        architecture=value("general.architecture") or "",
+        tensor_count=len(reader.tensors),
+        tensor_types=dict(Counter(t.tensor_type.name.lower() for t in reader.tensors).most_common()),
+        eos_token_id=value("tokenizer.ggml.eos_token_id"),
+        chat_template=value("tokenizer.chat_template"),
+    )
+
+
+def validate_gguf(path: Path, kind: str, chat_format, expected_tensors: int | None = None) -> GGUFInfo:
+    """Raise ExportError, showing both values, when the file does not match the run."""
+    info = read_gguf(path, kind)
+    spec = chat_format.spec
+    if not info.architecture:
+        info.problems.append("no general.architecture")
+    if info.chat_template != spec.template:
+        info.problems.append(f"tokenizer.chat_template differs from the run's template:\n    gguf: "
+                             f"{(info.chat_template or '<none>')[:300]!r}\n    run:  {spec.template[:300]!r}")
+    if info.eos_token_id != spec.stop_token_ids[0]:
+        info.problems.append(f"tokenizer.ggml.eos_token_id is {info.eos_token_id} but the run stops on "
+                             f"{spec.stop_token!r} (id {spec.stop_token_ids[0]}): the model would not stop")
+    if expected_tensors is not None and info.tensor_count != expected_tensors:
+        info.problems.append(f"{info.tensor_count} tensors, the f16 export has {expected_tensors}")
+    low, high = BYTES_PER_PARAMETER.get(kind, (0.3, 4.5))
+    ratio = info.size_bytes / max(info.parameters, 1)
+    if not low <= ratio <= high:
+        info.problems.append(f"{info.size_bytes / 1e6:.1f} MB for {info.parameters / 1e6:.1f}M parameters "
+                             f"({ratio:.2f} bytes each) is implausible for {kind} (expected {low}-{high})")
+    if info.problems:
+        raise ExportError(f"{path} failed validation:\n  " + "\n  ".join(info.problems))
+    return info
