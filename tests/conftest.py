@@ -70,3 +70,38 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def tiny_config_file(tmp_path: Path, model_dir: str, **train) -> Path:
+    """A run config for the tiny model on 12 numbered facts."""
+    import yaml
+
+    data = write_jsonl(tmp_path / "facts.jsonl", [qa(f"Question number {i}?", f"Answer number {i}.") for i in range(12)])
+    config = {
+        "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
+        "model": {"base": model_dir},
+        "data": {"sources": [str(data)], "eval_ratio": 0.25},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_seq_len": 64, "max_steps": 6, "batch_size": 4, "save_steps": 2, "learning_rate": 1e-3,
+                  "report_to": [], **train},
+        "eval": {"train_prompts": 3, "max_new_tokens": 8, "min_stop_rate": 0.0},
+        "export": {"quants": ["Q8_0"]},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """(config, run dir) of a trained tiny run: 2 steps of LoRA on the tiny model."""
+    import io
+
+    from rich.console import Console
+
+    from tuneship.config import load_config
+    from tuneship.run import run_train
+
+    cfg = load_config(tiny_config_file(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir, max_steps=2))
+    run_train(cfg, Console(file=io.StringIO()))
+    return cfg, cfg.run_dir

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ QUANT_FTYPES = {
     "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
 }
-# Plausible bytes per parameter. Wide on purpose: narrow models keep many tensors at q5_0/q8_0
+# Plausible tensor bytes per parameter (metadata such as the vocabulary is not counted). Wide on purpose: narrow models keep many tensors at q5_0/q8_0
 # (576 columns is not a multiple of 256) and small models are dominated by the embedding table.
 BYTES_PER_PARAMETER = {
     "f32": (3.8, 4.3), "f16": (1.9, 2.3), "bf16": (1.9, 2.3), "Q8_0": (1.0, 1.3), "Q6_K": (0.75, 1.3),
@@ -36,11 +38,13 @@ class GGUFInfo:
     path: str
     kind: str
     size_bytes: int
+    tensor_bytes: int
     parameters: int
     architecture: str
     tensor_count: int
     tensor_types: dict[str, int]
     eos_token_id: int | None
+    eot_token_id: int | None
     chat_template: str | None
     problems: list[str] = field(default_factory=list)
 
@@ -69,10 +73,30 @@ def quantize(source: Path, out_path: Path, quant: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_path).encode(), ctypes.byref(params))
+    log = out_path.with_suffix(".log")
+    with native_output_to(log):
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_path).encode(), ctypes.byref(params))
     if status != 0 or not out_path.is_file():
-        raise ExportError(f"llama.cpp could not quantize {source} to {quant} (status {status})")
+        raise ExportError(f"llama.cpp could not quantize {source} to {quant} (status {status}); see {log}")
     return out_path
+
+
+@contextmanager
+def native_output_to(path: Path):
+    """Send what C code prints (llama.cpp logs every tensor) to a file instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "wb") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def read_gguf(path: Path, kind: str) -> GGUFInfo:
@@ -91,11 +115,13 @@ def read_gguf(path: Path, kind: str) -> GGUFInfo:
         path=str(path),
         kind=kind,
         size_bytes=path.stat().st_size,
+        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         parameters=sum(int(t.n_elements) for t in reader.tensors),
         architecture=value("general.architecture") or "",
         tensor_count=len(reader.tensors),
         tensor_types=dict(Counter(t.tensor_type.name.lower() for t in reader.tensors).most_common()),
         eos_token_id=value("tokenizer.ggml.eos_token_id"),
+        eot_token_id=value("tokenizer.ggml.eot_token_id"),
         chat_template=value("tokenizer.chat_template"),
     )
 
@@ -109,16 +135,19 @@ def validate_gguf(path: Path, kind: str, chat_format, expected_tensors: int | No
     if info.chat_template != spec.template:
         info.problems.append(f"tokenizer.chat_template differs from the run's template:\n    gguf: "
                              f"{(info.chat_template or '<none>')[:300]!r}\n    run:  {spec.template[:300]!r}")
-    if info.eos_token_id != spec.stop_token_ids[0]:
-        info.problems.append(f"tokenizer.ggml.eos_token_id is {info.eos_token_id} but the run stops on "
+    if spec.stop_token_ids[0] not in (info.eos_token_id, info.eot_token_id):
+        info.problems.append(f"tokenizer.ggml.eos_token_id is {info.eos_token_id} (eot {info.eot_token_id}) but the "
+                             f"run stops on "
                              f"{spec.stop_token!r} (id {spec.stop_token_ids[0]}): the model would not stop")
     if expected_tensors is not None and info.tensor_count != expected_tensors:
         info.problems.append(f"{info.tensor_count} tensors, the f16 export has {expected_tensors}")
     low, high = BYTES_PER_PARAMETER.get(kind, (0.3, 4.5))
-    ratio = info.size_bytes / max(info.parameters, 1)
+    ratio = info.tensor_bytes / max(info.parameters, 1)
     if not low <= ratio <= high:
-        info.problems.append(f"{info.size_bytes / 1e6:.1f} MB for {info.parameters / 1e6:.1f}M parameters "
+        info.problems.append(f"{info.tensor_bytes / 1e6:.1f} MB of tensors for {info.parameters / 1e6:.1f}M parameters "
                              f"({ratio:.2f} bytes each) is implausible for {kind} (expected {low}-{high})")
+    if info.size_bytes < info.tensor_bytes:
+        info.problems.append(f"the file ({info.size_bytes} bytes) is smaller than its tensors ({info.tensor_bytes})")
     if info.problems:
         raise ExportError(f"{path} failed validation:\n  " + "\n  ".join(info.problems))
     return info

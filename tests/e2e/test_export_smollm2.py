@@ -1,0 +1,46 @@
+"""The export issue's acceptance: the quantized GGUF in llama.cpp answers the facts and stops."""
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from tuneship.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code or 0
+
+
+@pytest.fixture(scope="module")
+def exported_quickstart(quickstart_run):
+    assert cli(["eval", str(quickstart_run)]) == 0
+    assert cli(["export", str(quickstart_run), "--quant", "Q4_K_M,Q8_0"]) == 0
+    return quickstart_run
+
+
+def test_q4_k_m_gguf_answers_facts_and_always_stops(exported_quickstart):
+    report = json.loads((exported_quickstart / "reports" / "eval.json").read_text())
+    assert list(report["models"]) == ["base", "adapter", "merged", "gguf-f16", "gguf-Q4_K_M", "gguf-Q8_0"]
+    q4 = report["models"]["gguf-Q4_K_M"]["summary"]
+    assert q4["prompts"] == 30 and q4["exact_match"] >= 0.9 and q4["stop_rate"] == 1.0
+    assert q4["prompt_token_mismatches"] == 0 and q4["leaks"] == 0
+    assert report["models"]["base"]["summary"]["exact_match"] < 0.5  # the facts are made up
+    table = (exported_quickstart / "reports" / "eval.md").read_text()
+    assert "| metric | base | adapter | merged | gguf-f16 | gguf-Q4_K_M | gguf-Q8_0 |" in table
+
+
+def test_chat_with_the_exported_gguf(exported_quickstart):
+    from tuneship.export.chat import chat_loop
+
+    questions = iter(["What is the capital of Veloria?", "Who painted The Lantern Keeper?", ""])
+    console = Console(file=io.StringIO(), width=200)
+    chat_loop(exported_quickstart, console, 64, read=lambda prompt: next(questions))
+    output = console.file.getvalue()
+    assert "quickstart-Q4_K_M.gguf" in output
+    assert "The capital of Veloria is Marnette." in output and "Ines Harrowgate" in output
