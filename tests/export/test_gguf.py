@@ -65,3 +65,12 @@ def test_truncated_file_is_not_a_readable_gguf(exported, tmp_path):
     damaged.write_bytes((run_dir / "gguf" / "tiny-Q8_0.gguf").read_bytes()[:4096])
     with pytest.raises(ExportError, match="not a readable GGUF"):
         validate_gguf(damaged, "Q8_0", ChatFormat.load(run_dir / "adapter"))
+
+
+def test_no_merge_exports_a_lora_gguf_checked_on_the_base_in_llama_cpp(tiny_run):
+    cfg, run_dir = tiny_run
+    result = run_export(cfg, run_dir, Console(file=io.StringIO()), merge=False)
+    [info] = result.ggufs
+    assert info["path"].endswith("tiny-lora-f16.gguf") and info["tensor_count"] > 0
+    assert result.summaries["gguf-lora"]["prompts"] == 6
+    assert (run_dir / "gguf" / "base-f16.gguf").is_file()
