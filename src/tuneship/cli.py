@@ -18,8 +18,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune an open LLM on your examples and ship a model that answers and stops.")
 data_app = typer.Typer(no_args_is_help=True, help="Read, audit and split training data.")
 format_app = typer.Typer(no_args_is_help=True, help="Inspect the chat format used for training and inference.")
+template_app = typer.Typer(no_args_is_help=True, help="Prove the chat template is the same in every renderer.")
 app.add_typer(data_app, name="data")
 app.add_typer(format_app, name="format")
+app.add_typer(template_app, name="template")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -161,6 +163,70 @@ def chat(
     from tuneship.export.chat import chat_loop
 
     chat_loop(Path(target), console, max_new_tokens)
+
+
+@template_app.command("check")
+def template_check(
+    run: str = typer.Argument(..., help="run directory (or its config file)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Render probe conversations with training, HF, the GGUF's template and the Ollama TEMPLATE (Go)."""
+    from tuneship.deploy.contract import ContractBroken
+    from tuneship.report import print_contract
+    from tuneship.run import run_template_check
+
+    cfg, run_dir = _load_run(run, overrides)
+    result = run_template_check(cfg, run_dir)
+    print_contract(console, result)
+    if not result.is_equal:
+        raise ContractBroken(f"the renderers disagree on {len(result.differences)} probe(s); see the diffs above")
+
+
+@app.command()
+def deploy(
+    run: str = typer.Argument(..., help="run directory (or its config file)"),
+    overrides: Optional[list[str]] = SetOption,
+    target: Optional[str] = typer.Option(None, "--target", help="ollama, lmstudio, llamacpp or none "
+                                         "(default: deploy.target)"),
+) -> None:
+    """Write the Modelfile and deploy the GGUF; for Ollama: upload, create, smoke-test, verify, unload."""
+    from tuneship.deploy.stage import run_deploy
+
+    if target:
+        overrides = [*(overrides or []), f"deploy.target={target}"]
+    cfg, run_dir = _load_run(run, overrides)
+    result = run_deploy(cfg, run_dir, console)
+    for line in result.lines:
+        console.print(escape(line), highlight=False)
+
+
+@app.command("run")
+def run_all(
+    config: Path = typer.Argument(..., help="run config (YAML)"),
+    overrides: Optional[list[str]] = SetOption,
+    fresh: bool = typer.Option(False, help="start training over instead of resuming"),
+) -> None:
+    """Everything: data, format, train, eval, export, deploy; finished stages with the same inputs are skipped."""
+    from tuneship.report import print_pipeline
+    from tuneship.run import run_pipeline
+
+    cfg = _load(config, overrides)
+    summary = run_pipeline(cfg, console, fresh=fresh)
+    print_pipeline(console, summary)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def doctor() -> None:
+    """Check Python, torch, CUDA/MPS, bitsandbytes, llama.cpp, the converter, Go, disk and Ollama."""
+    from tuneship.doctor import run_doctor
+    from tuneship.report import print_doctor
+
+    checks = run_doctor()
+    print_doctor(console, checks)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -118,3 +118,32 @@ def print_export(console: Console, result, report_md: Path) -> None:
     console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     console.print(_summary_table("answers of every artifact", result.summaries))
     console.print(f"side by side: {report_md}")
+
+
+def print_contract(console: Console, result) -> None:
+    console.print("renderers: " + ", ".join(result.renderers))
+    for difference in result.differences:
+        console.print(escape(difference), highlight=False)
+    if result.is_equal:
+        console.print("[green]identical[/] on every probe conversation (single/multi turn, with/without system)")
+
+
+def print_pipeline(console: Console, summary) -> None:
+    table = Table(title=f"tuneship run: {summary.run_dir}")
+    for column in ("stage", "status", "detail"):
+        table.add_column(column)
+    colours = {"done": "green", "skipped": "cyan", "failed": "red"}
+    for outcome in summary.stages:
+        colour = colours.get(outcome.status, "yellow")
+        table.add_row(outcome.stage, f"[{colour}]{outcome.status}[/]", escape(outcome.detail))
+    console.print(table)
+
+
+def print_doctor(console: Console, checks) -> None:
+    table = Table(title="tuneship doctor")
+    for column in ("check", "status", "detail", "fix"):
+        table.add_column(column)
+    colours = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for check in checks:
+        table.add_row(check.name, f"[{colours[check.status]}]{check.status}[/]", escape(check.detail), escape(check.fix))
+    console.print(table)

@@ -12,7 +12,7 @@ from typing import Any
 from tuneship.config import Config, save_config
 from tuneship.data.audit import AuditSettings
 from tuneship.data.stage import DataResult, prepare_data, write_data_outputs
-from tuneship.errors import DataError
+from tuneship.errors import DataError, TuneshipError
 
 
 @dataclass
@@ -118,18 +118,142 @@ def prepare_training(cfg: Config) -> PreparedRun:
     return PreparedRun(run, base_dir, chat_format, data, rendered)
 
 
-def run_train(cfg: Config, console, *, fresh: bool = False, dry_run: bool = False, extra_callbacks=()):
-    """The train stage: returns the PreparedRun for --dry-run, else the TrainResult."""
+def train_inputs_hash(cfg: Config, prepared: PreparedRun) -> str:
+    """What the adapter depends on: model, chat format, LoRA and training settings, the rendered data."""
+    return fingerprint(cfg.model.model_dump(), cfg.chat.model_dump(), cfg.lora.model_dump(),
+                       cfg.train.model_dump(exclude={"sample_every", "sample_prompts", "report_to"}),
+                       [r.input_ids for r in prepared.rendered])
+
+
+def train_prepared(cfg: Config, prepared: PreparedRun, console, *, fresh: bool = False, extra_callbacks=()):
     from tuneship.train.trainer import train_adapter
 
-    prepared = prepare_training(cfg)
-    if dry_run:
-        return prepared
-    inputs_hash = fingerprint(cfg.model.model_dump(), cfg.chat.model_dump(), cfg.lora.model_dump(),
-                              cfg.train.model_dump(exclude={"sample_every", "sample_prompts", "report_to"}),
-                              [r.input_ids for r in prepared.rendered])
+    inputs_hash = train_inputs_hash(cfg, prepared)
     started = time.monotonic()
     result = train_adapter(prepared.run.path, cfg, prepared.base_dir, prepared.chat_format, prepared.rendered,
                            inputs_hash, console, fresh=fresh, extra_callbacks=extra_callbacks)
     prepared.run.record("train", "done", inputs_hash, {"adapter": result.adapter_dir}, time.monotonic() - started)
     return result
+
+
+def run_train(cfg: Config, console, *, fresh: bool = False, dry_run: bool = False, extra_callbacks=()):
+    """The train stage: returns the PreparedRun for --dry-run, else the TrainResult."""
+    prepared = prepare_training(cfg)
+    if dry_run:
+        return prepared
+    return train_prepared(cfg, prepared, console, fresh=fresh, extra_callbacks=extra_callbacks)
+
+
+def run_template_check(cfg: Config, run_dir: Path):
+    from tuneship.chat.format import ChatFormat
+    from tuneship.deploy.contract import check_contract
+    from tuneship.deploy.ollama_template import to_ollama
+
+    chat_format = ChatFormat.load(run_dir / "adapter")
+    ggufs = sorted((run_dir / "gguf").glob(f"{cfg.run.name}-*.gguf")) if (run_dir / "gguf").is_dir() else []
+    return check_contract(chat_format, run_dir / "adapter", to_ollama(chat_format), ggufs[0] if ggufs else None)
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str
+    detail: str
+
+
+@dataclass
+class PipelineSummary:
+    run_dir: Path
+    stages: list[StageOutcome]
+
+    @property
+    def failed(self) -> bool:
+        return any(s.status == "failed" for s in self.stages)
+
+
+def run_pipeline(cfg: Config, console, *, fresh: bool = False) -> PipelineSummary:
+    """data -> format -> train -> eval -> export -> template check -> deploy; each stage is skipped when the
+    manifest says it finished with the same inputs, and stops the pipeline when it fails."""
+    prepared = prepare_training(cfg)
+    run = prepared.run
+    summary = PipelineSummary(run.path, [
+        StageOutcome("data", "done", f"{len(prepared.data.train)} train / {len(prepared.data.eval)} eval, "
+                                     f"{len(prepared.data.audit.dropped)} dropped ({run.path / 'data' / 'audit.md'})"),
+        StageOutcome("format", "done", f"{prepared.chat_format.spec.family} template, stop on "
+                                       f"{prepared.chat_format.spec.stop_token}, pre-flight passed")])
+    train_hash = train_inputs_hash(cfg, prepared)
+    stages = [
+        ("train", train_hash, lambda: _train_stage(cfg, prepared, console, fresh)),
+        ("eval", fingerprint(train_hash, cfg.eval.model_dump(mode="json")), lambda: _eval_stage(cfg, run, console)),
+        ("export", fingerprint(train_hash, cfg.eval.model_dump(mode="json"), cfg.export.model_dump()),
+         lambda: _export_stage(cfg, run, console)),
+        ("template", fingerprint(train_hash, cfg.export.model_dump()), lambda: _template_stage(cfg, run)),
+        ("deploy", fingerprint(train_hash, cfg.export.model_dump(), cfg.deploy.model_dump(mode="json")),
+         lambda: _deploy_stage(cfg, run, console)),
+    ]
+    for stage, inputs_hash, action in stages:
+        done = run.manifest().get(stage, {})
+        if not fresh and done.get("status") == "done" and done.get("inputs") == inputs_hash:
+            summary.stages.append(StageOutcome(stage, "skipped", "done before with the same inputs"))
+            continue
+        started = time.monotonic()
+        try:
+            status, detail = action()
+        except TuneshipError as exc:
+            summary.stages.append(StageOutcome(stage, "failed", str(exc)))
+            break
+        run.record(stage, status, inputs_hash, {"detail": detail}, time.monotonic() - started)
+        summary.stages.append(StageOutcome(stage, status, detail))
+        if status != "done":
+            break
+    return summary
+
+
+def _train_stage(cfg, prepared, console, fresh):
+    result = train_prepared(cfg, prepared, console, fresh=fresh)
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    return "done", f"{result.steps} steps in {result.seconds:.0f} s{loss} -> {result.adapter_dir}"
+
+
+def _gates(summaries: dict, failures: list[str]) -> tuple[str, str]:
+    if failures:
+        raise TuneshipError("evaluation gates not met: " + "; ".join(failures))
+    return "done", "; ".join(f"{name}: stop {s['stop_rate']:.0%}" + (f", exact {s['exact_match']:.0%}"
+                                                                     if "exact_match" in s else "")
+                             for name, s in summaries.items())
+
+
+def _eval_stage(cfg, run, console):
+    from tuneship.evaluate.stage import run_eval
+
+    result = run_eval(cfg, run.path, console)
+    return _gates(result.summaries, result.gate_failures)
+
+
+def _export_stage(cfg, run, console):
+    from tuneship.export.stage import run_export
+
+    result = run_export(cfg, run.path, console)
+    status, detail = _gates(result.summaries, result.gate_failures)
+    files = ", ".join(Path(info["path"]).name for info in result.ggufs)
+    return status, f"{files}; {detail}"
+
+
+def _template_stage(cfg, run):
+    result = run_template_check(cfg, run.path)
+    if not result.is_equal:
+        raise TuneshipError("template contract broken:\n" + "\n".join(result.differences))
+    return "done", "identical in " + ", ".join(result.renderers)
+
+
+def _deploy_stage(cfg, run, console):
+    from tuneship.deploy.ollama import OllamaUnreachable
+    from tuneship.deploy.stage import run_deploy
+
+    try:
+        result = run_deploy(cfg, run.path, console)
+    except OllamaUnreachable as exc:
+        return "not reachable", (f"{exc}. Stopped after the llama.cpp-verified GGUF and the Modelfile: "
+                                 f"`ollama create {cfg.deploy.name or cfg.run.name} -f {run.path / 'Modelfile'}` "
+                                 "once Ollama runs, or `tuneship deploy` again")
+    return "done", "; ".join(result.lines)

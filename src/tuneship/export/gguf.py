@@ -108,8 +108,7 @@ def read_gguf(path: Path, kind: str) -> GGUFInfo:
         raise ExportError(f"{path}: not a readable GGUF ({exc})") from None
 
     def value(key):
-        entry = reader.fields.get(key)
-        return entry.contents() if entry is not None else None
+        return gguf_field(reader, key)
 
     return GGUFInfo(
         path=str(path),
@@ -124,6 +123,17 @@ def read_gguf(path: Path, kind: str) -> GGUFInfo:
         eot_token_id=value("tokenizer.ggml.eot_token_id"),
         chat_template=value("tokenizer.chat_template"),
     )
+
+
+def gguf_field(reader, key: str):
+    entry = reader.fields.get(key)
+    return entry.contents() if entry is not None else None
+
+
+def read_gguf_field(path: Path, key: str):
+    from gguf import GGUFReader
+
+    return gguf_field(GGUFReader(str(path)), key)
 
 
 def validate_gguf(path: Path, kind: str, chat_format, expected_tensors: int | None = None) -> GGUFInfo:

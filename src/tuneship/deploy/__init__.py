@@ -1,0 +1,1 @@
+"""Deploy: Modelfile and Ollama template, Ollama REST client, LM Studio and llama.cpp targets."""

@@ -1,0 +1,121 @@
+"""The template contract: one prompt, four renderers, byte for byte.
+
+For each probe conversation (single and multi turn, with and without a system message) the
+inference prompt is rendered by (1) the training renderer (the run's ChatFormat), (2) Hugging Face
+`apply_chat_template` with the tokenizer saved in the run, (3) the chat template embedded in the
+GGUF, as llama-cpp-python renders it, and (4) the Ollama TEMPLATE, executed by Go's own
+text/template with Ollama's semantics (the Modelfile SYSTEM prepended when a request has none, BOS
+left to the tokenizer). Any difference is shown as a diff.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+from tuneship.paths import cache_dir
+
+GO_SOURCE = Path(__file__).parent / "gorender" / "main.go"
+PROBES: dict[str, list[dict[str, str]]] = {
+    "single turn": [{"role": "user", "content": "What is the capital of Veloria?"}],
+    "multi turn": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"},
+                   {"role": "user", "content": "Name a colour."}],
+    "with system": [{"role": "system", "content": "You answer in one word."},
+                    {"role": "user", "content": "Capital of France?"}],
+    "multi turn with system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
+                               {"role": "assistant", "content": "1"}, {"role": "user", "content": "Two?"}],
+}
+
+
+class GoUnavailable(TuneshipError):
+    """Go is needed to render the Ollama template exactly as Ollama does."""
+
+
+class ContractBroken(TuneshipError):
+    """The renderers disagree."""
+
+
+@dataclass
+class ContractResult:
+    renderers: list[str]
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def is_equal(self) -> bool:
+        return not self.differences
+
+
+def go_renderer() -> Path:
+    """Build the Go helper once (stdlib only, offline) and return the binary."""
+    go = shutil.which("go")
+    if go is None:
+        raise GoUnavailable("rendering the Ollama TEMPLATE needs Go (Debian: apt-get install golang-go); "
+                            "make setup installs it when run as root")
+    binary = cache_dir() / "bin" / "tuneship-gorender"
+    if binary.is_file() and binary.stat().st_mtime >= GO_SOURCE.stat().st_mtime:
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GOCACHE": str(cache_dir() / "go-build"), "GO111MODULE": "off", "GOFLAGS": ""}
+    result = subprocess.run([go, "build", "-o", str(binary), str(GO_SOURCE)], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise GoUnavailable(f"building the Go template renderer failed: {result.stderr[-1000:]}")
+    return binary
+
+
+def render_go(template: str, messages: list[dict[str, str]], system: str | None) -> str:
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + messages  # what Ollama does with SYSTEM
+    payload = json.dumps({"template": template, "system": system or "", "messages": messages})
+    result = subprocess.run([str(go_renderer())], input=payload, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ContractBroken(f"Go could not render the Ollama template: {result.stderr.strip()}")
+    return result.stdout
+
+
+def render_gguf(gguf_path: Path, messages: list[dict[str, str]]) -> str:
+    from gguf import GGUFReader
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tuneship.export.gguf import gguf_field
+
+    reader = GGUFReader(str(gguf_path))
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+
+    def token(key: str) -> str:
+        token_id = gguf_field(reader, key)
+        return tokens[token_id] if token_id is not None else ""
+
+    formatter = Jinja2ChatFormatter(gguf_field(reader, "tokenizer.chat_template") or "",
+                                    eos_token=token("tokenizer.ggml.eos_token_id"),
+                                    bos_token=token("tokenizer.ggml.bos_token_id"))
+    return formatter(messages=messages).prompt
+
+
+def check_contract(chat_format, saved_tokenizer_dir: Path, ollama, gguf_path: Path | None) -> ContractResult:
+    """Render every probe through every renderer and collect diffs against the training renderer."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(saved_tokenizer_dir))
+    renderers = {
+        "training": lambda m: chat_format.render_text(m, add_generation_prompt=True),
+        "hf apply_chat_template": lambda m: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+        "ollama TEMPLATE (Go)": lambda m: ollama.bos + render_go(ollama.template, m, ollama.system),
+    }
+    if gguf_path is not None:
+        renderers["gguf (llama.cpp)"] = lambda m: render_gguf(gguf_path, m)
+    result = ContractResult(list(renderers))
+    for name, messages in PROBES.items():
+        expected = renderers["training"](messages)
+        for renderer, render in list(renderers.items())[1:]:
+            got = render(messages)
+            if got != expected:
+                diff = "\n".join(difflib.unified_diff(expected.splitlines(keepends=False), got.splitlines(),
+                                                      "training", renderer, lineterm=""))
+                result.differences.append(f"{name}: {renderer} differs from training\n{diff}")
+    return result

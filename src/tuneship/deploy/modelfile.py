@@ -1,0 +1,94 @@
+"""The Modelfile `ollama create NAME -f Modelfile` needs, generated from the run's ChatFormat.
+
+Grammar (Ollama's parser): an instruction, then a value that is the rest of the line, or "..." or
+\"\"\"...\"\"\" with no escape sequences. A value that contains \"\"\" cannot be written at all: then the
+Modelfile is refused and `tuneship deploy` uses the REST API's JSON fields, which can carry anything.
+Unknown PARAMETER keys are errors in Ollama, so they are refused here first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+
+VALID_PARAMETERS = {"num_ctx", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+                    "seed", "num_predict", "stop"}
+
+
+class ModelfileError(TuneshipError):
+    """A value cannot be expressed in Modelfile syntax, or a parameter is unknown to Ollama."""
+
+
+@dataclass
+class ModelSpec:
+    """Everything Ollama needs: written as a Modelfile, or sent as /api/create fields."""
+
+    gguf: Path
+    template: str
+    system: str | None
+    stop: list[str]
+    parameters: dict[str, float | int] = field(default_factory=dict)
+    messages: list[dict[str, str]] = field(default_factory=list)
+    license: str | None = None
+
+    def all_parameters(self) -> dict:
+        unknown = sorted(set(self.parameters) - VALID_PARAMETERS)
+        if unknown:
+            raise ModelfileError(f"deploy.parameters: {', '.join(unknown)} unknown to Ollama; valid: "
+                                 f"{', '.join(sorted(VALID_PARAMETERS))}")
+        return {**self.parameters, "stop": list(self.stop)}
+
+
+def quote(value: str, what: str) -> str:
+    if '"""' in value:
+        raise ModelfileError(f"{what} contains \"\"\", which a Modelfile cannot express (no escapes); "
+                             "deploy through the REST API instead (tuneship deploy does)")
+    if "\n" in value or '"' in value or value != value.strip():
+        return f'"""{value}"""'
+    return f'"{value}"'
+
+
+def render_modelfile(spec: ModelSpec, relative_to: Path) -> str:
+    try:
+        source = spec.gguf.resolve().relative_to(relative_to.resolve())
+        source_text = f"./{source.as_posix()}"
+    except ValueError:
+        source_text = str(spec.gguf.resolve())
+    lines = [f"FROM {source_text}", f"TEMPLATE {quote(spec.template, 'the template')}"]
+    if spec.system is not None:
+        lines.append(f"SYSTEM {quote(spec.system, 'the system prompt')}")
+    for key, value in spec.all_parameters().items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {key} {quote(item, 'a stop string') if isinstance(item, str) else item}")
+    for message in spec.messages:
+        lines.append(f"MESSAGE {message['role']} {quote(message['content'], 'a MESSAGE')}")
+    if spec.license:
+        lines.append(f"LICENSE {quote(spec.license, 'the license')}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(instruction, value) pairs, following Ollama's grammar; used to prove what was written reads back."""
+    pairs, index = [], 0
+    while index < len(text):
+        end_of_line = text.find("\n", index)
+        end_of_line = len(text) if end_of_line < 0 else end_of_line
+        line = text[index:end_of_line]
+        if not line.strip() or line.lstrip().startswith("#"):
+            index = end_of_line + 1
+            continue
+        instruction, _, rest = line.strip().partition(" ")
+        start = index + line.index(rest) if rest else end_of_line
+        if rest.startswith('"""'):
+            close = text.index('"""', start + 3)
+            pairs.append((instruction.upper(), text[start + 3:close]))
+            index = close + 3
+        elif rest.startswith('"') and rest.rstrip().endswith('"') and len(rest.rstrip()) > 1:
+            pairs.append((instruction.upper(), rest.rstrip()[1:-1]))
+            index = end_of_line + 1
+        else:
+            pairs.append((instruction.upper(), rest))
+            index = end_of_line + 1
+    return pairs

@@ -1,0 +1,85 @@
+"""`tuneship doctor`: what this machine can do, each finding with the fix."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, warn, fail
+    detail: str
+    fix: str = ""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_doctor() -> list[Check]:
+    is_new_enough = sys.version_info >= (3, 10)
+    checks = [Check("python", "ok" if is_new_enough else "fail", platform.python_version(),
+                    "" if is_new_enough else "tuneship needs Python 3.10 or newer")]
+    checks += _torch_checks()
+    llama = _version("llama-cpp-python")
+    checks.append(Check("llama-cpp-python", "ok" if llama else "fail", llama or "not installed",
+                        "" if llama else "pip install 'tuneship[train]' (compiles llama.cpp, ~4 min)"))
+    checks.append(_converter_check() if llama else Check("GGUF converter", "fail", "needs llama-cpp-python"))
+    go = shutil.which("go")
+    checks.append(Check("go (Ollama template check)", "ok" if go else "warn", go or "not found",
+                        "" if go else "apt-get install golang-go (needed by `tuneship template check`)"))
+    free = shutil.disk_usage(Path.cwd()).free / 1e9
+    checks.append(Check("disk", "ok" if free > 5 else "warn", f"{free:.1f} GB free in {Path.cwd()}",
+                        "" if free > 5 else "a 135M run needs ~2 GB, a 7B run ~40 GB"))
+    checks.append(_ollama_check())
+    return checks
+
+
+def _torch_checks() -> list[Check]:
+    try:
+        import torch
+    except ImportError:
+        return [Check("torch", "fail", "not installed", "pip install torch==2.13.0 (before anything else)")]
+    checks = [Check("torch", "ok", torch.__version__)]
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp16 only"
+        checks.append(Check("CUDA", "ok", f"{name} ({bf16})"))
+        bnb = _version("bitsandbytes")
+        checks.append(Check("bitsandbytes (QLoRA)", "ok" if bnb else "warn", bnb or "not installed",
+                            "" if bnb else "pip install bitsandbytes for lora.qlora"))
+    else:
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        checks.append(Check("accelerator", "ok" if mps else "warn", "Apple MPS (fp32)" if mps else "none: CPU only",
+                            "" if mps else "training runs on CPU (fine for ~100M-parameter models); QLoRA needs CUDA"))
+    return checks
+
+
+def _converter_check() -> Check:
+    from tuneship.export.converter import converter_dir
+
+    folder = converter_dir()
+    present = (folder / "convert_hf_to_gguf.py").is_file()
+    return Check("GGUF converter", "ok" if present else "fail", str(folder) if present else "not fetched",
+                 "" if present else f"{sys.executable} -m tuneship.export.converter")
+
+
+def _ollama_check() -> Check:
+    from tuneship.deploy.ollama import OllamaClient, OllamaError
+
+    client = OllamaClient(timeout=3)
+    try:
+        return Check("ollama", "ok", f"{client.version()} at {client.host}")
+    except OllamaError as exc:
+        return Check("ollama", "warn", f"not reachable at {client.host}",
+                     "start it with `ollama serve` (or set OLLAMA_HOST); without it, deploy stops after the "
+                     f"GGUF and Modelfile ({exc.__class__.__name__})")
