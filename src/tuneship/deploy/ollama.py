@@ -40,13 +40,18 @@ class OllamaUnreachable(OllamaError):
 
 
 def resolve_host(host: str | None) -> str:
-    """deploy.host, else OLLAMA_HOST (host:port or a URL), else 127.0.0.1:11434."""
-    value = host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
-    if "://" not in value:
-        value = f"http://{value}"
-    if value.count(":") == 1:
-        value += ":11434"
-    return value.rstrip("/")
+    """deploy.host, else OLLAMA_HOST, else 127.0.0.1:11434; parsed as Ollama parses OLLAMA_HOST: without a
+    scheme the port defaults to 11434, with http:// to 80, with https:// to 443."""
+    value = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST).strip().rstrip("/")
+    scheme, separator, hostport = value.partition("://")
+    if not separator:
+        scheme, hostport, default_port = "http", value, "11434"
+    else:
+        default_port = "443" if scheme == "https" else "80"
+    hostport = hostport.split("/", 1)[0]
+    if ":" not in hostport.rsplit("]", 1)[-1]:
+        hostport += f":{default_port}"
+    return f"{scheme}://{hostport}"
 
 
 def file_digest(path: Path) -> str:

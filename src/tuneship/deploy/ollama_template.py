@@ -50,12 +50,15 @@ class OllamaTemplate:
 
 
 def to_ollama(chat_format) -> OllamaTemplate:
+    """The Go template; a BOS the Jinja writes is left to the tokenizer when it adds BOS itself, else written."""
     render = chat_format.render_text
     system = default_system_prompt(render)
-    bos = _bos_prefix(chat_format)
-    if chat_format.spec.family in HANDWRITTEN:
-        return OllamaTemplate(HANDWRITTEN[chat_format.spec.family], system, bos)
-    return OllamaTemplate(_derive_wrapper(render, bos), system, bos)
+    bos = _template_bos(chat_format)
+    family = chat_format.spec.family
+    body = HANDWRITTEN[family] if family in HANDWRITTEN else _derive_wrapper(render, bos)
+    if bos and _tokenizer_adds_bos(chat_format.tokenizer):
+        return OllamaTemplate(body, system, bos)
+    return OllamaTemplate(_literal(bos) + body, system, "")
 
 
 def default_system_prompt(render) -> str | None:
@@ -72,16 +75,19 @@ def default_system_prompt(render) -> str | None:
     return None
 
 
-def _bos_prefix(chat_format) -> str:
-    """The BOS text the template starts with, when the tokenizer adds BOS itself (then llama.cpp does too)."""
-    tokenizer = chat_format.tokenizer
-    bos = tokenizer.bos_token or ""
-    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    if not adds_bos:
-        return ""
-    probe = chat_format.render_text([{"role": "system", "content": SYS}, {"role": "user", "content": U1}],
+def _tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether encoding adds BOS by itself; the GGUF's add_bos_token follows it, and so llama.cpp and Ollama."""
+    return tokenizer.bos_token_id is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def _template_bos(chat_format) -> str:
+    """The BOS text the Jinja writes once, before all messages, or "" (SmolLM2's bos_token <|im_start|>
+    opens every message instead, so it is no separate BOS there)."""
+    bos = chat_format.tokenizer.bos_token or ""
+    probe = chat_format.render_text([{"role": "system", "content": SYS}, {"role": "user", "content": U1},
+                                     {"role": "assistant", "content": A1}, {"role": "user", "content": U2}],
                                     add_generation_prompt=True)
-    return bos if bos and probe.startswith(bos) else ""
+    return bos if bos and probe.startswith(bos) and probe.count(bos) == 1 else ""
 
 
 def _between(text: str, start: str, end: str | None) -> str:

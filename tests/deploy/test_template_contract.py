@@ -1,0 +1,51 @@
+"""The Ollama TEMPLATE rendered by Go's text/template equals the Jinja, for every registry family."""
+
+import shutil
+
+import pytest
+
+from tests.chat.test_format import llama3_tokenizer, zephyr_tokenizer
+from tuneship.chat.format import ChatFormat
+from tuneship.deploy.contract import PROBES, check_contract, render_go
+from tuneship.deploy.ollama_template import to_ollama
+
+pytestmark = pytest.mark.skipif(shutil.which("go") is None,
+                                reason="Go is not installed (make setup installs golang-go as root)")
+
+EXTRA_TOKENS = ["[INST]", "[/INST]", "</s>", "<start_of_turn>", "<end_of_turn>", "<|end|>", "<|assistant|>",
+                "<|user|>", "<|system|>"]
+
+
+def family_format(tokenizer, family):
+    if family == "llama-3":
+        return ChatFormat.from_tokenizer(llama3_tokenizer(tokenizer), template="llama-3")
+    tokenizer.add_special_tokens({"additional_special_tokens": EXTRA_TOKENS})
+    tokenizer.eos_token = "</s>"
+    return ChatFormat.from_tokenizer(tokenizer, template=family)
+
+
+@pytest.mark.parametrize("family", ["chatml", "qwen", "llama-3", "mistral", "zephyr", "gemma", "phi-3"])
+def test_go_template_equals_the_jinja_for_every_probe(tokenizer, family):
+    chat_format = family_format(tokenizer, family)
+    ollama = to_ollama(chat_format)
+    for name, messages in PROBES.items():
+        jinja = chat_format.render_text(messages, add_generation_prompt=True)
+        assert ollama.bos + render_go(ollama.template, messages, ollama.system) == jinja, name
+
+
+def test_smollm2_default_system_prompt_becomes_the_modelfile_system(tokenizer):
+    ollama = to_ollama(ChatFormat.from_tokenizer(tokenizer))
+    assert ollama.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert ollama.bos == ""
+
+
+def test_contract_passes_for_a_saved_run_and_fails_loudly_on_a_wrong_template(tokenizer, tmp_path):
+    chat_format = ChatFormat.from_tokenizer(tokenizer, system_prompt="Be exact.")
+    chat_format.save(tmp_path)
+    ollama = to_ollama(chat_format)
+    assert check_contract(chat_format, tmp_path, ollama, None).is_equal
+    ollama.template = ollama.template.replace("<|im_start|>assistant\n{{ .Content }}", "<|im_start|>bot\n{{ .Content }}")
+    ollama.template = ollama.template.replace("{{ end }}{{ end }}<|im_start|>assistant\n", "{{ end }}{{ end }}<|im_start|>bot\n")
+    result = check_contract(chat_format, tmp_path, ollama, None)
+    assert not result.is_equal and len(result.differences) == len(PROBES)
+    assert "-<|im_start|>assistant" in result.differences[0] and "+<|im_start|>bot" in result.differences[0]
