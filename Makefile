@@ -10,9 +10,18 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup tools demo test test-fast bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed tools
+
+# Go renders the Ollama TEMPLATE exactly as Ollama does (tuneship template check and its tests).
+tools:
+	@command -v go >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; \
+	  else \
+	    echo "note: Go not found; install golang-go for 'tuneship template check' (its tests skip without it)"; \
+	  fi; }
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +31,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/tuneship data check examples/data --max-seq-len 256 --out runs/demo-data
+	$(BIN)/tuneship data check examples/data --max-seq-len 256
+	$(BIN)/tuneship run examples/quickstart.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -32,6 +42,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/audit_100k.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/tuneship train examples/quickstart.yaml
+	$(BIN)/python benchmarks/export.py runs/quickstart
 
 clean:
 	rm -rf runs .pytest_cache
