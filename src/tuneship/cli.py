@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Read, audit and split training data.")
 format_app = typer.Typer(no_args_is_help=True, help="Inspect the chat format used for training and inference.")
 template_app = typer.Typer(no_args_is_help=True, help="Prove the chat template is the same in every renderer.")
+hub_app = typer.Typer(no_args_is_help=True, help="Search, pull and push GGUF models on the Hugging Face hub.")
+app.add_typer(hub_app, name="hub")
 app.add_typer(data_app, name="data")
 app.add_typer(format_app, name="format")
 app.add_typer(template_app, name="template")
@@ -227,6 +229,49 @@ def doctor() -> None:
     print_doctor(console, checks)
     if any(c.status == "fail" for c in checks):
         raise typer.Exit(1)
+
+
+@hub_app.command("search")
+def hub_search(
+    query: str = typer.Argument(..., help="words in the repo name, e.g. 'smollm2 instruct'"),
+    limit: int = typer.Option(10, "--limit", help="how many repos"),
+) -> None:
+    """GGUF repos by downloads, with their quant files and sizes."""
+    from tuneship.hub.client import search
+    from tuneship.report import print_hub_search
+
+    print_hub_search(console, search(query, limit))
+
+
+@hub_app.command("pull")
+def hub_pull(
+    repo: str = typer.Argument(..., help="repo id, e.g. org/Model-GGUF"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="default: Q4_K_M, Q4_K_S, Q5_K_M, Q4_0, Q8_0, "
+                                        "else the smallest"),
+    dest: Path = typer.Option(Path("models"), "--dest", help="download folder"),
+    deploy_to_ollama: bool = typer.Option(False, "--deploy", help="then create it in Ollama with a Modelfile "
+                                          "built from the GGUF's own chat template"),
+    name: Optional[str] = typer.Option(None, "--name", help="Ollama model name (default: the file's stem)"),
+) -> None:
+    """Download the right GGUF, verify its sha256 against the hub, validate it; optionally deploy it."""
+    from tuneship.hub.pull import pull_and_validate
+
+    for line in pull_and_validate(repo, dest / repo.replace("/", "--"), quant, deploy_to_ollama, name):
+        console.print(escape(line), highlight=False)
+
+
+@hub_app.command("push")
+def hub_push(
+    run: str = typer.Argument(..., help="run directory (or its config file)"),
+    repo: str = typer.Argument(..., help="target repo id, e.g. me/my-model"),
+    public: bool = typer.Option(False, "--public", help="create a public repo (default: private)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Upload merged model, GGUFs, tokenizer files, Modelfile and a generated model card."""
+    from tuneship.hub.client import push
+
+    cfg, run_dir = _load_run(run, overrides)
+    console.print(f"pushed: {push(run_dir, cfg, repo, private=not public)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -147,3 +147,14 @@ def print_doctor(console: Console, checks) -> None:
     for check in checks:
         table.add_row(check.name, f"[{colours[check.status]}]{check.status}[/]", escape(check.detail), escape(check.fix))
     console.print(table)
+
+
+def print_hub_search(console: Console, hits) -> None:
+    table = Table(title="GGUF repos")
+    for column in ("repo", "downloads", "likes", "quant files (size)"):
+        table.add_column(column)
+    for hit in hits:
+        files = ", ".join(f"{c.quant} {c.size / 1e9:.2f} GB" + (f" ({len(c.files)} parts)" if len(c.files) > 1 else "")
+                          for c in hit.choices)
+        table.add_row(hit.repo_id, str(hit.downloads), str(hit.likes), escape(files or "-"))
+    console.print(table)

@@ -55,7 +55,7 @@ def test_deploy_uploads_creates_verifies_smoke_tests_and_unloads(exported_tiny, 
     chats = [body for _, path, body in ollama.requests if path == "/api/chat"]
     assert len(chats) == 6 and all(body["options"]["temperature"] == 0 for body in chats)
     assert ollama.unloaded == ["tiny"] and result.smoke == {"prompts": 6, "passed": 6}
-    assert any("already on the server" not in line and "uploaded" in line for line in result.lines)
+    assert any("uploaded; created tiny" in line for line in result.lines)
 
 
 def test_blob_already_on_the_server_is_not_uploaded_again(exported_tiny, ollama):

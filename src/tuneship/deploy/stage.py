@@ -108,22 +108,22 @@ def llamacpp_commands(gguf: Path, num_ctx: int) -> list[str]:
     ]
 
 
+def create_in_ollama(client: OllamaClient, name: str, spec: ModelSpec) -> str:
+    """Upload the GGUF blob unless the server has it, then /api/create with the spec's JSON fields."""
+    digest = file_digest(spec.gguf)
+    uploaded = client.push_blob(spec.gguf, digest)
+    payload = {"model": name, "files": {spec.gguf.name: digest}, "template": spec.template,
+               "parameters": spec.all_parameters()}
+    optional = {"system": spec.system, "messages": spec.messages, "license": spec.license}
+    payload.update({key: value for key, value in optional.items() if value})
+    client.create(payload)
+    return f"blob {digest[:19]}... {'uploaded' if uploaded else 'already on the server'}; created {name}"
+
+
 def deploy_ollama(cfg, run_path: Path, chat_format, spec: ModelSpec, name: str, result: DeployResult, console) -> None:
     client = OllamaClient(cfg.deploy.host)
     result.lines.append(f"Ollama {client.version()} at {client.host}")
-    digest = file_digest(spec.gguf)
-    uploaded = client.push_blob(spec.gguf, digest)
-    result.lines.append(f"blob {digest[:19]}... {'uploaded' if uploaded else 'already on the server'}")
-    payload = {"model": name, "files": {spec.gguf.name: digest}, "template": spec.template,
-               "parameters": spec.all_parameters()}
-    if spec.system is not None:
-        payload["system"] = spec.system
-    if spec.messages:
-        payload["messages"] = spec.messages
-    if spec.license:
-        payload["license"] = spec.license
-    client.create(payload)
-    result.lines.append(f"created {name}")
+    result.lines.append(create_in_ollama(client, name, spec))
     try:
         verify_show(client.show(name), name, spec, chat_format)
         result.smoke = smoke_test(client, name, cfg, run_path, chat_format)

@@ -1,0 +1,85 @@
+"""A local HTTP server serving the hub endpoints tuneship uses, with real files.
+
+GET /api/models (list, filtered by search), GET /api/models/<repo>/revision/<rev>?blobs=true
+(siblings with size and LFS sha256), GET /<repo>/resolve/<rev>/<file> (the bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.downloads = {}
+        self.tamper: set[str] = set()
+        self.paths: list[str] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def add(self, repo: str, files: dict[str, bytes], downloads: int = 0) -> None:
+        self.repos[repo] = files
+        self.downloads[repo] = downloads
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body: bytes, content_type="application/json", headers=None):
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                path = unquote(url.path)
+                hub.paths.append(self.path)
+                if path == "/api/models":
+                    search = parse_qs(url.query).get("search", [""])[0].lower()
+                    found = [{"id": repo, "modelId": repo, "downloads": hub.downloads[repo], "likes": 1,
+                              "tags": ["gguf"]} for repo in hub.repos if search in repo.lower()]
+                    found.sort(key=lambda m: -m["downloads"])
+                    return self._send(200, json.dumps(found).encode())
+                if path.startswith("/api/models/"):
+                    repo = path.removeprefix("/api/models/").split("/revision/")[0]
+                    if repo not in hub.repos:
+                        return self._send(404, b'{"error": "Repository not found"}',
+                                          headers={"X-Error-Code": "RepoNotFound"})  # as the hub does
+                    siblings = [{"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest(),
+                                 "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                                         "pointerSize": 134}} for name, data in hub.repos[repo].items()]
+                    return self._send(200, json.dumps({"id": repo, "sha": "0" * 40, "siblings": siblings}).encode())
+                for repo, files in hub.repos.items():
+                    prefix = f"/{repo}/resolve/"
+                    if path.startswith(prefix):
+                        name = path.removeprefix(prefix).split("/", 1)[1]
+                        data = files[name] + (b"tampered" if name in hub.tamper else b"")
+                        return self._send(200, data, "application/octet-stream")
+                self._send(404, b'{"error": "not found"}')
+
+        return Handler
