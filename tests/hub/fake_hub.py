@@ -6,6 +6,7 @@ GET /api/models (list, filtered by search), GET /api/models/<repo>/revision/<rev
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -80,6 +81,37 @@ class FakeHub:
                         name = path.removeprefix(prefix).split("/", 1)[1]
                         data = files[name] + (b"tampered" if name in hub.tamper else b"")
                         return self._send(200, data, "application/octet-stream")
+                self._send(404, b'{"error": "not found"}')
+
+            def do_POST(self):
+                path = unquote(urlparse(self.path).path)
+                hub.paths.append(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if path == "/api/repos/create":
+                    request = json.loads(body)
+                    repo = f"{request['organization']}/{request['name']}" if request.get("organization") else \
+                        request["name"]
+                    hub.repos.setdefault(repo, {})
+                    hub.downloads.setdefault(repo, 0)
+                    return self._send(200, json.dumps({"url": f"{hub.url}/{repo}"}).encode())
+                if path == "/api/validate-yaml":
+                    content = json.loads(body)["content"]
+                    errors = [] if content.startswith("---\n") else [{"message": "no YAML metadata"}]
+                    return self._send(200 if not errors else 400, json.dumps({"errors": errors, "warnings": []}).encode())
+                if path.endswith("/preupload/main"):
+                    files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                             for f in json.loads(body)["files"]]
+                    return self._send(200, json.dumps({"files": files}).encode())
+                if path.endswith("/commit/main"):
+                    repo = path.removeprefix("/api/models/").removesuffix("/commit/main")
+                    for line in body.splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            value = item["value"]
+                            assert value["encoding"] == "base64"
+                            hub.repos[repo][value["path"]] = base64.b64decode(value["content"])
+                    return self._send(200, json.dumps({"commitUrl": f"{hub.url}/{repo}/commit/1",
+                                                       "commitOid": "1" * 40}).encode())
                 self._send(404, b'{"error": "not found"}')
 
         return Handler

@@ -104,3 +104,16 @@ def test_push_stages_model_ggufs_modelfile_and_card(exported, tmp_path):
     assert (staging / "Modelfile").read_text().startswith("FROM ./tiny-Q8_0.gguf")
     card = (staging / "README.md").read_text()
     assert "base_model:" in card and "| metric |" in card and "records read" in card
+
+
+def test_push_uploads_the_run_and_it_pulls_back(exported, hub, tmp_path, monkeypatch):
+    from tuneship.hub.client import push
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    cfg, run_dir = exported
+    url = push(run_dir, cfg, "me/tiny-facts")
+    assert url.endswith("/me/tiny-facts/commit/1")
+    stored = hub.repos["me/tiny-facts"]
+    assert {"README.md", "tiny-Q8_0.gguf", "model.safetensors", "tokenizer.json"} <= set(stored)
+    assert stored["tiny-Q8_0.gguf"] == (run_dir / "gguf" / "tiny-Q8_0.gguf").read_bytes()
+    assert [p.name for p in pull("me/tiny-facts", tmp_path)] == ["tiny-Q8_0.gguf"]

@@ -140,9 +140,13 @@ def stage_push_folder(run_path: Path, cfg, staging: Path) -> Path:
 
 
 def push(run_path: Path, cfg, repo_id: str, private: bool = True) -> str:
+    """create_repo, then one create_commit with every staged file (the hub decides LFS or regular per file)."""
+    from huggingface_hub import CommitOperationAdd
+
     staging = stage_push_folder(run_path, cfg, run_path / "hub-upload")
     api = _api()
     _call(repo_id, lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-    commit = _call(repo_id, lambda: api.upload_folder(repo_id=repo_id, folder_path=str(staging),
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staging.iterdir())]
+    commit = _call(repo_id, lambda: api.create_commit(repo_id, operations=operations,
                                                       commit_message=f"tuneship run {cfg.run.name}"))
-    return str(getattr(commit, "commit_url", commit))
+    return commit.commit_url
