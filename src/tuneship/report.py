@@ -135,8 +135,12 @@ def print_pipeline(console: Console, summary) -> None:
     colours = {"done": "green", "skipped": "cyan", "failed": "red"}
     for outcome in summary.stages:
         colour = colours.get(outcome.status, "yellow")
-        table.add_row(outcome.stage, f"[{colour}]{outcome.status}[/]", escape(outcome.detail))
+        first_line = outcome.detail.splitlines()[0] if outcome.detail else ""
+        table.add_row(outcome.stage, f"[{colour}]{outcome.status}[/]", escape(first_line))
     console.print(table)
+    for outcome in summary.stages:
+        if outcome.status == "failed" and "\n" in outcome.detail:
+            console.print(f"[red]{outcome.stage} failed:[/]\n{escape(outcome.detail)}", highlight=False)
 
 
 def print_doctor(console: Console, checks) -> None:
