@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+from tests.servers import LoopbackServer
 
-class FakeOllama:
+
+class FakeOllama(LoopbackServer):
     def __init__(self, blob_dir: Path):
         self.blob_dir = blob_dir
         self.requests: list[tuple[str, str, dict | None]] = []
@@ -23,20 +24,7 @@ class FakeOllama:
         self.create_error: str | None = None
         self.reply = lambda messages: ("", "stop")
         self.unloaded: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(self._handler())
 
     def blob_path(self, digest: str) -> Path:
         return self.blob_dir / digest.replace(":", "-")

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from tests.chat.test_format import llama3_tokenizer, zephyr_tokenizer
+from tests.chat.test_format import llama3_tokenizer
 from tuneship.chat.format import ChatFormat
 from tuneship.deploy.contract import PROBES, check_contract, render_go
 from tuneship.deploy.ollama_template import to_ollama

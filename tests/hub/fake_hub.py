@@ -9,36 +9,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlparse
 
+from tests.servers import LoopbackServer
 
-class FakeHub:
+
+class FakeHub(LoopbackServer):
     def __init__(self):
         self.repos: dict[str, dict[str, bytes]] = {}
         self.downloads = {}
         self.tamper: set[str] = set()
         self.paths: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(self._handler())
 
     def add(self, repo: str, files: dict[str, bytes], downloads: int = 0) -> None:
         self.repos[repo] = files
         self.downloads[repo] = downloads
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
     def _handler(self):
         hub = self

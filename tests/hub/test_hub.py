@@ -1,7 +1,6 @@
 """Hub search and pull against a local server with real GGUF files; push staging and model card."""
 
 import io
-import os
 
 import pytest
 from rich.console import Console

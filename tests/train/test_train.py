@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from rich.console import Console
 
-from tests.conftest import REPO, qa, write_jsonl
+from tests.conftest import REPO, tiny_config_file
 from tuneship.cli import main
 from tuneship.config import load_config
 from tuneship.errors import PreflightError, TrainingStopped
@@ -21,18 +20,7 @@ from tuneship.run import run_train
 
 
 def tiny_config(tmp_path: Path, model_dir: str, **train) -> Path:
-    data = write_jsonl(tmp_path / "facts.jsonl", [qa(f"Question number {i}?", f"Answer number {i}.") for i in range(12)])
-    config = {
-        "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
-        "model": {"base": model_dir},
-        "data": {"sources": [str(data)], "eval_ratio": 0.0},
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"max_seq_len": 64, "max_steps": 6, "batch_size": 4, "save_steps": 2, "learning_rate": 1e-3,
-                  "report_to": [], **train},
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_config_file(tmp_path, model_dir, **{"max_steps": 6, **train})
 
 
 def cli(args, capsys):

@@ -63,28 +63,26 @@ def to_conversation(record: Any, source: SourceRef, fmt: str = "auto",
     return _build(messages, raw_roles, source)
 
 
-def _from_messages(record, columns):
-    turns = _require_list(record, "messages")
+def _turn_list(record: dict, key: str, role_key: str, content_key: str):
+    """messages / sharegpt: a list of turns, each an object with a role and a content field."""
+    turns = _require_list(record, key)
     messages, raw_roles = [], []
     for index, turn in enumerate(turns):
-        where = f"messages[{index}]"
+        where = f"{key}[{index}]"
         if not isinstance(turn, dict):
-            raise RecordError("invalid-record", "each message must be an object with role and content", where)
-        raw_roles.append(_require_str(turn, "role", where))
-        messages.append((turn["role"], _require_str(turn, "content", where), where))
+            raise RecordError("invalid-record", f"each turn must be an object with {role_key} and {content_key}",
+                              where)
+        raw_roles.append(_require_str(turn, role_key, where))
+        messages.append((turn[role_key], _require_str(turn, content_key, where), where))
     return messages, raw_roles
+
+
+def _from_messages(record, columns):
+    return _turn_list(record, "messages", "role", "content")
 
 
 def _from_sharegpt(record, columns):
-    turns = _require_list(record, "conversations")
-    messages, raw_roles = [], []
-    for index, turn in enumerate(turns):
-        where = f"conversations[{index}]"
-        if not isinstance(turn, dict):
-            raise RecordError("invalid-record", "each turn must be an object with from and value", where)
-        raw_roles.append(_require_str(turn, "from", where))
-        messages.append((turn["from"], _require_str(turn, "value", where), where))
-    return messages, raw_roles
+    return _turn_list(record, "conversations", "from", "value")
 
 
 def _from_alpaca(record, columns):
