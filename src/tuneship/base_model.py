@@ -59,9 +59,21 @@ def resolve_base_model(base: str) -> str:
 
 def _converted(gguf: Path, name: str) -> Path:
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    return _convert_gguf(gguf, target)
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        _convert_gguf(gguf, target)
+    _write_license(gguf, target)
+    return target
+
+
+def _write_license(gguf: Path, target: Path) -> None:
+    """Carry the GGUF's general.license into the folder, so merged models and Modelfiles keep it."""
+    if (target / "LICENSE").is_file():
+        return
+    from gguf import GGUFReader
+
+    entry = GGUFReader(str(gguf)).fields.get("general.license")
+    if entry is not None:
+        (target / "LICENSE").write_text(str(entry.contents()) + "\n", encoding="utf-8")
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:

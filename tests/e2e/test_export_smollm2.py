@@ -44,3 +44,13 @@ def test_chat_with_the_exported_gguf(exported_quickstart):
     output = console.file.getvalue()
     assert "quickstart-Q4_K_M.gguf" in output
     assert "The capital of Veloria is Marnette." in output and "Ines Harrowgate" in output
+
+
+def test_template_contract_and_modelfile_of_the_real_run(exported_quickstart):
+    from tuneship.deploy.modelfile import parse_modelfile
+
+    assert cli(["template", "check", str(exported_quickstart)]) == 0
+    assert cli(["deploy", str(exported_quickstart), "--target", "none"]) == 0
+    pairs = dict(parse_modelfile((exported_quickstart / "Modelfile").read_text()))
+    assert pairs["FROM"] == "./gguf/quickstart-Q4_K_M.gguf" and pairs["LICENSE"] == "apache-2.0"
+    assert pairs["SYSTEM"] == "You are a concise assistant that answers from the facts you were taught."

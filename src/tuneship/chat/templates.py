@@ -48,6 +48,24 @@ TEMPLATES: dict[str, str] = {
     ),
 }
 
+# Ollama (Go text/template) versions for the families that fold the system prompt into the first user
+# turn; the other families' Go templates are derived from the Jinja (deploy/ollama_template.py).
+OLLAMA_TEMPLATES = {
+    "mistral": (
+        '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+        '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}[INST] {{ if $first }}{{ if $system }}'
+        '{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }} [/INST]{{ $first = false }}'
+        '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'
+    ),
+    "gemma": (
+        '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
+        '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}<start_of_turn>user\n'
+        '{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }}<end_of_turn>\n'
+        '{{ $first = false }}{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+        '{{ end }}{{ end }}<start_of_turn>model\n'
+    ),
+}
+
 # Special tokens that identify a family, most specific first.
 FAMILY_MARKERS: list[tuple[str, tuple[str, ...]]] = [
     ("llama-3", ("<|start_header_id|>", "<|eot_id|>")),

@@ -7,7 +7,7 @@ SmolLM...", or the run's `chat.system_prompt`) becomes the Modelfile's SYSTEM.
 
 Most templates wrap each message in a role-specific prefix and suffix. That shape is derived from the
 Jinja itself by rendering placeholder messages and diffing the results; mistral and gemma fold the
-system prompt into the first user turn, so their Go templates are written out here. A leading BOS
+system prompt into the first user turn, so their Go templates are written out in chat/templates.py. A leading BOS
 string is left to the tokenizer (llama.cpp adds it when the GGUF says `add_bos_token`). A derived
 template is only trusted after `tuneship template check` renders it with Go's own text/template and
 finds it equal to the Jinja on a set of conversations.
@@ -17,26 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneship.chat.templates import OLLAMA_TEMPLATES
 from tuneship.errors import ChatFormatError
 
 U1, A1, U2, SYS = "TSPLACEUSERONE", "TSPLACEASSISTANTONE", "TSPLACEUSERTWO", "TSPLACESYSTEM"
-
-HANDWRITTEN = {
-    "mistral": (
-        '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
-        '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}[INST] {{ if $first }}{{ if $system }}'
-        '{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }} [/INST]{{ $first = false }}'
-        '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'
-    ),
-    "gemma": (
-        '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
-        '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}<start_of_turn>user\n'
-        '{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }}<end_of_turn>\n'
-        '{{ $first = false }}{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
-        '{{ end }}{{ end }}<start_of_turn>model\n'
-    ),
-}
-
 
 class TemplateNotProven(ChatFormatError):
     """No Go template could be derived, or it renders differently from the Jinja."""
@@ -55,7 +39,7 @@ def to_ollama(chat_format) -> OllamaTemplate:
     system = default_system_prompt(render)
     bos = _template_bos(chat_format)
     family = chat_format.spec.family
-    body = HANDWRITTEN[family] if family in HANDWRITTEN else _derive_wrapper(render, bos)
+    body = OLLAMA_TEMPLATES[family] if family in OLLAMA_TEMPLATES else _derive_wrapper(render, bos)
     if bos and _tokenizer_adds_bos(chat_format.tokenizer):
         return OllamaTemplate(body, system, bos)
     return OllamaTemplate(_literal(bos) + body, system, "")

@@ -48,10 +48,9 @@ def build_spec(cfg, run_path: Path, chat_format) -> tuple[ModelSpec, OllamaTempl
 def _license(run_path: Path) -> str | None:
     from tuneship.export.gguf import read_gguf_field
 
-    for folder in (run_path / "merged",):
-        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
-            if (folder / name).is_file():
-                return (folder / name).read_text(encoding="utf-8", errors="replace")
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
+        if (run_path / "merged" / name).is_file():
+            return (run_path / "merged" / name).read_text(encoding="utf-8", errors="replace").strip()
     f16 = next((run_path / "gguf").glob("*-f16.gguf"), None)
     return read_gguf_field(f16, "general.license") if f16 else None
 

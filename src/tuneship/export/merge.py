@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tuneship.export.disk import require_disk
@@ -38,6 +39,8 @@ def merge_adapter(run_path: Path, *, was_qlora: bool, console) -> Path:
     merged.generation_config.pad_token_id = chat_format.spec.pad_token_id
     merged.save_pretrained(merged_dir, safe_serialization=True)
     chat_format.save(merged_dir)
+    for license_file in Path(base).glob("LICENSE*") if Path(base).is_dir() else []:
+        shutil.copy2(license_file, merged_dir / license_file.name)
     return merged_dir
 
 
