@@ -124,3 +124,19 @@ def test_lmstudio_layout_and_llamacpp_command(exported_tiny, tmp_path):
     assert str(folder) in result.lines[-1]
     served = run_deploy(cfg, run_dir, Console(file=io.StringIO()), target="llamacpp")
     assert any("llama-server -m" in line and "--jinja" in line for line in served.lines)
+
+
+def test_deploy_refuses_a_template_that_differs_from_training(exported_tiny, tmp_path):
+    import shutil
+
+    from tuneship.deploy.contract import ContractBroken
+
+    cfg, run_dir = exported_tiny
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "merged"))
+    spec_path = copy / "adapter" / "chat_format.json"
+    spec = json.loads(spec_path.read_text())
+    spec["template"] = spec["template"].replace("'<|im_start|>' + message['role']", "'<|im_start|>' + 'x' + message['role']")
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(ContractBroken, match="refusing to deploy: the template renders differently"):
+        run_deploy(cfg, copy, Console(file=io.StringIO()), target="none")

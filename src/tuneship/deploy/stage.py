@@ -55,6 +55,16 @@ def _license(run_path: Path) -> str | None:
     return read_gguf_field(f16, "general.license") if f16 else None
 
 
+def require_contract(chat_format, run_path: Path, template: OllamaTemplate, gguf: Path) -> None:
+    """Nothing is deployed with a template that was not proven equal to the trained one."""
+    from tuneship.deploy.contract import ContractBroken, check_contract
+
+    result = check_contract(chat_format, run_path / "adapter", template, gguf)
+    if not result.is_equal:
+        raise ContractBroken("refusing to deploy: the template renders differently than in training:\n"
+                             + "\n".join(result.differences))
+
+
 def write_modelfile(spec: ModelSpec, run_path: Path) -> tuple[Path | None, str | None]:
     """<run>/Modelfile, or (None, why) when a value cannot be expressed in Modelfile syntax."""
     try:
@@ -71,6 +81,7 @@ def run_deploy(cfg, run_path: Path, console, target: str | None = None) -> Deplo
 
     chat_format = ChatFormat.load(run_path / "adapter")
     spec, template = build_spec(cfg, run_path, chat_format)
+    require_contract(chat_format, run_path, template, spec.gguf)
     target = target or cfg.deploy.target
     name = cfg.deploy.name or cfg.run.name
     modelfile, why_not = write_modelfile(spec, run_path)
