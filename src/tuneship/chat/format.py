@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from tuneship.chat.templates import detect_family, template_for, with_default_system
 from tuneship.data.audit import TokenCount
@@ -172,8 +171,6 @@ class ChatFormat:
         prompt_len = len(self.encode(rendered.text[:rendered.spans[-1][0]])) if rendered.spans else 0
         return TokenCount(len(rendered.input_ids), prompt_len)
 
-    def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self.spec).items() if k != "template"}
 
 
 def _resolve_template(tokenizer, requested: str) -> tuple[str, str]:
