@@ -32,20 +32,42 @@ def synthetic_line(index: int, rng: random.Random) -> str:
     if kind == 2:  # near-duplicate of 1
         return json.dumps({"prompt": f"question {index // 20}", "completion": f"answer {index // 20}"})
     if kind == 7:  # a fraction printed as a percent, same wording as 4
-        return json.dumps({"instruction": f"Share in year {index}?", "input": "",
-                           "output": f"The share was {rng.uniform(0.01, 0.99):.4f}% of the total."})
+        return json.dumps(
+            {
+                "instruction": f"Share in year {index}?",
+                "input": "",
+                "output": f"The share was {rng.uniform(0.01, 0.99):.4f}% of the total.",
+            }
+        )
     if kind == 3:
         return json.dumps({"prompt": f"Empty {index}", "completion": ""})
     if kind == 4:
-        return json.dumps({"instruction": f"Share in year {index}?", "input": "",
-                           "output": f"The share was {rng.uniform(1, 99):.2f}% of the total."})
+        return json.dumps(
+            {
+                "instruction": f"Share in year {index}?",
+                "input": "",
+                "output": f"The share was {rng.uniform(1, 99):.2f}% of the total.",
+            }
+        )
     if kind == 5:
-        return json.dumps({"messages": [{"role": "user", "content": f"Hi {index}, {words}"},
-                                        {"role": "assistant", "content": words},
-                                        {"role": "user", "content": "And then?"},
-                                        {"role": "assistant", "content": f"Then {index}."}]})
-    return json.dumps({"messages": [{"role": "user", "content": f"What is item {index}? {words}"},
-                                    {"role": "assistant", "content": f"Item {index} is {words}."}]})
+        return json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Hi {index}, {words}"},
+                    {"role": "assistant", "content": words},
+                    {"role": "user", "content": "And then?"},
+                    {"role": "assistant", "content": f"Then {index}."},
+                ]
+            }
+        )
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"What is item {index}? {words}"},
+                {"role": "assistant", "content": f"Item {index} is {words}."},
+            ]
+        }
+    )
 
 
 def main(count: int = 100_000) -> None:

@@ -38,15 +38,30 @@ def direct(merged: Path, workdir: Path, quant: str) -> tuple[float, float]:
     folder = ensure_converter()
     f16 = workdir / "direct-f16.gguf"
     env = {**os.environ, "PYTHONPATH": str(folder / "gguf-py")}
-    _, convert_s = timed(lambda: subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(merged),
-                                                 "--outfile", str(f16), "--outtype", "f16"], env=env, check=True,
-                                                capture_output=True))
+    _, convert_s = timed(
+        lambda: subprocess.run(
+            [
+                sys.executable,
+                str(folder / "convert_hf_to_gguf.py"),
+                str(merged),
+                "--outfile",
+                str(f16),
+                "--outtype",
+                "f16",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    )
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = os.cpu_count() or 1
-    _, quant_s = timed(lambda: llama_cpp.llama_model_quantize(str(f16).encode(),
-                                                              str(workdir / f"direct-{quant}.gguf").encode(),
-                                                              ctypes.byref(params)))
+    _, quant_s = timed(
+        lambda: llama_cpp.llama_model_quantize(
+            str(f16).encode(), str(workdir / f"direct-{quant}.gguf").encode(), ctypes.byref(params)
+        )
+    )
     return convert_s, quant_s
 
 

@@ -30,12 +30,23 @@ def run_ours(steps: int, workdir: Path) -> dict:
     from tuneship.config import load_config
     from tuneship.run import run_train
 
-    cfg = load_config(QUICKSTART, [f"run.dir={workdir}", f"train.max_steps={steps}", "train.save_steps=100000",
-                                   "train.report_to=[]", f"train.batch_size={BATCH}",
-                                   f"train.learning_rate={LEARNING_RATE}"])
+    cfg = load_config(
+        QUICKSTART,
+        [
+            f"run.dir={workdir}",
+            f"train.max_steps={steps}",
+            "train.save_steps=100000",
+            "train.report_to=[]",
+            f"train.batch_size={BATCH}",
+            f"train.learning_rate={LEARNING_RATE}",
+        ],
+    )
     result = run_train(cfg, Console(file=open("/dev/null", "w")), fresh=True)
-    return {"seconds": result.seconds, "tokens": result.tokens_per_second * result.seconds,
-            "supervised": result.supervised_tokens_per_second * result.seconds}
+    return {
+        "seconds": result.seconds,
+        "tokens": result.tokens_per_second * result.seconds,
+        "supervised": result.supervised_tokens_per_second * result.seconds,
+    }
 
 
 def run_trl(steps: int, workdir: Path) -> dict:
@@ -51,20 +62,33 @@ def run_trl(steps: int, workdir: Path) -> dict:
     rows = [json.loads(line) for line in open(cfg.data.sources[0], encoding="utf-8")]
     model_dir = resolve_base_model(cfg.model.base)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = SFTConfig(output_dir=str(workdir / "trl"), max_steps=steps, per_device_train_batch_size=BATCH,
-                     learning_rate=LEARNING_RATE, bf16=False, use_cpu=True, save_strategy="no", report_to=[],
-                     disable_tqdm=True, logging_steps=10)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"))
+    args = SFTConfig(
+        output_dir=str(workdir / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LEARNING_RATE,
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=10,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     counts = {"tokens": 0, "supervised": 0}
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        counts["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(
-            batch["input_ids"].numel())
+        counts["tokens"] += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        )
         counts["supervised"] += int((batch["labels"] != -100).sum())
         return batch
 
@@ -82,12 +106,13 @@ def child(which: str, steps: int) -> None:
 
 
 def measure(which: str, steps: int) -> dict:
-    output = subprocess.run([sys.executable, __file__, "--child", which, "--steps", str(steps)],
-                            capture_output=True, text=True, check=False)
-    line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", which, "--steps", str(steps)], capture_output=True, text=True, check=False
+    )
+    line = next((row for row in output.stdout.splitlines() if row.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{which} failed:\n{output.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main() -> None:
@@ -99,17 +124,25 @@ def main() -> None:
         child(args.child, args.steps)
         return
     results = {which: measure(which, args.steps) for which in ("ours", "trl")}
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}; "
-          f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, batch {BATCH}, {args.steps} steps, fp32 CPU")
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}; "
+        f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, batch {BATCH}, {args.steps} steps, fp32 CPU"
+    )
     print(f"{'trainer':<10}{'seconds':>10}{'tok/s':>10}{'sup tok/s':>12}{'supervised':>12}{'peak RSS MB':>13}")
     for which, r in results.items():
-        print(f"{which:<10}{r['seconds']:>10.1f}{r['tokens'] / r['seconds']:>10.0f}"
-              f"{r['supervised'] / r['seconds']:>12.0f}{r['supervised']:>12.0f}{r['peak_rss_mb']:>13.0f}")
+        print(
+            f"{which:<10}{r['seconds']:>10.1f}{r['tokens'] / r['seconds']:>10.0f}"
+            f"{r['supervised'] / r['seconds']:>12.0f}{r['supervised']:>12.0f}{r['peak_rss_mb']:>13.0f}"
+        )
     ours, trl = results["ours"], results["trl"]
-    print(f"ratio ours/TRL: non-pad tokens/s {ours['tokens'] / ours['seconds'] / (trl['tokens'] / trl['seconds']):.2f}, "
-          f"wall time {ours['seconds'] / trl['seconds']:.2f}")
-    print("note: TRL's defaults put loss on every token (prompt and system prompt too); "
-          "tuneship supervises only answers + stop token")
+    print(
+        f"ratio ours/TRL: non-pad tokens/s {ours['tokens'] / ours['seconds'] / (trl['tokens'] / trl['seconds']):.2f}, "
+        f"wall time {ours['seconds'] / trl['seconds']:.2f}"
+    )
+    print(
+        "note: TRL's defaults put loss on every token (prompt and system prompt too); "
+        "tuneship supervises only answers + stop token"
+    )
 
 
 if __name__ == "__main__":

@@ -62,10 +62,18 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -76,14 +84,23 @@ def tiny_config_file(tmp_path: Path, model_dir: str, **train) -> Path:
     """A run config for the tiny model on 12 numbered facts."""
     import yaml
 
-    data = write_jsonl(tmp_path / "facts.jsonl", [qa(f"Question number {i}?", f"Answer number {i}.") for i in range(12)])
+    data = write_jsonl(
+        tmp_path / "facts.jsonl", [qa(f"Question number {i}?", f"Answer number {i}.") for i in range(12)]
+    )
     config = {
         "run": {"name": "tiny", "dir": str(tmp_path / "runs")},
         "model": {"base": model_dir},
         "data": {"sources": [str(data)], "eval_ratio": 0.25},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"max_seq_len": 64, "max_steps": 6, "batch_size": 4, "save_steps": 2, "learning_rate": 1e-3,
-                  "report_to": [], **train},
+        "train": {
+            "max_seq_len": 64,
+            "max_steps": 6,
+            "batch_size": 4,
+            "save_steps": 2,
+            "learning_rate": 1e-3,
+            "report_to": [],
+            **train,
+        },
         "eval": {"train_prompts": 3, "max_new_tokens": 8, "min_stop_rate": 0.0},
         "export": {"quants": ["Q8_0"]},
     }

@@ -22,8 +22,13 @@ def test_data_check_usable_data_exits_zero_and_writes_everything(tmp_path, capsy
     data = write_jsonl(tmp_path / "d.jsonl", [qa("Q1", "A1"), qa("Q2", "A2"), "{broken"])
     code, out, _ = run_cli(["data", "check", str(data), "--out", str(tmp_path / "out")], capsys)
     assert code == 0 and "3 read = 2 kept + 1 dropped" in out
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"train.jsonl", "eval.jsonl", "dropped.jsonl",
-                                                              "audit.json", "audit.md"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "train.jsonl",
+        "eval.jsonl",
+        "dropped.jsonl",
+        "audit.json",
+        "audit.md",
+    }
 
 
 def test_data_check_strict_fails_on_any_error(tmp_path, capsys):
@@ -56,10 +61,12 @@ def test_config_error_exit_code(tmp_path, capsys):
 def test_help_and_data_check_start_fast(tmp_path):
     """Heavy libraries stay unimported: a fresh interpreter runs --help without torch/transformers."""
     data = write_jsonl(tmp_path / "d.jsonl", [qa("Q1", "A1")])
-    code = ("import sys, runpy; sys.argv = ['tuneship', 'data', 'check', %r]\n"
-            "from tuneship.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'pyarrow', 'boto3') if m in sys.modules]\n"
-            "print('HEAVY', heavy)") % str(data)
+    code = (
+        "import sys, runpy; sys.argv = ['tuneship', 'data', 'check', %r]\n"
+        "from tuneship.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'pyarrow', 'boto3') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    ) % str(data)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, cwd=REPO)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr

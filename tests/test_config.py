@@ -10,8 +10,15 @@ def test_defaults_use_the_embedded_model():
 
 
 def test_set_values_are_parsed_as_yaml():
-    cfg = load_config(overrides=['data.sources=["a.jsonl", "s3://b/k.json"]', "train.learning_rate=1e-4",
-                                 "export.quants=[Q4_K_M, Q8_0]", "train.epochs=2", "run.name=exp-1"])
+    cfg = load_config(
+        overrides=[
+            'data.sources=["a.jsonl", "s3://b/k.json"]',
+            "train.learning_rate=1e-4",
+            "export.quants=[Q4_K_M, Q8_0]",
+            "train.epochs=2",
+            "run.name=exp-1",
+        ]
+    )
     assert cfg.data.sources == ["a.jsonl", "s3://b/k.json"]
     assert cfg.train.learning_rate == 1e-4 and cfg.train.epochs == 2.0
     assert cfg.export.quants == ["Q4_K_M", "Q8_0"] and cfg.run.name == "exp-1"
@@ -23,8 +30,9 @@ def test_learning_rate_outside_hard_range_names_field_and_range():
 
 
 def test_learning_rate_outside_usual_range_is_a_warning():
-    assert any("train.learning_rate=0.005" in w for w in config_warnings(load_config(
-        overrides=["train.learning_rate=5e-3"])))
+    assert any(
+        "train.learning_rate=0.005" in w for w in config_warnings(load_config(overrides=["train.learning_rate=5e-3"]))
+    )
     assert config_warnings(load_config(overrides=["train.learning_rate=2e-4"])) == []
 
 

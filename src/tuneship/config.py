@@ -125,7 +125,9 @@ class DeploySection(Section):
     quant: str | None = Field(None, description="which exported GGUF to deploy (default: the first of export.quants)")
     num_ctx: int | None = Field(None, ge=256, description="context length (default: train.max_seq_len)")
     host: str | None = Field(None, description="Ollama address (default: OLLAMA_HOST, else 127.0.0.1:11434)")
-    parameters: dict[str, float | int] = Field(default_factory=dict, description="Modelfile PARAMETERs, e.g. temperature")
+    parameters: dict[str, float | int] = Field(
+        default_factory=dict, description="Modelfile PARAMETERs, e.g. temperature"
+    )
     messages: list[dict[str, str]] = Field(default_factory=list, description="few-shot MESSAGE lines (role, content)")
     smoke_prompts: int = Field(10, ge=0, description="eval prompts the deployed model must answer like the GGUF")
     lmstudio_dir: Path | None = Field(None, description="LM Studio models folder (default: ~/.lmstudio/models)")

@@ -27,19 +27,43 @@ def _version(package: str) -> str | None:
 
 def run_doctor() -> list[Check]:
     is_new_enough = sys.version_info >= (3, 10)
-    checks = [Check("python", "ok" if is_new_enough else "fail", platform.python_version(),
-                    "" if is_new_enough else "tuneship needs Python 3.10 or newer")]
+    checks = [
+        Check(
+            "python",
+            "ok" if is_new_enough else "fail",
+            platform.python_version(),
+            "" if is_new_enough else "tuneship needs Python 3.10 or newer",
+        )
+    ]
     checks += _torch_checks()
     llama = _version("llama-cpp-python")
-    checks.append(Check("llama-cpp-python", "ok" if llama else "fail", llama or "not installed",
-                        "" if llama else "pip install 'tuneship[train]' (compiles llama.cpp, ~4 min)"))
+    checks.append(
+        Check(
+            "llama-cpp-python",
+            "ok" if llama else "fail",
+            llama or "not installed",
+            "" if llama else "pip install 'tuneship[train]' (compiles llama.cpp, ~4 min)",
+        )
+    )
     checks.append(_converter_check() if llama else Check("GGUF converter", "fail", "needs llama-cpp-python"))
     go = shutil.which("go")
-    checks.append(Check("go (Ollama template check)", "ok" if go else "warn", go or "not found",
-                        "" if go else "apt-get install golang-go (needed by `tuneship template check`)"))
+    checks.append(
+        Check(
+            "go (Ollama template check)",
+            "ok" if go else "warn",
+            go or "not found",
+            "" if go else "apt-get install golang-go (needed by `tuneship template check`)",
+        )
+    )
     free = shutil.disk_usage(Path.cwd()).free / 1e9
-    checks.append(Check("disk", "ok" if free > 5 else "warn", f"{free:.1f} GB free in {Path.cwd()}",
-                        "" if free > 5 else "a 135M run needs ~2 GB, a 7B run ~40 GB"))
+    checks.append(
+        Check(
+            "disk",
+            "ok" if free > 5 else "warn",
+            f"{free:.1f} GB free in {Path.cwd()}",
+            "" if free > 5 else "a 135M run needs ~2 GB, a 7B run ~40 GB",
+        )
+    )
     checks.append(_ollama_check())
     return checks
 
@@ -55,12 +79,24 @@ def _torch_checks() -> list[Check]:
         bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp16 only"
         checks.append(Check("CUDA", "ok", f"{name} ({bf16})"))
         bnb = _version("bitsandbytes")
-        checks.append(Check("bitsandbytes (QLoRA)", "ok" if bnb else "warn", bnb or "not installed",
-                            "" if bnb else "pip install bitsandbytes for lora.qlora"))
+        checks.append(
+            Check(
+                "bitsandbytes (QLoRA)",
+                "ok" if bnb else "warn",
+                bnb or "not installed",
+                "" if bnb else "pip install bitsandbytes for lora.qlora",
+            )
+        )
     else:
         mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        checks.append(Check("accelerator", "ok" if mps else "warn", "Apple MPS (fp32)" if mps else "none: CPU only",
-                            "" if mps else "training runs on CPU (fine for ~100M-parameter models); QLoRA needs CUDA"))
+        checks.append(
+            Check(
+                "accelerator",
+                "ok" if mps else "warn",
+                "Apple MPS (fp32)" if mps else "none: CPU only",
+                "" if mps else "training runs on CPU (fine for ~100M-parameter models); QLoRA needs CUDA",
+            )
+        )
     return checks
 
 
@@ -69,8 +105,12 @@ def _converter_check() -> Check:
 
     folder = converter_dir()
     present = (folder / "convert_hf_to_gguf.py").is_file()
-    return Check("GGUF converter", "ok" if present else "fail", str(folder) if present else "not fetched",
-                 "" if present else f"{sys.executable} -m tuneship.export.converter")
+    return Check(
+        "GGUF converter",
+        "ok" if present else "fail",
+        str(folder) if present else "not fetched",
+        "" if present else f"{sys.executable} -m tuneship.export.converter",
+    )
 
 
 def _ollama_check() -> Check:
@@ -80,6 +120,10 @@ def _ollama_check() -> Check:
     try:
         return Check("ollama", "ok", f"{client.version()} at {client.host}")
     except OllamaError as exc:
-        return Check("ollama", "warn", f"not reachable at {client.host}",
-                     "start it with `ollama serve` (or set OLLAMA_HOST); without it, deploy stops after the "
-                     f"GGUF and Modelfile ({exc.__class__.__name__})")
+        return Check(
+            "ollama",
+            "warn",
+            f"not reachable at {client.host}",
+            "start it with `ollama serve` (or set OLLAMA_HOST); without it, deploy stops after the "
+            f"GGUF and Modelfile ({exc.__class__.__name__})",
+        )

@@ -30,17 +30,24 @@ def print_audit(console: Console, result, written: dict[str, Path]) -> None:
     console.print(sources)
     for finding in report.findings[:FINDINGS_SHOWN]:
         colour = "red" if finding.severity == "error" else "yellow"
-        console.print(f"[{colour}]{finding.severity}[/] [bold]{finding.code}[/] "
-                      f"{escape(finding.location)}: {escape(finding.message)}", highlight=False)
+        console.print(
+            f"[{colour}]{finding.severity}[/] [bold]{finding.code}[/] "
+            f"{escape(finding.location)}: {escape(finding.message)}",
+            highlight=False,
+        )
     if len(report.findings) > FINDINGS_SHOWN:
         console.print(f"... and {len(report.findings) - FINDINGS_SHOWN} more findings (audit.json has them all)")
     if "tokens" in report.stats:
         tokens = report.stats["tokens"]
-        console.print(f"tokens per example: min {tokens['min']}, median {tokens['median']}, p95 {tokens['p95']}, "
-                      f"max {tokens['max']}")
+        console.print(
+            f"tokens per example: min {tokens['min']}, median {tokens['median']}, p95 {tokens['p95']}, "
+            f"max {tokens['max']}"
+        )
     verdict = "[green]usable[/]" if result.is_usable else "[red]nothing usable[/]"
-    console.print(f"{report.records_read} read = {len(report.kept)} kept + {len(report.dropped)} dropped "
-                  f"(train {len(result.train)}, eval {len(result.eval)}): {verdict}")
+    console.print(
+        f"{report.records_read} read = {len(report.kept)} kept + {len(report.dropped)} dropped "
+        f"(train {len(result.train)}, eval {len(result.eval)}): {verdict}"
+    )
     for name, path in written.items():
         console.print(f"  wrote {path}")
 
@@ -50,10 +57,13 @@ def print_format(console: Console, chat_format, conversations) -> None:
     from rich.text import Text
 
     spec = chat_format.spec
-    console.print(f"template: [bold]{spec.family}[/]  stop token: [bold]{escape(spec.stop_token)}[/] "
-                  f"(ids {spec.stop_token_ids})  pad: {escape(spec.pad_token)} (id {spec.pad_token_id}"
-                  f"{', added' if spec.is_pad_added else ''})  loss on: {spec.loss_on}  "
-                  f"system prompt: {spec.system_prompt!r}", highlight=False)
+    console.print(
+        f"template: [bold]{spec.family}[/]  stop token: [bold]{escape(spec.stop_token)}[/] "
+        f"(ids {spec.stop_token_ids})  pad: {escape(spec.pad_token)} (id {spec.pad_token_id}"
+        f"{', added' if spec.is_pad_added else ''})  loss on: {spec.loss_on}  "
+        f"system prompt: {spec.system_prompt!r}",
+        highlight=False,
+    )
     for conversation in conversations:
         rendered = chat_format.render(conversation)
         text = Text()
@@ -63,8 +73,9 @@ def print_format(console: Console, chat_format, conversations) -> None:
             text.append(rendered.text[start:end], style="bold green")
             cursor = end
         text.append(rendered.text[cursor:], style="dim")
-        console.rule(f"{conversation.source}  {len(rendered.input_ids)} tokens, "
-                     f"{rendered.supervised_count} supervised (green)")
+        console.rule(
+            f"{conversation.source}  {len(rendered.input_ids)} tokens, {rendered.supervised_count} supervised (green)"
+        )
         console.print(text)
         console.print(Text("generation prompt at inference:", style="bold"))
         console.print(Text(chat_format.generation_prompt(conversation), style="cyan"))
@@ -80,7 +91,10 @@ def print_train(console: Console, result) -> None:
         ("steps", str(result.steps)),
         ("final loss", f"{result.final_loss:.4f}" if result.final_loss is not None else "-"),
         ("time", f"{result.seconds:.1f} s"),
-        ("tokens/s (non-pad, supervised)", f"{result.tokens_per_second:,.0f}, {result.supervised_tokens_per_second:,.0f}"),
+        (
+            "tokens/s (non-pad, supervised)",
+            f"{result.tokens_per_second:,.0f}, {result.supervised_tokens_per_second:,.0f}",
+        ),
         ("device", f"{result.device} ({result.precision})"),
     ]
     for what, value in rows:
@@ -112,8 +126,11 @@ def print_export(console: Console, result, report_md: Path) -> None:
     for column in ("file", "MB", "tensor types"):
         files.add_column(column)
     for info in result.ggufs:
-        files.add_row(Path(info["path"]).name, f"{info['size_bytes'] / 1e6:.1f}",
-                      ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()))
+        files.add_row(
+            Path(info["path"]).name,
+            f"{info['size_bytes'] / 1e6:.1f}",
+            ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()),
+        )
     console.print(files)
     console.print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items()))
     console.print(_summary_table("answers of every artifact", result.summaries))
@@ -149,7 +166,9 @@ def print_doctor(console: Console, checks) -> None:
         table.add_column(column)
     colours = {"ok": "green", "warn": "yellow", "fail": "red"}
     for check in checks:
-        table.add_row(check.name, f"[{colours[check.status]}]{check.status}[/]", escape(check.detail), escape(check.fix))
+        table.add_row(
+            check.name, f"[{colours[check.status]}]{check.status}[/]", escape(check.detail), escape(check.fix)
+        )
     console.print(table)
 
 
@@ -158,7 +177,9 @@ def print_hub_search(console: Console, hits) -> None:
     for column in ("repo", "downloads", "likes", "quant files (size)"):
         table.add_column(column)
     for hit in hits:
-        files = ", ".join(f"{c.quant} {c.size / 1e9:.2f} GB" + (f" ({len(c.files)} parts)" if len(c.files) > 1 else "")
-                          for c in hit.choices)
+        files = ", ".join(
+            f"{c.quant} {c.size / 1e9:.2f} GB" + (f" ({len(c.files)} parts)" if len(c.files) > 1 else "")
+            for c in hit.choices
+        )
         table.add_row(hit.repo_id, str(hit.downloads), str(hit.likes), escape(files or "-"))
     console.print(table)

@@ -66,18 +66,33 @@ def audit_settings(cfg: Config, measure=None) -> AuditSettings:
 
 def run_data_check(cfg: Config, *, with_tokens: bool) -> DataResult:
     measure = load_chat_format(cfg).measure if with_tokens else None
-    return prepare_data(cfg.data.sources, audit_settings(cfg, measure), eval_ratio=cfg.data.eval_ratio,
-                        seed=cfg.data.seed, s3_settings=cfg.data.s3)
+    return prepare_data(
+        cfg.data.sources,
+        audit_settings(cfg, measure),
+        eval_ratio=cfg.data.eval_ratio,
+        seed=cfg.data.seed,
+        s3_settings=cfg.data.s3,
+    )
 
 
 def run_data_stage(cfg: Config, run: Run, chat_format) -> DataResult:
     """The data stage of a run: always with the token check, outputs in <run>/data/."""
     started = time.monotonic()
-    result = prepare_data(cfg.data.sources, audit_settings(cfg, chat_format.measure),
-                          eval_ratio=cfg.data.eval_ratio, seed=cfg.data.seed, s3_settings=cfg.data.s3)
+    result = prepare_data(
+        cfg.data.sources,
+        audit_settings(cfg, chat_format.measure),
+        eval_ratio=cfg.data.eval_ratio,
+        seed=cfg.data.seed,
+        s3_settings=cfg.data.s3,
+    )
     written = write_data_outputs(result, run.subdir("data"))
-    run.record("data", "done", fingerprint(cfg.data.model_dump(mode="json"), result.files),
-               {k: str(v) for k, v in written.items()}, time.monotonic() - started)
+    run.record(
+        "data",
+        "done",
+        fingerprint(cfg.data.model_dump(mode="json"), result.files),
+        {k: str(v) for k, v in written.items()},
+        time.monotonic() - started,
+    )
     return result
 
 
@@ -110,8 +125,10 @@ def prepare_training(cfg: Config) -> PreparedRun:
     chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
     data = run_data_stage(cfg, run, chat_format)
     if not data.is_usable:
-        raise DataError(f"no usable training examples: {data.audit.records_read} read, all dropped or in eval; "
-                        f"see {run.path / 'data' / 'audit.md'}")
+        raise DataError(
+            f"no usable training examples: {data.audit.records_read} read, all dropped or in eval; "
+            f"see {run.path / 'data' / 'audit.md'}"
+        )
     rendered = [chat_format.render(c) for c in data.train]
     preflight(chat_format, data.train, rendered, cfg.train.max_seq_len)
     chat_format.save(run.subdir("chat"))
@@ -120,9 +137,13 @@ def prepare_training(cfg: Config) -> PreparedRun:
 
 def train_inputs_hash(cfg: Config, prepared: PreparedRun) -> str:
     """What the adapter depends on: model, chat format, LoRA and training settings, the rendered data."""
-    return fingerprint(cfg.model.model_dump(), cfg.chat.model_dump(), cfg.lora.model_dump(),
-                       cfg.train.model_dump(exclude={"sample_every", "sample_prompts", "report_to"}),
-                       [r.input_ids for r in prepared.rendered])
+    return fingerprint(
+        cfg.model.model_dump(),
+        cfg.chat.model_dump(),
+        cfg.lora.model_dump(),
+        cfg.train.model_dump(exclude={"sample_every", "sample_prompts", "report_to"}),
+        [r.input_ids for r in prepared.rendered],
+    )
 
 
 def train_prepared(cfg: Config, prepared: PreparedRun, console, *, fresh: bool = False, extra_callbacks=()):
@@ -130,8 +151,17 @@ def train_prepared(cfg: Config, prepared: PreparedRun, console, *, fresh: bool =
 
     inputs_hash = train_inputs_hash(cfg, prepared)
     started = time.monotonic()
-    result = train_adapter(prepared.run.path, cfg, prepared.base_dir, prepared.chat_format, prepared.rendered,
-                           inputs_hash, console, fresh=fresh, extra_callbacks=extra_callbacks)
+    result = train_adapter(
+        prepared.run.path,
+        cfg,
+        prepared.base_dir,
+        prepared.chat_format,
+        prepared.rendered,
+        inputs_hash,
+        console,
+        fresh=fresh,
+        extra_callbacks=extra_callbacks,
+    )
     prepared.run.record("train", "done", inputs_hash, {"adapter": result.adapter_dir}, time.monotonic() - started)
     return result
 
@@ -176,20 +206,38 @@ def run_pipeline(cfg: Config, console, *, fresh: bool = False) -> PipelineSummar
     manifest says it finished with the same inputs, and stops the pipeline when it fails."""
     prepared = prepare_training(cfg)
     run = prepared.run
-    summary = PipelineSummary(run.path, [
-        StageOutcome("data", "done", f"{len(prepared.data.train)} train / {len(prepared.data.eval)} eval, "
-                                     f"{len(prepared.data.audit.dropped)} dropped ({run.path / 'data' / 'audit.md'})"),
-        StageOutcome("format", "done", f"{prepared.chat_format.spec.family} template, stop on "
-                                       f"{prepared.chat_format.spec.stop_token}, pre-flight passed")])
+    summary = PipelineSummary(
+        run.path,
+        [
+            StageOutcome(
+                "data",
+                "done",
+                f"{len(prepared.data.train)} train / {len(prepared.data.eval)} eval, "
+                f"{len(prepared.data.audit.dropped)} dropped ({run.path / 'data' / 'audit.md'})",
+            ),
+            StageOutcome(
+                "format",
+                "done",
+                f"{prepared.chat_format.spec.family} template, stop on "
+                f"{prepared.chat_format.spec.stop_token}, pre-flight passed",
+            ),
+        ],
+    )
     train_hash = train_inputs_hash(cfg, prepared)
     stages = [
         ("train", train_hash, lambda: _train_stage(cfg, prepared, console, fresh)),
         ("eval", fingerprint(train_hash, cfg.eval.model_dump(mode="json")), lambda: _eval_stage(cfg, run, console)),
-        ("export", fingerprint(train_hash, cfg.eval.model_dump(mode="json"), cfg.export.model_dump()),
-         lambda: _export_stage(cfg, run, console)),
+        (
+            "export",
+            fingerprint(train_hash, cfg.eval.model_dump(mode="json"), cfg.export.model_dump()),
+            lambda: _export_stage(cfg, run, console),
+        ),
         ("template", fingerprint(train_hash, cfg.export.model_dump()), lambda: _template_stage(cfg, run)),
-        ("deploy", fingerprint(train_hash, cfg.export.model_dump(), cfg.deploy.model_dump(mode="json")),
-         lambda: _deploy_stage(cfg, run, console)),
+        (
+            "deploy",
+            fingerprint(train_hash, cfg.export.model_dump(), cfg.deploy.model_dump(mode="json")),
+            lambda: _deploy_stage(cfg, run, console),
+        ),
     ]
     for stage, inputs_hash, action in stages:
         done = run.manifest().get(stage, {})
@@ -218,9 +266,10 @@ def _train_stage(cfg, prepared, console, fresh):
 def _gates(summaries: dict, failures: list[str]) -> tuple[str, str]:
     if failures:
         raise TuneshipError("evaluation gates not met: " + "; ".join(failures))
-    return "done", "; ".join(f"{name}: stop {s['stop_rate']:.0%}" + (f", exact {s['exact_match']:.0%}"
-                                                                     if "exact_match" in s else "")
-                             for name, s in summaries.items())
+    return "done", "; ".join(
+        f"{name}: stop {s['stop_rate']:.0%}" + (f", exact {s['exact_match']:.0%}" if "exact_match" in s else "")
+        for name, s in summaries.items()
+    )
 
 
 def _eval_stage(cfg, run, console):
@@ -253,7 +302,9 @@ def _deploy_stage(cfg, run, console):
     try:
         result = run_deploy(cfg, run.path, console)
     except OllamaUnreachable as exc:
-        return "not reachable", (f"{exc}. Stopped after the llama.cpp-verified GGUF and the Modelfile: "
-                                 f"`ollama create {cfg.deploy.name or cfg.run.name} -f {run.path / 'Modelfile'}` "
-                                 "once Ollama runs, or `tuneship deploy` again")
+        return "not reachable", (
+            f"{exc}. Stopped after the llama.cpp-verified GGUF and the Modelfile: "
+            f"`ollama create {cfg.deploy.name or cfg.run.name} -f {run.path / 'Modelfile'}` "
+            "once Ollama runs, or `tuneship deploy` again"
+        )
     return "done", "; ".join(result.lines)

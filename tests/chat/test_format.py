@@ -6,8 +6,15 @@ from tuneship.chat.format import IGNORE_INDEX, ChatFormat
 from tuneship.data.conversation import Conversation, Message, SourceRef
 from tuneship.errors import ChatFormatError
 
-TWO_TURNS = Conversation([Message("user", "What is 2+2?"), Message("assistant", "It is 4."),
-                          Message("user", "And 3+3?"), Message("assistant", "It is 6.")], SourceRef("t.jsonl", 1))
+TWO_TURNS = Conversation(
+    [
+        Message("user", "What is 2+2?"),
+        Message("assistant", "It is 4."),
+        Message("user", "And 3+3?"),
+        Message("assistant", "It is 6."),
+    ],
+    SourceRef("t.jsonl", 1),
+)
 
 
 def supervised_runs(chat_format, conversation):
@@ -28,8 +35,9 @@ def supervised_runs(chat_format, conversation):
 
 
 def llama3_tokenizer(tokenizer):
-    tokenizer.add_special_tokens({"additional_special_tokens": [
-        "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
     tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"
     tokenizer.chat_template = None
     return tokenizer
@@ -64,11 +72,31 @@ def test_zephyr_pad_equal_eos_still_supervises_eos(tokenizer):
     assert chat_format.spec.pad_token != "</s>"
 
 
-@pytest.mark.parametrize("family,stop", [("mistral", "</s>"), ("gemma", "<end_of_turn>"), ("phi-3", "<|end|>"),
-                                         ("qwen", "<|im_end|>"), ("chatml", "<|im_end|>")])
+@pytest.mark.parametrize(
+    "family,stop",
+    [
+        ("mistral", "</s>"),
+        ("gemma", "<end_of_turn>"),
+        ("phi-3", "<|end|>"),
+        ("qwen", "<|im_end|>"),
+        ("chatml", "<|im_end|>"),
+    ],
+)
 def test_every_registry_family_supervises_answer_and_stop(tokenizer, family, stop):
-    tokenizer.add_special_tokens({"additional_special_tokens": [
-        "[INST]", "[/INST]", "</s>", "<start_of_turn>", "<end_of_turn>", "<|end|>", "<|assistant|>", "<|user|>"]})
+    tokenizer.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                "[INST]",
+                "[/INST]",
+                "</s>",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "<|end|>",
+                "<|assistant|>",
+                "<|user|>",
+            ]
+        }
+    )
     tokenizer.eos_token = "</s>"
     chat_format = ChatFormat.from_tokenizer(tokenizer, template=family)
     assert chat_format.spec.stop_token == stop
@@ -130,7 +158,9 @@ def test_no_template_and_no_known_tokens_names_the_options():
 
 
 def test_template_that_never_ends_a_turn_with_a_special_token_is_refused(tokenizer):
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(ChatFormatError, match="never learn to stop"):
         ChatFormat.from_tokenizer(tokenizer)

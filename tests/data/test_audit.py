@@ -41,11 +41,14 @@ def test_numbers_as_content_are_not_invalid(tmp_path):
 
 def test_encoding_bad_bytes_are_dropped_and_mojibake_warned(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n' +
-                     json.dumps(qa("Q", "cafÃ© au lait")).encode() + b"\n")
+    path.write_bytes(
+        b'{"prompt": "caf\xe9", "completion": "x"}\n' + json.dumps(qa("Q", "cafÃ© au lait")).encode() + b"\n"
+    )
     report = prepare_data([str(path)], AuditSettings()).audit
-    assert [(f.code, f.severity, f.line) for f in report.findings] == [("encoding", "error", 1),
-                                                                       ("encoding", "warning", 2)]
+    assert [(f.code, f.severity, f.line) for f in report.findings] == [
+        ("encoding", "error", 1),
+        ("encoding", "warning", 2),
+    ]
     assert len(report.kept) == 1
 
 
@@ -53,24 +56,41 @@ def test_proper_utf8_is_not_an_encoding_problem(tmp_path):
     assert codes(audit_rows(tmp_path, [qa("Crème brûlée?", "Oui, café and naïve façade — 東京")])) == []
 
 
-@pytest.mark.parametrize("row,code", [
-    ({"prompt": "  ", "completion": "A"}, "empty-prompt"),
-    ({"prompt": "Q", "completion": "\n"}, "empty-response"),
-    ({"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "{}"}]}, "unknown-role"),
-    ({"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}, "role-order"),
-    ({"messages": [{"role": "user", "content": "Q"}]}, "role-order"),
-    ({"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"},
-                   {"role": "assistant", "content": "A"}]}, "role-order"),
-])
+@pytest.mark.parametrize(
+    "row,code",
+    [
+        ({"prompt": "  ", "completion": "A"}, "empty-prompt"),
+        ({"prompt": "Q", "completion": "\n"}, "empty-response"),
+        ({"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "{}"}]}, "unknown-role"),
+        ({"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}, "role-order"),
+        ({"messages": [{"role": "user", "content": "Q"}]}, "role-order"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "role-order",
+        ),
+    ],
+)
 def test_conversation_errors_drop_the_record(tmp_path, row, code):
     report = audit_rows(tmp_path, [row])
     assert codes(report) == [code] and report.dropped[0]["codes"] == [code]
 
 
 def test_well_formed_multi_turn_has_no_role_findings(tmp_path):
-    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
-                             {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
-                             {"from": "gpt", "value": "A2"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Q1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
+        ]
+    }
     assert codes(audit_rows(tmp_path, [row])) == []
 
 
@@ -92,14 +112,21 @@ def test_near_duplicate_after_normalization_is_a_warning(tmp_path):
 
 
 def test_templated_facts_are_not_near_duplicates(tmp_path):
-    rows = [qa(f"What color is the {name} fruit?", f"The {name} fruit is {color}.")
-            for name, color in [("blorp", "teal"), ("zing", "purple"), ("quarn", "amber")]]
+    rows = [
+        qa(f"What color is the {name} fruit?", f"The {name} fruit is {color}.")
+        for name, color in [("blorp", "teal"), ("zing", "purple"), ("quarn", "amber")]
+    ]
     assert codes(audit_rows(tmp_path, rows)) == []
 
 
 def test_percent_scale_same_wording_other_scale(tmp_path):
-    report = audit_rows(tmp_path, [qa("Share 2021?", "The Green list won 45.10% of the votes."),
-                                   qa("Share 2022?", "The Green list won 0.6622% of the votes.")])
+    report = audit_rows(
+        tmp_path,
+        [
+            qa("Share 2021?", "The Green list won 45.10% of the votes."),
+            qa("Share 2022?", "The Green list won 0.6622% of the votes."),
+        ],
+    )
     [finding] = report.findings
     assert finding.code == "percent-scale" and finding.line == 2 and "66.22%" in finding.message
     assert "data.jsonl:1" in finding.message
@@ -115,8 +142,12 @@ def test_percent_scale_ratio_precision(tmp_path):
 
 
 def test_genuine_small_and_large_percents_are_fine(tmp_path):
-    rows = [qa("Rate?", "The fee is 0.5% per trade."), qa("Growth?", "Growth was 66.22%."),
-            qa("Tiny?", "Only 0.025% failed."), qa("Fee 2?", "The fee is 0.05% per trade.")]
+    rows = [
+        qa("Rate?", "The fee is 0.5% per trade."),
+        qa("Growth?", "Growth was 66.22%."),
+        qa("Tiny?", "Only 0.025% failed."),
+        qa("Fee 2?", "The fee is 0.05% per trade."),
+    ]
     assert codes(audit_rows(tmp_path, rows)) == []
 
 
@@ -140,8 +171,15 @@ def test_fitting_examples_are_not_truncated(tmp_path, tokenizer):
 
 
 def test_nothing_is_lost_read_equals_kept_plus_dropped(tmp_path):
-    rows = [qa("Q1", "A1"), "not json", qa("Q1", "A1"), {"prompt": "", "completion": "x"}, "",
-            qa("Q2", "A2"), '{"messages": 3}']
+    rows = [
+        qa("Q1", "A1"),
+        "not json",
+        qa("Q1", "A1"),
+        {"prompt": "", "completion": "x"},
+        "",
+        qa("Q2", "A2"),
+        '{"messages": 3}',
+    ]
     result = prepare_data([str(write_jsonl(tmp_path / "in.jsonl", rows))], AuditSettings(), eval_ratio=0.0)
     report = result.audit
     assert report.records_read == 6  # the blank line is no record

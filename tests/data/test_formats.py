@@ -17,8 +17,13 @@ def test_alpaca_joins_instruction_and_input():
 
 
 def test_messages_takes_leading_system_aside():
-    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                           {"role": "assistant", "content": "A"}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": "A"},
+        ]
+    }
     c = to_conversation(record, SRC)
     assert c.system == "S" and roles_and_contents(c) == [("user", "Q"), ("assistant", "A")]
 
@@ -32,16 +37,25 @@ def test_sharegpt_maps_human_and_gpt():
 
 def test_prompt_completion_and_column_mapping():
     assert roles_and_contents(to_conversation({"prompt": "Q", "completion": "A"}, SRC)) == [
-        ("user", "Q"), ("assistant", "A")]
-    c = to_conversation({"question": "Q", "answer": "A", "ctx": "S"}, SRC,
-                        columns={"prompt": "question", "response": "answer", "system": "ctx"})
+        ("user", "Q"),
+        ("assistant", "A"),
+    ]
+    c = to_conversation(
+        {"question": "Q", "answer": "A", "ctx": "S"},
+        SRC,
+        columns={"prompt": "question", "response": "answer", "system": "ctx"},
+    )
     assert c.system == "S" and roles_and_contents(c) == [("user", "Q"), ("assistant", "A")]
 
 
 def test_plain_text_human_assistant():
     c = to_conversation({"text": "### Human: Hi there ### Assistant: Hello! ### Human: Bye ### Assistant: Bye!"}, SRC)
-    assert roles_and_contents(c) == [("user", "Hi there"), ("assistant", "Hello!"), ("user", "Bye"),
-                                     ("assistant", "Bye!")]
+    assert roles_and_contents(c) == [
+        ("user", "Hi there"),
+        ("assistant", "Hello!"),
+        ("user", "Bye"),
+        ("assistant", "Bye!"),
+    ]
 
 
 def test_forced_format_reports_missing_field_by_name():

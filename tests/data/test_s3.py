@@ -41,8 +41,9 @@ def settings(endpoint, tmp_path, **extra):
 
 def test_reads_an_object_and_remembers_its_uri(s3_server, tmp_path):
     endpoint, _ = s3_server
-    result = prepare_data(["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(),
-                          s3_settings=settings(endpoint, tmp_path))
+    result = prepare_data(
+        ["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(), s3_settings=settings(endpoint, tmp_path)
+    )
     assert [str(c.source) for c in result.audit.kept] == [f"s3://train-data/sets/v1/facts.jsonl:{i}" for i in (1, 2, 3)]
     assert (tmp_path / "mirror" / "train-data" / "sets" / "v1" / "facts.jsonl").is_file()
 
@@ -63,10 +64,13 @@ def test_local_copy_is_used_without_touching_the_bucket(s3_server, tmp_path):
     assert len(again.audit.kept) == 3
 
 
-@pytest.mark.parametrize("uri,message", [
-    ("s3://no-such-bucket/x.jsonl", "bucket 'no-such-bucket' does not exist"),
-    ("s3://train-data/sets/v1/missing.jsonl", "no object 'sets/v1/missing.jsonl'"),
-])
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("s3://no-such-bucket/x.jsonl", "bucket 'no-such-bucket' does not exist"),
+        ("s3://train-data/sets/v1/missing.jsonl", "no object 'sets/v1/missing.jsonl'"),
+    ],
+)
 def test_missing_bucket_and_key_are_actionable(s3_server, tmp_path, uri, message):
     endpoint, _ = s3_server
     with pytest.raises(SourceError, match=message):
@@ -78,8 +82,7 @@ def test_missing_credentials_say_what_to_set(s3_server, tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(SourceError, match="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
-        prepare_data(["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(),
-                     s3_settings=settings(endpoint, tmp_path))
+        prepare_data(["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
 
 
 def test_unreachable_endpoint_names_the_setting(tmp_path, monkeypatch):

@@ -28,7 +28,10 @@ def test_csv_rows_with_column_mapping(tmp_path):
     path.write_text('question,answer\n"What, exactly?",This\nSecond,"multi\nline"\nThird,Last\n', encoding="utf-8")
     result = prepare_data([str(path)], AuditSettings(columns={"prompt": "question", "response": "answer"}))
     assert [(c.source.line, c.messages[1].content) for c in result.audit.kept] == [
-        (2, "This"), (3, "multi\nline"), (5, "Last")]
+        (2, "This"),
+        (3, "multi\nline"),
+        (5, "Last"),
+    ]
 
 
 def test_csv_row_with_extra_fields_is_invalid(tmp_path):

@@ -4,8 +4,15 @@ from tuneship.data.stage import prepare_data
 
 
 def split_of(tmp_path, eval_ratio=0.2, seed=1):
-    files = [str(write_jsonl(tmp_path / f"s{s}.jsonl", [qa(f"Question {s}-{i} about thing {i * 7}", f"Answer {i}")
-                                                        for i in range(50)])) for s in range(2)]
+    files = [
+        str(
+            write_jsonl(
+                tmp_path / f"s{s}.jsonl",
+                [qa(f"Question {s}-{i} about thing {i * 7}", f"Answer {i}") for i in range(50)],
+            )
+        )
+        for s in range(2)
+    ]
     return prepare_data(files, AuditSettings(), eval_ratio=eval_ratio, seed=seed)
 
 

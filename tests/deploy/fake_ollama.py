@@ -64,8 +64,12 @@ class FakeOllama(LoopbackServer):
                     return self._upload(self.path.removeprefix("/api/blobs/"))
                 body = self._json_body()
                 fake.requests.append(("POST", self.path, body))
-                handler = {"/api/create": self._create, "/api/chat": self._chat, "/api/show": self._show,
-                           "/api/generate": self._generate}.get(self.path)
+                handler = {
+                    "/api/create": self._create,
+                    "/api/chat": self._chat,
+                    "/api/show": self._show,
+                    "/api/generate": self._generate,
+                }.get(self.path)
                 if handler is None:
                     return self._send(404, b'{"error": "not found"}')
                 handler(body)
@@ -96,8 +100,17 @@ class FakeOllama(LoopbackServer):
                 if body["model"] not in fake.models:
                     return self._send(404, json.dumps({"error": f"model '{body['model']}' not found"}).encode())
                 text, reason = fake.reply(body["messages"])
-                self._send(200, json.dumps({"model": body["model"], "message": {"role": "assistant", "content": text},
-                                            "done": True, "done_reason": reason}).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "model": body["model"],
+                            "message": {"role": "assistant", "content": text},
+                            "done": True,
+                            "done_reason": reason,
+                        }
+                    ).encode(),
+                )
 
             def _show(self, body: dict):
                 from gguf import GGUFReader
@@ -107,16 +120,32 @@ class FakeOllama(LoopbackServer):
                     return self._send(404, json.dumps({"error": "model not found"}).encode())
                 [digest] = model["files"].values()
                 reader = GGUFReader(str(fake.blob_path(digest)))
-                info = {key: reader.fields[key].contents() for key in
-                        ("general.architecture", "tokenizer.ggml.eos_token_id") if key in reader.fields}
+                info = {
+                    key: reader.fields[key].contents()
+                    for key in ("general.architecture", "tokenizer.ggml.eos_token_id")
+                    if key in reader.fields
+                }
                 stops = "\n".join(f'stop "{s}"' for s in model["parameters"].get("stop", []))
-                self._send(200, json.dumps({"template": model.get("template"), "system": model.get("system"),
-                                            "parameters": stops, "model_info": info}).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {
+                            "template": model.get("template"),
+                            "system": model.get("system"),
+                            "parameters": stops,
+                            "model_info": info,
+                        }
+                    ).encode(),
+                )
 
             def _generate(self, body: dict):
                 if body.get("keep_alive") == 0:
                     fake.unloaded.append(body["model"])
-                self._send(200, json.dumps({"model": body["model"], "response": "", "done": True,
-                                            "done_reason": "unload"}).encode())
+                self._send(
+                    200,
+                    json.dumps(
+                        {"model": body["model"], "response": "", "done": True, "done_reason": "unload"}
+                    ).encode(),
+                )
 
         return Handler

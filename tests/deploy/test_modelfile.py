@@ -6,22 +6,33 @@ from tuneship.deploy.modelfile import ModelfileError, ModelSpec, parse_modelfile
 
 
 def spec(**changes):
-    values = dict(gguf=Path("/runs/r/gguf/r-Q4_K_M.gguf"), template="{{ range .Messages }}{{ .Content }}{{ end }}",
-                  system='Say "hi".\nThen stop.', stop=["<|im_end|>", "<|endoftext|>"],
-                  parameters={"num_ctx": 2048, "temperature": 0.2},
-                  messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-                  license="Apache-2.0")
+    values = dict(
+        gguf=Path("/runs/r/gguf/r-Q4_K_M.gguf"),
+        template="{{ range .Messages }}{{ .Content }}{{ end }}",
+        system='Say "hi".\nThen stop.',
+        stop=["<|im_end|>", "<|endoftext|>"],
+        parameters={"num_ctx": 2048, "temperature": 0.2},
+        messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        license="Apache-2.0",
+    )
     values.update(changes)
     return ModelSpec(**values)
 
 
 def test_every_instruction_reads_back_exactly():
     pairs = parse_modelfile(render_modelfile(spec(), Path("/runs/r")))
-    assert pairs == [("FROM", "./gguf/r-Q4_K_M.gguf"), ("TEMPLATE", "{{ range .Messages }}{{ .Content }}{{ end }}"),
-                     ("SYSTEM", 'Say "hi".\nThen stop.'), ("PARAMETER", "num_ctx 2048"),
-                     ("PARAMETER", "temperature 0.2"), ("PARAMETER", 'stop "<|im_end|>"'),
-                     ("PARAMETER", 'stop "<|endoftext|>"'), ("MESSAGE", 'user "Q"'), ("MESSAGE", 'assistant "A"'),
-                     ("LICENSE", "Apache-2.0")]
+    assert pairs == [
+        ("FROM", "./gguf/r-Q4_K_M.gguf"),
+        ("TEMPLATE", "{{ range .Messages }}{{ .Content }}{{ end }}"),
+        ("SYSTEM", 'Say "hi".\nThen stop.'),
+        ("PARAMETER", "num_ctx 2048"),
+        ("PARAMETER", "temperature 0.2"),
+        ("PARAMETER", 'stop "<|im_end|>"'),
+        ("PARAMETER", 'stop "<|endoftext|>"'),
+        ("MESSAGE", 'user "Q"'),
+        ("MESSAGE", 'assistant "A"'),
+        ("LICENSE", "Apache-2.0"),
+    ]
 
 
 def test_triple_quotes_cannot_be_expressed_and_say_what_to_do():

@@ -26,8 +26,9 @@ def exported_tiny(tiny_run):
 def ollama(tmp_path, exported_tiny):
     _, run_dir = exported_tiny
     report = json.loads((run_dir / "reports" / "eval.json").read_text())
-    gguf_answers = {p["question"]: a["answer"] for p, a in zip(report["prompts"],
-                                                               report["models"]["gguf-Q8_0"]["answers"])}
+    gguf_answers = {
+        p["question"]: a["answer"] for p, a in zip(report["prompts"], report["models"]["gguf-Q8_0"]["answers"])
+    }
     with FakeOllama(tmp_path) as server:
         server.reply = lambda messages: (gguf_answers[messages[-1]["content"]], "stop")
         yield server
@@ -98,7 +99,10 @@ def test_unreachable_ollama_says_how_to_start_it(exported_tiny):
 def test_host_forms_and_blob_head_status(tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:8080")
     assert resolve_host(None) == "http://0.0.0.0:8080"
-    assert resolve_host("myhost") == "http://myhost:11434" and resolve_host("https://o.example/") == "https://o.example:443"
+    assert (
+        resolve_host("myhost") == "http://myhost:11434"
+        and resolve_host("https://o.example/") == "https://o.example:443"
+    )
     with FakeOllama(tmp_path) as server:
         assert not OllamaClient(server.url).has_blob("sha256:" + "0" * 64)
 
@@ -136,7 +140,9 @@ def test_deploy_refuses_a_template_that_differs_from_training(exported_tiny, tmp
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "merged"))
     spec_path = copy / "adapter" / "chat_format.json"
     spec = json.loads(spec_path.read_text())
-    spec["template"] = spec["template"].replace("'<|im_start|>' + message['role']", "'<|im_start|>' + 'x' + message['role']")
+    spec["template"] = spec["template"].replace(
+        "'<|im_start|>' + message['role']", "'<|im_start|>' + 'x' + message['role']"
+    )
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(ContractBroken, match="refusing to deploy: the template renders differently"):
         run_deploy(cfg, copy, Console(file=io.StringIO()), target="none")

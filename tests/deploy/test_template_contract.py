@@ -9,11 +9,21 @@ from tuneship.chat.format import ChatFormat
 from tuneship.deploy.contract import PROBES, check_contract, render_go
 from tuneship.deploy.ollama_template import to_ollama
 
-pytestmark = pytest.mark.skipif(shutil.which("go") is None,
-                                reason="Go is not installed (make setup installs golang-go as root)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("go") is None, reason="Go is not installed (make setup installs golang-go as root)"
+)
 
-EXTRA_TOKENS = ["[INST]", "[/INST]", "</s>", "<start_of_turn>", "<end_of_turn>", "<|end|>", "<|assistant|>",
-                "<|user|>", "<|system|>"]
+EXTRA_TOKENS = [
+    "[INST]",
+    "[/INST]",
+    "</s>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|assistant|>",
+    "<|user|>",
+    "<|system|>",
+]
 
 
 def family_format(tokenizer, family):
@@ -44,8 +54,12 @@ def test_contract_passes_for_a_saved_run_and_fails_loudly_on_a_wrong_template(to
     chat_format.save(tmp_path)
     ollama = to_ollama(chat_format)
     assert check_contract(chat_format, tmp_path, ollama, None).is_equal
-    ollama.template = ollama.template.replace("<|im_start|>assistant\n{{ .Content }}", "<|im_start|>bot\n{{ .Content }}")
-    ollama.template = ollama.template.replace("{{ end }}{{ end }}<|im_start|>assistant\n", "{{ end }}{{ end }}<|im_start|>bot\n")
+    ollama.template = ollama.template.replace(
+        "<|im_start|>assistant\n{{ .Content }}", "<|im_start|>bot\n{{ .Content }}"
+    )
+    ollama.template = ollama.template.replace(
+        "{{ end }}{{ end }}<|im_start|>assistant\n", "{{ end }}{{ end }}<|im_start|>bot\n"
+    )
     result = check_contract(chat_format, tmp_path, ollama, None)
     assert not result.is_equal and len(result.differences) == len(PROBES)
     assert "-<|im_start|>assistant" in result.differences[0] and "+<|im_start|>bot" in result.differences[0]

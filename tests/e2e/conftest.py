@@ -13,7 +13,15 @@ def quickstart_run(tmp_path_factory) -> Path:
 
     runs = tmp_path_factory.mktemp("runs")
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(REPO / "examples" / "quickstart.yaml"), "--set", f"run.dir={runs}",
-              "--set", "train.report_to=[]"])
+        main(
+            [
+                "train",
+                str(REPO / "examples" / "quickstart.yaml"),
+                "--set",
+                f"run.dir={runs}",
+                "--set",
+                "train.report_to=[]",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     return runs / "quickstart"

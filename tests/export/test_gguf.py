@@ -24,8 +24,14 @@ def test_export_writes_validated_ggufs_and_report_columns(exported):
     names = sorted(p.name for p in (run_dir / "gguf").glob("*.gguf"))
     assert names == ["tiny-Q8_0.gguf", "tiny-f16.gguf"]
     merged = run_dir / "merged"
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_format.json"} <= {p.name for p in merged.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_format.json",
+    } <= {p.name for p in merged.iterdir()}
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [2]
     report = json.loads((run_dir / "reports" / "eval.json").read_text())
     assert {"merged", "gguf-f16", "gguf-Q8_0"} <= set(report["models"])

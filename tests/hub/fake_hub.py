@@ -49,18 +49,28 @@ class FakeHub(LoopbackServer):
                 hub.paths.append(self.path)
                 if path == "/api/models":
                     search = parse_qs(url.query).get("search", [""])[0].lower()
-                    found = [{"id": repo, "modelId": repo, "downloads": hub.downloads[repo], "likes": 1,
-                              "tags": ["gguf"]} for repo in hub.repos if search in repo.lower()]
+                    found = [
+                        {"id": repo, "modelId": repo, "downloads": hub.downloads[repo], "likes": 1, "tags": ["gguf"]}
+                        for repo in hub.repos
+                        if search in repo.lower()
+                    ]
                     found.sort(key=lambda m: -m["downloads"])
                     return self._send(200, json.dumps(found).encode())
                 if path.startswith("/api/models/"):
                     repo = path.removeprefix("/api/models/").split("/revision/")[0]
                     if repo not in hub.repos:
-                        return self._send(404, b'{"error": "Repository not found"}',
-                                          headers={"X-Error-Code": "RepoNotFound"})  # as the hub does
-                    siblings = [{"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest(),
-                                 "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                         "pointerSize": 134}} for name, data in hub.repos[repo].items()]
+                        return self._send(
+                            404, b'{"error": "Repository not found"}', headers={"X-Error-Code": "RepoNotFound"}
+                        )  # as the hub does
+                    siblings = [
+                        {
+                            "rfilename": name,
+                            "size": len(data),
+                            "blobId": hashlib.sha1(data).hexdigest(),
+                            "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134},
+                        }
+                        for name, data in hub.repos[repo].items()
+                    ]
                     return self._send(200, json.dumps({"id": repo, "sha": "0" * 40, "siblings": siblings}).encode())
                 for repo, files in hub.repos.items():
                     prefix = f"/{repo}/resolve/"
@@ -76,18 +86,25 @@ class FakeHub(LoopbackServer):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if path == "/api/repos/create":
                     request = json.loads(body)
-                    repo = f"{request['organization']}/{request['name']}" if request.get("organization") else \
-                        request["name"]
+                    repo = (
+                        f"{request['organization']}/{request['name']}"
+                        if request.get("organization")
+                        else request["name"]
+                    )
                     hub.repos.setdefault(repo, {})
                     hub.downloads.setdefault(repo, 0)
                     return self._send(200, json.dumps({"url": f"{hub.url}/{repo}"}).encode())
                 if path == "/api/validate-yaml":
                     content = json.loads(body)["content"]
                     errors = [] if content.startswith("---\n") else [{"message": "no YAML metadata"}]
-                    return self._send(200 if not errors else 400, json.dumps({"errors": errors, "warnings": []}).encode())
+                    return self._send(
+                        200 if not errors else 400, json.dumps({"errors": errors, "warnings": []}).encode()
+                    )
                 if path.endswith("/preupload/main"):
-                    files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                             for f in json.loads(body)["files"]]
+                    files = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in json.loads(body)["files"]
+                    ]
                     return self._send(200, json.dumps({"files": files}).encode())
                 if path.endswith("/commit/main"):
                     repo = path.removeprefix("/api/models/").removesuffix("/commit/main")
@@ -97,8 +114,9 @@ class FakeHub(LoopbackServer):
                             value = item["value"]
                             assert value["encoding"] == "base64"
                             hub.repos[repo][value["path"]] = base64.b64decode(value["content"])
-                    return self._send(200, json.dumps({"commitUrl": f"{hub.url}/{repo}/commit/1",
-                                                       "commitOid": "1" * 40}).encode())
+                    return self._send(
+                        200, json.dumps({"commitUrl": f"{hub.url}/{repo}/commit/1", "commitOid": "1" * 40}).encode()
+                    )
                 self._send(404, b'{"error": "not found"}')
 
         return Handler

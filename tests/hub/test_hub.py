@@ -27,8 +27,15 @@ def hub(monkeypatch, exported):
     f16 = (run_dir / "gguf" / "tiny-f16.gguf").read_bytes()
     with FakeHub() as server:
         server.add("acme/Tiny-GGUF", {"Tiny-Q8_0.gguf": q8, "Tiny-F16.gguf": f16, "README.md": b"# tiny"}, 50)
-        server.add("acme/Split-GGUF", {"Split-Q4_K_M-00001-of-00002.gguf": q8[:1000],
-                                       "Split-Q4_K_M-00002-of-00002.gguf": q8[1000:], "Split-Q8_0.gguf": q8}, 5)
+        server.add(
+            "acme/Split-GGUF",
+            {
+                "Split-Q4_K_M-00001-of-00002.gguf": q8[:1000],
+                "Split-Q4_K_M-00002-of-00002.gguf": q8[1000:],
+                "Split-Q8_0.gguf": q8,
+            },
+            5,
+        )
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         import huggingface_hub.constants as constants
@@ -39,14 +46,25 @@ def hub(monkeypatch, exported):
 
 
 def test_preference_order_and_split_files_kept_together():
-    files = [RemoteFile(n, s, None) for n, s in [("m-Q8_0.gguf", 8), ("m-Q5_K_M.gguf", 5), ("m-Q2_K.gguf", 2),
-                                                 ("m-Q4_K_M-00001-of-00002.gguf", 2), ("m-Q4_K_M-00002-of-00002.gguf", 2),
-                                                 ("mmproj-f16.gguf", 1), ("README.md", 1)]]
+    files = [
+        RemoteFile(n, s, None)
+        for n, s in [
+            ("m-Q8_0.gguf", 8),
+            ("m-Q5_K_M.gguf", 5),
+            ("m-Q2_K.gguf", 2),
+            ("m-Q4_K_M-00001-of-00002.gguf", 2),
+            ("m-Q4_K_M-00002-of-00002.gguf", 2),
+            ("mmproj-f16.gguf", 1),
+            ("README.md", 1),
+        ]
+    ]
     choices = group_ggufs(files)
     assert sorted(c.quant for c in choices) == ["Q2_K", "Q4_K_M", "Q5_K_M", "Q8_0"]
     best = choose(choices)
-    assert best.quant == "Q4_K_M" and [f.name for f in best.files] == ["m-Q4_K_M-00001-of-00002.gguf",
-                                                                      "m-Q4_K_M-00002-of-00002.gguf"]
+    assert best.quant == "Q4_K_M" and [f.name for f in best.files] == [
+        "m-Q4_K_M-00001-of-00002.gguf",
+        "m-Q4_K_M-00002-of-00002.gguf",
+    ]
     no_preferred = group_ggufs([RemoteFile("m-Q3_K_L.gguf", 3, None), RemoteFile("m-Q2_K.gguf", 2, None)])
     assert choose(no_preferred).quant == "Q2_K"  # else the smallest
     incomplete = group_ggufs([RemoteFile("m-Q4_K_M-00001-of-00003.gguf", 1, None)])

@@ -45,8 +45,10 @@ def test_train_writes_adapter_chat_format_and_reports(tmp_path, tiny_model_dir, 
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / "chat_format.json").read_text())["stop_token"] == "<|im_end|>"
-    assert "<|im_start|>" in json.loads((adapter / "tokenizer_config.json").read_text()).get("chat_template", "") or \
-        "<|im_start|>" in (adapter / "chat_template.jinja").read_text()
+    assert (
+        "<|im_start|>" in json.loads((adapter / "tokenizer_config.json").read_text()).get("chat_template", "")
+        or "<|im_start|>" in (adapter / "chat_template.jinja").read_text()
+    )
     experiment = json.loads((run_dir / "reports" / "experiment.json").read_text())
     assert experiment["status"] == "done" and experiment["steps"] == 6
     assert experiment["data"]["totals"]["kept"] == 12 and "torch" in experiment["versions"]
@@ -79,7 +81,9 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ti
     weights = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
     assert weights and all(bool(t.isfinite().all()) for t in weights.values())
     assert not (run_dir / "adapter").exists()
-    assert json.loads((run_dir / "reports" / "experiment.json").read_text())["status"].startswith("stopped: loss is nan")
+    assert json.loads((run_dir / "reports" / "experiment.json").read_text())["status"].startswith(
+        "stopped: loss is nan"
+    )
 
 
 def test_disk_guard_stops_before_the_first_save(tmp_path, tiny_model_dir, capsys):
@@ -110,7 +114,9 @@ def test_sigkill_mid_run_then_rerun_resumes_from_latest_checkpoint(tmp_path, tin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "runs" / "tiny" / "adapter")
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "runs" / "tiny" / "adapter"
+    )
 
 
 def test_changed_settings_refuse_to_resume_old_checkpoints(tmp_path, tiny_model_dir, capsys):
@@ -135,8 +141,10 @@ def test_preflight_names_examples_that_would_not_learn_to_stop(tokenizer):
     chat_format = ChatFormat.from_tokenizer(tokenizer)
     conversation = Conversation([Message("user", "Q"), Message("assistant", "A")], SourceRef("d.jsonl", 7))
     rendered = chat_format.render(conversation)
-    rendered.labels = [IGNORE_INDEX if t in chat_format.spec.stop_token_ids else label
-                       for t, label in zip(rendered.input_ids, rendered.labels)]
+    rendered.labels = [
+        IGNORE_INDEX if t in chat_format.spec.stop_token_ids else label
+        for t, label in zip(rendered.input_ids, rendered.labels)
+    ]
     with pytest.raises(PreflightError, match=r"1 of 1 examples do not supervise the stop token .* d.jsonl:7"):
         preflight(chat_format, [conversation], [rendered], 64)
     rendered.labels = [IGNORE_INDEX] * len(rendered.labels)

@@ -68,8 +68,9 @@ class ChatFormat:
         return cls.from_tokenizer(tokenizer, chat_cfg.template, chat_cfg.system_prompt, chat_cfg.loss_on)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, template: str = "auto", system_prompt: str | None = None,
-                       loss_on: str = "all_assistant") -> ChatFormat:
+    def from_tokenizer(
+        cls, tokenizer, template: str = "auto", system_prompt: str | None = None, loss_on: str = "all_assistant"
+    ) -> ChatFormat:
         if not getattr(tokenizer, "is_fast", False):
             raise ChatFormatError("tuneship needs a fast (Rust) tokenizer with tokenizer.json")
         family, jinja = _resolve_template(tokenizer, template)
@@ -83,8 +84,17 @@ class ChatFormat:
         pad_token, is_pad_added = _choose_pad(tokenizer, stop_ids)
         tokenizer.eos_token = stop_token
         tokenizer.pad_token = pad_token
-        spec = ChatFormatSpec(family, jinja, stop_token, stop_ids, pad_token,
-                              tokenizer.convert_tokens_to_ids(pad_token), is_pad_added, system_prompt, loss_on)
+        spec = ChatFormatSpec(
+            family,
+            jinja,
+            stop_token,
+            stop_ids,
+            pad_token,
+            tokenizer.convert_tokens_to_ids(pad_token),
+            is_pad_added,
+            system_prompt,
+            loss_on,
+        )
         return cls(tokenizer, spec)
 
     @classmethod
@@ -106,8 +116,7 @@ class ChatFormat:
     # rendering -----------------------------------------------------------------------------
 
     def render_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def generation_prompt(self, conversation: Conversation) -> str:
         """The inference prompt: everything before the last assistant turn (or all, when a user turn ends
@@ -119,7 +128,8 @@ class ChatFormat:
 
     def prompt_for(self, question: str, system: str | None = None) -> str:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": question}]
+            {"role": "user", "content": question}
+        ]
         return self.render_text(messages, add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
@@ -152,25 +162,27 @@ class ChatFormat:
             if message["role"] != "assistant":
                 continue
             prompt = self.render_text(messages[:index], add_generation_prompt=True)
-            through = self.render_text(messages[:index + 1], add_generation_prompt=False)
+            through = self.render_text(messages[: index + 1], add_generation_prompt=False)
             if not (text.startswith(prompt) and text.startswith(through)):
                 raise ChatFormatError(
                     f"{source}: the chat template renders a conversation differently from its own prefix "
                     "(it rewrites earlier turns), so training and inference prompts would differ; "
-                    "set chat.template to a registry family")
+                    "set chat.template to a registry family"
+                )
             stop = through.rfind(self.spec.stop_token, len(prompt))
             if stop < 0:
-                raise ChatFormatError(f"{source}: the template does not end this assistant turn with the stop "
-                                      f"token {self.spec.stop_token!r}")
+                raise ChatFormatError(
+                    f"{source}: the template does not end this assistant turn with the stop "
+                    f"token {self.spec.stop_token!r}"
+                )
             spans.append((len(prompt), stop + len(self.spec.stop_token)))
         return spans[-1:] if self.spec.loss_on == "last_assistant" else spans
 
     def measure(self, conversation: Conversation) -> TokenCount:
         """Token length of the rendered conversation and where its last answer starts (the audit's input)."""
         rendered = self.render(conversation)
-        prompt_len = len(self.encode(rendered.text[:rendered.spans[-1][0]])) if rendered.spans else 0
+        prompt_len = len(self.encode(rendered.text[: rendered.spans[-1][0]])) if rendered.spans else 0
         return TokenCount(len(rendered.input_ids), prompt_len)
-
 
 
 def _resolve_template(tokenizer, requested: str) -> tuple[str, str]:
@@ -184,7 +196,8 @@ def _resolve_template(tokenizer, requested: str) -> tuple[str, str]:
         raise ChatFormatError(
             "the tokenizer has no chat template and its special tokens match no known family; set "
             "chat.template to one of chatml, llama-3, mistral, zephyr, gemma, phi-3, qwen (the one the base "
-            "model was trained with), or use an instruct model that ships a template")
+            "model was trained with), or use an instruct model that ships a template"
+        )
     return family, template_for(family)
 
 
@@ -201,7 +214,7 @@ def _detect_stop_token(tokenizer) -> str:
     except Exception as exc:  # a broken template raises jinja errors of many kinds
         raise ChatFormatError(f"the chat template cannot render a simple conversation: {exc}") from None
     answer_at = rendered.rfind(PROBE[1].content)
-    tail = rendered[answer_at + len(PROBE[1].content):]
+    tail = rendered[answer_at + len(PROBE[1].content) :]
     specials = _special_tokens(tokenizer)
     for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
         token = tokenizer.convert_ids_to_tokens(token_id)
@@ -209,7 +222,8 @@ def _detect_stop_token(tokenizer) -> str:
             return token
     raise ChatFormatError(
         f"the chat template ends an assistant turn with {tail!r}, which holds no special token to stop on; "
-        "the model would never learn to stop. Use a template that ends turns with an end-of-turn/eos token")
+        "the model would never learn to stop. Use a template that ends turns with an end-of-turn/eos token"
+    )
 
 
 def _choose_pad(tokenizer, stop_ids: list[int]) -> tuple[str, bool]:
@@ -220,8 +234,9 @@ def _choose_pad(tokenizer, stop_ids: list[int]) -> tuple[str, bool]:
     """
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in stop_ids:
         return tokenizer.pad_token, False
-    probe = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in PROBE], tokenize=False,
-                                          add_generation_prompt=False)
+    probe = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in PROBE], tokenize=False, add_generation_prompt=False
+    )
     reserved = set(stop_ids) | {tokenizer.bos_token_id, tokenizer.unk_token_id}
     for token_id, added in sorted(tokenizer.added_tokens_decoder.items()):
         if added.special and token_id not in reserved and added.content not in probe:

@@ -11,8 +11,8 @@ from tuneship.errors import ChatFormatError
 
 TEMPLATES: dict[str, str] = {
     "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     "qwen": (
         "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
@@ -20,9 +20,9 @@ TEMPLATES: dict[str, str] = {
         "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     "llama-3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
     "mistral": (
         "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\n\n' %}"
@@ -54,15 +54,15 @@ OLLAMA_TEMPLATES = {
     "mistral": (
         '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
         '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}[INST] {{ if $first }}{{ if $system }}'
-        '{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }} [/INST]{{ $first = false }}'
+        "{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }} [/INST]{{ $first = false }}"
         '{{ else if eq .Role "assistant" }}{{ .Content }}</s>{{ end }}{{ end }}'
     ),
     "gemma": (
         '{{ $system := "" }}{{ range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}'
         '{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}<start_of_turn>user\n'
-        '{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }}<end_of_turn>\n'
+        "{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ end }}{{ .Content }}<end_of_turn>\n"
         '{{ $first = false }}{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
-        '{{ end }}{{ end }}<start_of_turn>model\n'
+        "{{ end }}{{ end }}<start_of_turn>model\n"
     ),
 }
 
@@ -97,6 +97,8 @@ def with_default_system(template: str, system_prompt: str) -> str:
     GGUF's embedded template and llama.cpp all render the same system prompt.
     """
     literal = system_prompt.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-    prefix = ("{% if not messages or messages[0]['role'] != 'system' %}"
-              f"{{% set messages = [{{'role': 'system', 'content': '{literal}'}}] + messages %}}{{% endif %}}")
+    prefix = (
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        f"{{% set messages = [{{'role': 'system', 'content': '{literal}'}}] + messages %}}{{% endif %}}"
+    )
     return prefix + template

@@ -114,13 +114,26 @@ class _Auditor:
             reason = damaged_text(text)
             if reason:
                 severity = "error" if "\ufffd" in text else "warning"
-                finding = Finding("encoding", severity, source.file, source.line, reason + "; fix the file's encoding",
-                                  _text_field(conversation, index))
+                finding = Finding(
+                    "encoding",
+                    severity,
+                    source.file,
+                    source.line,
+                    reason + "; fix the file's encoding",
+                    _text_field(conversation, index),
+                )
                 (errors if severity == "error" else self.findings).append(finding)
         key = _exact_key(conversation)
         if key in self.seen_exact:
-            errors.append(Finding("duplicate", "error", source.file, source.line,
-                                  f"same conversation as {self.seen_exact[key]}; the first one is kept"))
+            errors.append(
+                Finding(
+                    "duplicate",
+                    "error",
+                    source.file,
+                    source.line,
+                    f"same conversation as {self.seen_exact[key]}; the first one is kept",
+                )
+            )
         truncation = self._truncation(conversation)
         if truncation:
             errors.append(truncation)
@@ -141,18 +154,29 @@ class _Auditor:
             cut = "the whole last answer and its stop token would be cut"
         else:
             cut = f"the last {over} tokens of the answer and its stop token would be cut"
-        return Finding("truncated", "error", conversation.source.file, conversation.source.line,
-                       f"{count.total} tokens, {over} over train.max_seq_len={limit}: {cut}; "
-                       "shorten it, split it, or raise train.max_seq_len")
+        return Finding(
+            "truncated",
+            "error",
+            conversation.source.file,
+            conversation.source.line,
+            f"{count.total} tokens, {over} over train.max_seq_len={limit}: {cut}; "
+            "shorten it, split it, or raise train.max_seq_len",
+        )
 
     def _keep(self, conversation: Conversation) -> None:
         source = conversation.source
         match, similarity = self.near_index.add(_joined_text(conversation))
         if match is not None:
             other = self.kept[match].source
-            self.findings.append(Finding(
-                "near-duplicate", "warning", source.file, source.line,
-                f"{similarity:.0%} similar to {other} (normalized); kept, and kept on the same side of the split"))
+            self.findings.append(
+                Finding(
+                    "near-duplicate",
+                    "warning",
+                    source.file,
+                    source.line,
+                    f"{similarity:.0%} similar to {other} (normalized); kept, and kept on the same side of the split",
+                )
+            )
             self.groups.append(self.groups[match])
         else:
             self.groups.append(len(self.kept))
@@ -162,13 +186,15 @@ class _Auditor:
     def _drop(self, raw: RawRecord, findings: list[Finding]) -> None:
         self.findings.extend(findings)
         self.per_source[raw.file]["dropped"] += 1
-        self.dropped.append({
-            "source": {"file": raw.file, "line": raw.line},
-            "codes": sorted({f.code for f in findings}),
-            "reasons": [f"{f.location}: {f.message}" for f in findings],
-            "record": raw.data,
-            "raw_text": None if raw.data is not None else raw.raw_text,
-        })
+        self.dropped.append(
+            {
+                "source": {"file": raw.file, "line": raw.line},
+                "codes": sorted({f.code for f in findings}),
+                "reasons": [f"{f.location}: {f.message}" for f in findings],
+                "record": raw.data,
+                "raw_text": None if raw.data is not None else raw.raw_text,
+            }
+        )
 
     @staticmethod
     def _finding(error: RecordError, file: str, line: int) -> Finding:

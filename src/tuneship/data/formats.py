@@ -50,8 +50,9 @@ def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
     )
 
 
-def to_conversation(record: Any, source: SourceRef, fmt: str = "auto",
-                    columns: dict[str, str] | None = None) -> Conversation:
+def to_conversation(
+    record: Any, source: SourceRef, fmt: str = "auto", columns: dict[str, str] | None = None
+) -> Conversation:
     """Convert one raw record; raises RecordError with a finding code when it cannot."""
     columns = columns or {}
     if not isinstance(record, dict):
@@ -70,8 +71,7 @@ def _turn_list(record: dict, key: str, role_key: str, content_key: str):
     for index, turn in enumerate(turns):
         where = f"{key}[{index}]"
         if not isinstance(turn, dict):
-            raise RecordError("invalid-record", f"each turn must be an object with {role_key} and {content_key}",
-                              where)
+            raise RecordError("invalid-record", f"each turn must be an object with {role_key} and {content_key}", where)
         raw_roles.append(_require_str(turn, role_key, where))
         messages.append((turn[role_key], _require_str(turn, content_key, where), where))
     return messages, raw_roles
@@ -142,8 +142,11 @@ def _build(messages: list[tuple[str, str, str]], raw_roles: list[str], source: S
     for role, content, where in messages:
         canonical = ROLE_ALIASES.get(role.strip().lower())
         if canonical is None:
-            raise RecordError("unknown-role", f"role {role!r} is not one of {', '.join(ROLES)} "
-                              "(or human/gpt); tool calls are not supported yet", where)
+            raise RecordError(
+                "unknown-role",
+                f"role {role!r} is not one of {', '.join(ROLES)} (or human/gpt); tool calls are not supported yet",
+                where,
+            )
         mapped.append((canonical, content, where))
     system = None
     if mapped and mapped[0][0] == "system":
@@ -164,8 +167,9 @@ def _check_order(mapped: list[tuple[str, str, str]]) -> None:
         if role == "system":
             raise RecordError("role-order", "a system message is only allowed first", where)
         if role != expected:
-            raise RecordError("role-order", f"expected a {expected} turn here (turns must alternate, "
-                              "starting with user)", where)
+            raise RecordError(
+                "role-order", f"expected a {expected} turn here (turns must alternate, starting with user)", where
+            )
     if mapped[-1][0] != "assistant":
         raise RecordError("role-order", "the conversation ends without an assistant answer", mapped[-1][2])
 

@@ -68,7 +68,7 @@ class NearDuplicateIndex:
         signature = self._signature(hashed)
         match, best = None, 0.0
         for band in range(self.bands):
-            key = band.to_bytes(2, "little") + signature[band * self.rows:(band + 1) * self.rows].tobytes()
+            key = band.to_bytes(2, "little") + signature[band * self.rows : (band + 1) * self.rows].tobytes()
             members = self._buckets.setdefault(key, [])
             if match is None:
                 for other in members[:MAX_COMPARISONS_PER_BUCKET]:

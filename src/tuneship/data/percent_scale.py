@@ -63,8 +63,10 @@ def find_percent_scale(answers: list[str], locations: list[str]) -> list[Percent
         witness = large_by_wording.get(_wording(answers[index]))
         if witness is not None and witness != index:
             witness_value = next(r for r, v, _ in percents[witness] if v >= 1)
-            reason = (f"{raw}% here, but an answer with the same wording at {locations[witness]} says "
-                      f"{witness_value}%; did you mean {_suggest(raw)}?")
+            reason = (
+                f"{raw}% here, but an answer with the same wording at {locations[witness]} says "
+                f"{witness_value}%; did you mean {_suggest(raw)}?"
+            )
         elif len(fractions) >= 2 and abs(sum(v for _, v, _ in fractions) - 1) <= 0.02:
             listed = ", ".join(f"{r}%" for r, _, _ in fractions)
             reason = f"{listed} add up to 1, not 100: these look like ratios; did you mean {_suggest(raw)} ...?"
@@ -75,4 +77,3 @@ def find_percent_scale(answers: list[str], locations: list[str]) -> list[Percent
             continue
         flags.append(PercentFlag(index, raw, reason))
     return flags
-

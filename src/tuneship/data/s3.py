@@ -87,11 +87,13 @@ def _call(uri: str, settings, action):
     try:
         return action(_client(settings))
     except NoCredentialsError:
-        raise SourceError(f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                          "(or AWS_PROFILE)") from None
+        raise SourceError(
+            f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from None
     except EndpointConnectionError as exc:
-        raise SourceError(f"{uri}: cannot reach the S3 endpoint ({exc}); check data.s3.endpoint_url "
-                          "or AWS_ENDPOINT_URL") from None
+        raise SourceError(
+            f"{uri}: cannot reach the S3 endpoint ({exc}); check data.s3.endpoint_url or AWS_ENDPOINT_URL"
+        ) from None
     except ClientError as exc:
         raise SourceError(_describe_client_error(uri, exc, settings)) from None
 

@@ -100,8 +100,10 @@ def _read_jsonl(path: Path, label: str) -> Iterator[RawRecord]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                error = RecordError("encoding", f"byte {exc.start} is not UTF-8 ({raw[exc.start:exc.start + 1]!r}); "
-                                    "re-save the file as UTF-8")
+                error = RecordError(
+                    "encoding",
+                    f"byte {exc.start} is not UTF-8 ({raw[exc.start : exc.start + 1]!r}); re-save the file as UTF-8",
+                )
                 yield RawRecord(label, number, error=error, raw_text=raw.decode("utf-8", "replace"))
                 continue
             try:
@@ -152,9 +154,12 @@ def _skip_space(text: str, index: int) -> int:
 
 
 def _json_error(label: str, exc: json.JSONDecodeError, text: str) -> RawRecord:
-    rest = text[exc.pos:exc.pos + 200]
-    error = RecordError("malformed-json", f"{exc.msg} at line {exc.lineno} column {exc.colno}; "
-                        "the rest of the file could not be read, fix the JSON there")
+    rest = text[exc.pos : exc.pos + 200]
+    error = RecordError(
+        "malformed-json",
+        f"{exc.msg} at line {exc.lineno} column {exc.colno}; "
+        "the rest of the file could not be read, fix the JSON there",
+    )
     return RawRecord(label, exc.lineno, error=error, raw_text=rest)
 
 
@@ -166,8 +171,10 @@ def _read_csv(path: Path, label: str) -> Iterator[RawRecord]:
     line = reader.line_num + 1
     for row in reader:
         if None in row:
-            error = RecordError("invalid-record", f"{len(row[None])} more fields than the header has columns; "
-                                "quote fields that contain commas")
+            error = RecordError(
+                "invalid-record",
+                f"{len(row[None])} more fields than the header has columns; quote fields that contain commas",
+            )
             yield RawRecord(label, line, error=error, raw_text=json.dumps(row, default=str))
         else:
             yield RawRecord(label, line, data=dict(row))

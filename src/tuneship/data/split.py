@@ -12,8 +12,9 @@ from collections import defaultdict
 from tuneship.data.conversation import Conversation
 
 
-def split(kept: list[Conversation], groups: list[int], eval_ratio: float,
-          seed: int) -> tuple[list[Conversation], list[Conversation]]:
+def split(
+    kept: list[Conversation], groups: list[int], eval_ratio: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
     members: dict[int, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)

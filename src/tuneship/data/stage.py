@@ -28,8 +28,9 @@ class DataResult:
         return len(self.train) > 0
 
 
-def prepare_data(sources: list[str], settings: AuditSettings, *, eval_ratio: float = 0.0, seed: int = 42,
-                 s3_settings=None) -> DataResult:
+def prepare_data(
+    sources: list[str], settings: AuditSettings, *, eval_ratio: float = 0.0, seed: int = 42, s3_settings=None
+) -> DataResult:
     if not sources:
         raise DataError("no data sources: set data.sources in the config or pass files to `tuneship data check`")
     files = expand_sources(sources, s3_settings)

@@ -24,12 +24,21 @@ from tuneship.paths import cache_dir
 GO_SOURCE = Path(__file__).parent / "gorender" / "main.go"
 PROBES: dict[str, list[dict[str, str]]] = {
     "single turn": [{"role": "user", "content": "What is the capital of Veloria?"}],
-    "multi turn": [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"},
-                   {"role": "user", "content": "Name a colour."}],
-    "with system": [{"role": "system", "content": "You answer in one word."},
-                    {"role": "user", "content": "Capital of France?"}],
-    "multi turn with system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
-                               {"role": "assistant", "content": "1"}, {"role": "user", "content": "Two?"}],
+    "multi turn": [
+        {"role": "user", "content": "Hi there."},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name a colour."},
+    ],
+    "with system": [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+    ],
+    "multi turn with system": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": "Two?"},
+    ],
 }
 
 
@@ -55,8 +64,10 @@ def go_renderer() -> Path:
     """Build the Go helper once (stdlib only, offline) and return the binary."""
     go = shutil.which("go")
     if go is None:
-        raise GoUnavailable("rendering the Ollama TEMPLATE needs Go (Debian: apt-get install golang-go); "
-                            "make setup installs it when run as root")
+        raise GoUnavailable(
+            "rendering the Ollama TEMPLATE needs Go (Debian: apt-get install golang-go); "
+            "make setup installs it when run as root"
+        )
     binary = cache_dir() / "bin" / "tuneship-gorender"
     if binary.is_file() and binary.stat().st_mtime >= GO_SOURCE.stat().st_mtime:
         return binary
@@ -91,9 +102,11 @@ def render_gguf(gguf_path: Path, messages: list[dict[str, str]]) -> str:
         token_id = gguf_field(reader, key)
         return tokens[token_id] if token_id is not None else ""
 
-    formatter = Jinja2ChatFormatter(gguf_field(reader, "tokenizer.chat_template") or "",
-                                    eos_token=token("tokenizer.ggml.eos_token_id"),
-                                    bos_token=token("tokenizer.ggml.bos_token_id"))
+    formatter = Jinja2ChatFormatter(
+        gguf_field(reader, "tokenizer.chat_template") or "",
+        eos_token=token("tokenizer.ggml.eos_token_id"),
+        bos_token=token("tokenizer.ggml.bos_token_id"),
+    )
     return formatter(messages=messages).prompt
 
 
@@ -115,7 +128,10 @@ def check_contract(chat_format, saved_tokenizer_dir: Path, ollama, gguf_path: Pa
         for renderer, render in list(renderers.items())[1:]:
             got = render(messages)
             if got != expected:
-                diff = "\n".join(difflib.unified_diff(expected.splitlines(keepends=False), got.splitlines(),
-                                                      "training", renderer, lineterm=""))
+                diff = "\n".join(
+                    difflib.unified_diff(
+                        expected.splitlines(keepends=False), got.splitlines(), "training", renderer, lineterm=""
+                    )
+                )
                 result.differences.append(f"{name}: {renderer} differs from training\n{diff}")
     return result

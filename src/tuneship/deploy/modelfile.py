@@ -13,8 +13,18 @@ from pathlib import Path
 
 from tuneship.errors import TuneshipError
 
-VALID_PARAMETERS = {"num_ctx", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-                    "seed", "num_predict", "stop"}
+VALID_PARAMETERS = {
+    "num_ctx",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "seed",
+    "num_predict",
+    "stop",
+}
 
 
 class ModelfileError(TuneshipError):
@@ -36,15 +46,19 @@ class ModelSpec:
     def all_parameters(self) -> dict:
         unknown = sorted(set(self.parameters) - VALID_PARAMETERS)
         if unknown:
-            raise ModelfileError(f"deploy.parameters: {', '.join(unknown)} unknown to Ollama; valid: "
-                                 f"{', '.join(sorted(VALID_PARAMETERS))}")
+            raise ModelfileError(
+                f"deploy.parameters: {', '.join(unknown)} unknown to Ollama; valid: "
+                f"{', '.join(sorted(VALID_PARAMETERS))}"
+            )
         return {**self.parameters, "stop": list(self.stop)}
 
 
 def quote(value: str, what: str) -> str:
     if '"""' in value:
-        raise ModelfileError(f"{what} contains \"\"\", which a Modelfile cannot express (no escapes); "
-                             "deploy through the REST API instead (tuneship deploy does)")
+        raise ModelfileError(
+            f'{what} contains """, which a Modelfile cannot express (no escapes); '
+            "deploy through the REST API instead (tuneship deploy does)"
+        )
     if "\n" in value or '"' in value or value != value.strip():
         return f'"""{value}"""'
     return f'"{value}"'
@@ -83,7 +97,7 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
         start = index + line.index(rest) if rest else end_of_line
         if rest.startswith('"""'):
             close = text.index('"""', start + 3)
-            pairs.append((instruction.upper(), text[start + 3:close]))
+            pairs.append((instruction.upper(), text[start + 3 : close]))
             index = close + 3
         elif rest.startswith('"') and rest.rstrip().endswith('"') and len(rest.rstrip()) > 1:
             pairs.append((instruction.upper(), rest.rstrip()[1:-1]))

@@ -77,8 +77,10 @@ class OllamaClient:
         except urllib.error.HTTPError as exc:
             return exc
         except urllib.error.URLError as exc:
-            raise OllamaUnreachable(f"cannot reach Ollama at {self.host} ({exc.reason}); start it with "
-                                    "`ollama serve`, or set OLLAMA_HOST / deploy.host") from None
+            raise OllamaUnreachable(
+                f"cannot reach Ollama at {self.host} ({exc.reason}); start it with "
+                "`ollama serve`, or set OLLAMA_HOST / deploy.host"
+            ) from None
 
     def _json(self, method: str, path: str, body=None) -> dict:
         response = self._request(method, path, body)
@@ -100,9 +102,12 @@ class OllamaClient:
         if self.has_blob(digest):
             return False
         with open(path, "rb") as data:
-            response = self._request("POST", f"/api/blobs/{digest}", data,
-                                     {"Content-Length": str(path.stat().st_size),
-                                      "Content-Type": "application/octet-stream"})
+            response = self._request(
+                "POST",
+                f"/api/blobs/{digest}",
+                data,
+                {"Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"},
+            )
             text = response.read().decode("utf-8", "replace")
         if response.status not in (200, 201):
             raise OllamaError(f"uploading {path.name} failed ({response.status}): {_error_text(text)}")
@@ -123,8 +128,9 @@ class OllamaClient:
         return statuses
 
     def chat(self, model: str, messages: list[dict], options: dict) -> dict:
-        return self._json("POST", "/api/chat", {"model": model, "messages": messages, "stream": False,
-                                                "options": options})
+        return self._json(
+            "POST", "/api/chat", {"model": model, "messages": messages, "stream": False, "options": options}
+        )
 
     def show(self, model: str) -> dict:
         return self._json("POST", "/api/show", {"model": model})

@@ -13,8 +13,15 @@ from tuneship.deploy.ollama_template import OllamaTemplate, to_ollama
 from tuneship.errors import TuneshipError
 from tuneship.export.stage import gguf_name
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json", "config.json", "chat_format.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+    "chat_format.json",
+)
 
 
 @dataclass
@@ -30,18 +37,26 @@ def deployed_gguf(cfg, run_path: Path) -> Path:
     quant = cfg.deploy.quant or cfg.export.quants[0]
     path = run_path / "gguf" / gguf_name(cfg.run.name, quant)
     if not path.is_file():
-        raise TuneshipError(f"{path} does not exist; run `tuneship export {run_path}` first "
-                            f"(deploy.quant={quant})")
+        raise TuneshipError(f"{path} does not exist; run `tuneship export {run_path}` first (deploy.quant={quant})")
     return path
 
 
 def build_spec(cfg, run_path: Path, chat_format) -> tuple[ModelSpec, OllamaTemplate]:
     template = to_ollama(chat_format)
     tokenizer = chat_format.tokenizer
-    stop = [chat_format.spec.stop_token] + [tokenizer.convert_ids_to_tokens(i) for i in chat_format.spec.stop_token_ids[1:]]
+    stop = [chat_format.spec.stop_token] + [
+        tokenizer.convert_ids_to_tokens(i) for i in chat_format.spec.stop_token_ids[1:]
+    ]
     parameters = {"num_ctx": cfg.deploy.num_ctx or cfg.train.max_seq_len, **cfg.deploy.parameters}
-    spec = ModelSpec(deployed_gguf(cfg, run_path), template.template, template.system, stop, parameters,
-                     list(cfg.deploy.messages), _license(run_path))
+    spec = ModelSpec(
+        deployed_gguf(cfg, run_path),
+        template.template,
+        template.system,
+        stop,
+        parameters,
+        list(cfg.deploy.messages),
+        _license(run_path),
+    )
     return spec, template
 
 
@@ -61,8 +76,9 @@ def require_contract(chat_format, run_path: Path, template: OllamaTemplate, gguf
 
     result = check_contract(chat_format, run_path / "adapter", template, gguf)
     if not result.is_equal:
-        raise ContractBroken("refusing to deploy: the template renders differently than in training:\n"
-                             + "\n".join(result.differences))
+        raise ContractBroken(
+            "refusing to deploy: the template renders differently than in training:\n" + "\n".join(result.differences)
+        )
 
 
 def write_modelfile(spec: ModelSpec, run_path: Path) -> tuple[Path | None, str | None]:
@@ -86,8 +102,9 @@ def run_deploy(cfg, run_path: Path, console, target: str | None = None) -> Deplo
     name = cfg.deploy.name or cfg.run.name
     modelfile, why_not = write_modelfile(spec, run_path)
     result = DeployResult(target, name, modelfile)
-    result.lines.append(f"Modelfile: {modelfile}  (ollama create {name} -f {modelfile})" if modelfile
-                        else f"no Modelfile: {why_not}")
+    result.lines.append(
+        f"Modelfile: {modelfile}  (ollama create {name} -f {modelfile})" if modelfile else f"no Modelfile: {why_not}"
+    )
     if target == "ollama":
         deploy_ollama(cfg, run_path, chat_format, spec, name, result, console)
     elif target == "lmstudio":
@@ -122,8 +139,12 @@ def create_in_ollama(client: OllamaClient, name: str, spec: ModelSpec) -> str:
     """Upload the GGUF blob unless the server has it, then /api/create with the spec's JSON fields."""
     digest = file_digest(spec.gguf)
     uploaded = client.push_blob(spec.gguf, digest)
-    payload = {"model": name, "files": {spec.gguf.name: digest}, "template": spec.template,
-               "parameters": spec.all_parameters()}
+    payload = {
+        "model": name,
+        "files": {spec.gguf.name: digest},
+        "template": spec.template,
+        "parameters": spec.all_parameters(),
+    }
     optional = {"system": spec.system, "messages": spec.messages, "license": spec.license}
     payload.update({key: value for key, value in optional.items() if value})
     client.create(payload)
@@ -139,19 +160,25 @@ def deploy_ollama(cfg, run_path: Path, chat_format, spec: ModelSpec, name: str, 
         result.smoke = smoke_test(client, name, cfg, run_path, chat_format)
     finally:
         client.unload(name)
-    result.lines.append(f"smoke test: {result.smoke['passed']}/{result.smoke['prompts']} answers stopped and "
-                        "matched the GGUF in llama.cpp; unloaded")
+    result.lines.append(
+        f"smoke test: {result.smoke['passed']}/{result.smoke['prompts']} answers stopped and "
+        "matched the GGUF in llama.cpp; unloaded"
+    )
 
 
 def verify_show(shown: dict, name: str, spec: ModelSpec, chat_format) -> None:
     stored = shown.get("template")
     if stored != spec.template:
-        raise OllamaError(f"{name}: Ollama stored another template than the one sent:\n  stored: {stored!r}\n"
-                          f"  sent:   {spec.template!r}")
+        raise OllamaError(
+            f"{name}: Ollama stored another template than the one sent:\n  stored: {stored!r}\n"
+            f"  sent:   {spec.template!r}"
+        )
     eos = (shown.get("model_info") or {}).get("tokenizer.ggml.eos_token_id")
     if eos != chat_format.spec.stop_token_ids[0]:
-        raise OllamaError(f"{name}: Ollama reports eos id {eos}, the run stops on {chat_format.spec.stop_token!r} "
-                          f"(id {chat_format.spec.stop_token_ids[0]})")
+        raise OllamaError(
+            f"{name}: Ollama reports eos id {eos}, the run stops on {chat_format.spec.stop_token!r} "
+            f"(id {chat_format.spec.stop_token_ids[0]})"
+        )
 
 
 def smoke_test(client: OllamaClient, name: str, cfg, run_path: Path, chat_format) -> dict:
@@ -161,7 +188,7 @@ def smoke_test(client: OllamaClient, name: str, cfg, run_path: Path, chat_format
     from tuneship.evaluate.prompts import build_prompt_set
     from tuneship.evaluate.stage import leak_markers
 
-    prompts = build_prompt_set(run_path, cfg.eval)[:cfg.deploy.smoke_prompts]
+    prompts = build_prompt_set(run_path, cfg.eval)[: cfg.deploy.smoke_prompts]
     reference = _gguf_answers(run_path, cfg)
     markers = leak_markers(chat_format)
     failures = []
@@ -182,8 +209,9 @@ def smoke_test(client: OllamaClient, name: str, cfg, run_path: Path, chat_format
         if problems:
             failures.append(f"{prompt.question!r}: " + "; ".join(problems))
     if failures:
-        raise OllamaError(f"smoke test of {name} failed on {len(failures)} of {len(prompts)} prompts:\n  "
-                          + "\n  ".join(failures))
+        raise OllamaError(
+            f"smoke test of {name} failed on {len(failures)} of {len(prompts)} prompts:\n  " + "\n  ".join(failures)
+        )
     return {"prompts": len(prompts), "passed": len(prompts)}
 
 
@@ -191,5 +219,7 @@ def _gguf_answers(run_path: Path, cfg) -> list[str]:
     report = run_path / "reports" / "eval.json"
     if not report.is_file():
         return []
-    column = json.loads(report.read_text(encoding="utf-8"))["models"].get(f"gguf-{cfg.deploy.quant or cfg.export.quants[0]}")
+    column = json.loads(report.read_text(encoding="utf-8"))["models"].get(
+        f"gguf-{cfg.deploy.quant or cfg.export.quants[0]}"
+    )
     return [a["answer"] for a in column["answers"]] if column else []

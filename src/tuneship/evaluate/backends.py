@@ -12,8 +12,9 @@ from tuneship.evaluate.generation import Answer, generate_answers
 
 
 def hf_answers(model, chat_format, prompts, max_new_tokens: int) -> list[Answer]:
-    return generate_answers(model, chat_format, [chat_format.generation_prompt(p.conversation) for p in prompts],
-                            max_new_tokens)
+    return generate_answers(
+        model, chat_format, [chat_format.generation_prompt(p.conversation) for p in prompts], max_new_tokens
+    )
 
 
 class LlamaCppRunner:
@@ -48,13 +49,15 @@ class LlamaCppRunner:
         self.llm.close()
 
 
-def gguf_answers(gguf_path: Path, chat_format, prompts, max_new_tokens: int, n_ctx: int = 2048,
-                 lora_path: Path | None = None) -> tuple[list[Answer], int]:
+def gguf_answers(
+    gguf_path: Path, chat_format, prompts, max_new_tokens: int, n_ctx: int = 2048, lora_path: Path | None = None
+) -> tuple[list[Answer], int]:
     """Answers and how many prompts llama.cpp tokenized differently from the HF tokenizer."""
     runner = LlamaCppRunner(gguf_path, n_ctx, lora_path)
     try:
-        answers = [runner.answer(chat_format, chat_format.generation_prompt(p.conversation), max_new_tokens)
-                   for p in prompts]
+        answers = [
+            runner.answer(chat_format, chat_format.generation_prompt(p.conversation), max_new_tokens) for p in prompts
+        ]
     finally:
         runner.close()
     return answers, runner.prompt_token_mismatches

@@ -43,7 +43,7 @@ class AnswerCheck:
 
 def is_loop(text: str) -> bool:
     words = text.lower().split()
-    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+    grams = [tuple(words[i : i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
     if not grams:
         return False
     if Counter(grams).most_common(1)[0][1] >= LOOP_MAX_REPEATS:

@@ -28,14 +28,19 @@ def generate_answers(model, chat_format, prompts: list[str], max_new_tokens: int
     answers = []
     try:
         for start in range(0, len(prompts), GENERATION_BATCH):
-            encoded = [chat_format.encode(p) for p in prompts[start:start + GENERATION_BATCH]]
+            encoded = [chat_format.encode(p) for p in prompts[start : start + GENERATION_BATCH]]
             width = max(len(ids) for ids in encoded)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
             with torch.no_grad():
-                output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                                        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                                        pad_token_id=pad_id)
+                output = model.generate(
+                    input_ids=input_ids.to(model.device),
+                    attention_mask=attention.to(model.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop_ids,
+                    pad_token_id=pad_id,
+                )
             answers += [_answer(row[width:].tolist(), stop_ids, chat_format) for row in output]
     finally:
         model.train(was_training)

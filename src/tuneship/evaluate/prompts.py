@@ -21,12 +21,18 @@ class EvalPrompt:
 
     @property
     def question(self) -> str:
-        return self.conversation.messages[-1].content if self.expected is None else \
-            self.conversation.messages[-2].content
+        return (
+            self.conversation.messages[-1].content if self.expected is None else self.conversation.messages[-2].content
+        )
 
     def to_json(self) -> dict:
-        return {"id": self.id, "origin": self.origin, "question": self.question, "expected": self.expected,
-                "source": str(self.conversation.source)}
+        return {
+            "id": self.id,
+            "origin": self.origin,
+            "question": self.question,
+            "expected": self.expected,
+            "source": str(self.conversation.source),
+        }
 
 
 def build_prompt_set(run_path: Path, eval_cfg) -> list[EvalPrompt]:
@@ -39,8 +45,10 @@ def build_prompt_set(run_path: Path, eval_cfg) -> list[EvalPrompt]:
         if limit and path.is_file():
             prompts += [_with_expected(c, origin) for c in read_conversations(path)[:limit]]
     if not prompts:
-        raise DataError("no prompts to evaluate: the eval split is empty; set data.eval_ratio, eval.prompts "
-                        "(a JSONL file of questions and expected answers) or eval.train_prompts")
+        raise DataError(
+            "no prompts to evaluate: the eval split is empty; set data.eval_ratio, eval.prompts "
+            "(a JSONL file of questions and expected answers) or eval.train_prompts"
+        )
     return prompts
 
 
@@ -61,8 +69,9 @@ def _read_prompt_file(path: Path) -> list[Conversation]:
             raise DataError(f"{where}: {raw.error}")
         source = SourceRef(raw.file, raw.line)
         if isinstance(raw.data, dict) and set(raw.data) <= {"prompt", "system"} and "prompt" in raw.data:
-            conversations.append(Conversation([Message("user", str(raw.data["prompt"]))], source,
-                                              raw.data.get("system")))
+            conversations.append(
+                Conversation([Message("user", str(raw.data["prompt"]))], source, raw.data.get("system"))
+            )
             continue
         try:
             conversations.append(to_conversation(raw.data, source))

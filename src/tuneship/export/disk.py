@@ -18,5 +18,7 @@ def require_disk(folder: Path, expected_bytes: int, what: str) -> None:
     free = free_disk_bytes(folder)
     needed = int(expected_bytes * HEADROOM)
     if free < needed:
-        raise DiskFull(f"{what} needs about {needed / 1e9:.2f} GB in {folder}, only {free / 1e9:.2f} GB is free; "
-                       "free space and run the command again (finished steps are skipped)")
+        raise DiskFull(
+            f"{what} needs about {needed / 1e9:.2f} GB in {folder}, only {free / 1e9:.2f} GB is free; "
+            "free space and run the command again (finished steps are skipped)"
+        )

@@ -21,11 +21,18 @@ QUANT_FTYPES = {
     "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
     "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
 }
-# Plausible tensor bytes per parameter (metadata such as the vocabulary is not counted). Wide on purpose: narrow models keep many tensors at q5_0/q8_0
-# (576 columns is not a multiple of 256) and small models are dominated by the embedding table.
+# Plausible tensor bytes per parameter (metadata such as the vocabulary is not counted). Wide on purpose:
+# narrow models keep many tensors at q5_0/q8_0 (576 columns is not a multiple of 256) and small models
+# are dominated by the embedding table.
 BYTES_PER_PARAMETER = {
-    "f32": (3.8, 4.3), "f16": (1.9, 2.3), "bf16": (1.9, 2.3), "Q8_0": (1.0, 1.3), "Q6_K": (0.75, 1.3),
-    "Q5_K_M": (0.6, 1.3), "Q4_K_M": (0.5, 1.3), "Q4_K_S": (0.5, 1.3),
+    "f32": (3.8, 4.3),
+    "f16": (1.9, 2.3),
+    "bf16": (1.9, 2.3),
+    "Q8_0": (1.0, 1.3),
+    "Q6_K": (0.75, 1.3),
+    "Q5_K_M": (0.6, 1.3),
+    "Q4_K_M": (0.5, 1.3),
+    "Q4_K_S": (0.5, 1.3),
 }
 
 
@@ -59,8 +66,10 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:
-    result = run_script("convert_lora_to_gguf.py", [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path),
-                                                   "--outtype", "f16"])
+    result = run_script(
+        "convert_lora_to_gguf.py",
+        [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path), "--outtype", "f16"],
+    )
     if result.returncode != 0 or not out_path.is_file():
         raise ExportError(f"llama.cpp's LoRA converter failed on {adapter_dir}:\n{result.stderr[-2000:]}")
     return out_path
@@ -143,19 +152,25 @@ def validate_gguf(path: Path, kind: str, chat_format, expected_tensors: int | No
     if not info.architecture:
         info.problems.append("no general.architecture")
     if info.chat_template != spec.template:
-        info.problems.append(f"tokenizer.chat_template differs from the run's template:\n    gguf: "
-                             f"{(info.chat_template or '<none>')[:300]!r}\n    run:  {spec.template[:300]!r}")
+        info.problems.append(
+            f"tokenizer.chat_template differs from the run's template:\n    gguf: "
+            f"{(info.chat_template or '<none>')[:300]!r}\n    run:  {spec.template[:300]!r}"
+        )
     if spec.stop_token_ids[0] not in (info.eos_token_id, info.eot_token_id):
-        info.problems.append(f"tokenizer.ggml.eos_token_id is {info.eos_token_id} (eot {info.eot_token_id}) but the "
-                             f"run stops on "
-                             f"{spec.stop_token!r} (id {spec.stop_token_ids[0]}): the model would not stop")
+        info.problems.append(
+            f"tokenizer.ggml.eos_token_id is {info.eos_token_id} (eot {info.eot_token_id}) but the "
+            f"run stops on "
+            f"{spec.stop_token!r} (id {spec.stop_token_ids[0]}): the model would not stop"
+        )
     if expected_tensors is not None and info.tensor_count != expected_tensors:
         info.problems.append(f"{info.tensor_count} tensors, the f16 export has {expected_tensors}")
     low, high = BYTES_PER_PARAMETER.get(kind, (0.3, 4.5))
     ratio = info.tensor_bytes / max(info.parameters, 1)
     if not low <= ratio <= high:
-        info.problems.append(f"{info.tensor_bytes / 1e6:.1f} MB of tensors for {info.parameters / 1e6:.1f}M parameters "
-                             f"({ratio:.2f} bytes each) is implausible for {kind} (expected {low}-{high})")
+        info.problems.append(
+            f"{info.tensor_bytes / 1e6:.1f} MB of tensors for {info.parameters / 1e6:.1f}M parameters "
+            f"({ratio:.2f} bytes each) is implausible for {kind} (expected {low}-{high})"
+        )
     if info.size_bytes < info.tensor_bytes:
         info.problems.append(f"the file ({info.size_bytes} bytes) is smaller than its tensors ({info.tensor_bytes})")
     if info.problems:

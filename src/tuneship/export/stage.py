@@ -47,8 +47,9 @@ def run_export(cfg, run_path: Path, console, *, merge: bool = True) -> ExportRes
     merged_dir = _timed(timings, "merge", lambda: _merge(run_path, cfg, console))
     summaries["merged"] = _check_merged(merged_dir, chat_format, prompts, report, cfg)
     f16_kind = cfg.export.outtype
-    f16 = _timed(timings, "convert", lambda: gguf.convert_to_gguf(merged_dir, out / gguf_name(cfg.run.name, f16_kind),
-                                                                   f16_kind))
+    f16 = _timed(
+        timings, "convert", lambda: gguf.convert_to_gguf(merged_dir, out / gguf_name(cfg.run.name, f16_kind), f16_kind)
+    )
     files = [(f16_kind, f16)]
     for quant in cfg.export.quants:
         target = out / gguf_name(cfg.run.name, quant)
@@ -58,8 +59,10 @@ def run_export(cfg, run_path: Path, console, *, merge: bool = True) -> ExportRes
     for kind, path in files:
         info = gguf.validate_gguf(path, kind, chat_format, reference_tensors)
         reference_tensors = reference_tensors or info.tensor_count
-        console.print(f"validated {path.name}: {info.size_bytes / 1e6:.1f} MB, {info.architecture}, "
-                      f"{info.tensor_count} tensors, types {info.tensor_types}")
+        console.print(
+            f"validated {path.name}: {info.size_bytes / 1e6:.1f} MB, {info.architecture}, "
+            f"{info.tensor_count} tensors, types {info.tensor_types}"
+        )
         summaries[f"gguf-{kind}"] = _check_gguf(path, f"gguf-{kind}", chat_format, prompts, report, cfg)
         infos.append(asdict(info) | {"chat_template": None})
     write_report(reports, report)
@@ -94,9 +97,14 @@ def _check_merged(merged_dir: Path, chat_format, prompts, report, cfg) -> dict:
 def _check_gguf(path: Path, name: str, chat_format, prompts, report, cfg, lora_path: Path | None = None) -> dict:
     from tuneship.evaluate.backends import gguf_answers
 
-    answers, mismatches = gguf_answers(path, chat_format, prompts, cfg.eval.max_new_tokens,
-                                       n_ctx=max(cfg.train.max_seq_len + cfg.eval.max_new_tokens, 512),
-                                       lora_path=lora_path)
+    answers, mismatches = gguf_answers(
+        path,
+        chat_format,
+        prompts,
+        cfg.eval.max_new_tokens,
+        n_ctx=max(cfg.train.max_seq_len + cfg.eval.max_new_tokens, 512),
+        lora_path=lora_path,
+    )
     return add_model(report, name, check_all(answers, prompts, chat_format), prompt_token_mismatches=mismatches)
 
 
@@ -108,8 +116,11 @@ def _export_lora_only(cfg, run_path: Path, chat_format, prompts, report, console
     timings: dict[str, float] = {}
     out = run_path / "gguf"
     base_dir = resolve_base_model(cfg.model.base)
-    lora = _timed(timings, "convert lora", lambda: gguf.convert_lora_to_gguf(
-        run_path / "adapter", base_dir, out / gguf_name(cfg.run.name, "lora-f16")))
+    lora = _timed(
+        timings,
+        "convert lora",
+        lambda: gguf.convert_lora_to_gguf(run_path / "adapter", base_dir, out / gguf_name(cfg.run.name, "lora-f16")),
+    )
     base_gguf = out / gguf_name("base", "f16")
     if not base_gguf.is_file():
         _timed(timings, "convert base", lambda: gguf.convert_to_gguf(Path(base_dir), base_gguf, "f16"))
@@ -117,5 +128,10 @@ def _export_lora_only(cfg, run_path: Path, chat_format, prompts, report, console
     summary = _check_gguf(base_gguf, "gguf-lora", chat_format, prompts, report, cfg, lora_path=lora)
     write_report(run_path / "reports", report)
     info = gguf.read_gguf(lora, "lora")
-    return ExportResult(None, [asdict(info) | {"chat_template": None}], {"gguf-lora": summary}, timings,
-                        gate_failures("gguf-lora", summary, cfg.eval))
+    return ExportResult(
+        None,
+        [asdict(info) | {"chat_template": None}],
+        {"gguf-lora": summary},
+        timings,
+        gate_failures("gguf-lora", summary, cfg.eval),
+    )

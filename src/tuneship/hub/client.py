@@ -33,8 +33,10 @@ class SearchHit:
 
 def _api():
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise HubError("HF_HUB_OFFLINE is set: the hub cannot be reached; unset it, or pull on a machine with "
-                       "network and copy the .gguf file, then use model.base=path/to/file.gguf")
+        raise HubError(
+            "HF_HUB_OFFLINE is set: the hub cannot be reached; unset it, or pull on a machine with "
+            "network and copy the .gguf file, then use model.base=path/to/file.gguf"
+        )
     from huggingface_hub import HfApi
 
     return HfApi()
@@ -52,8 +54,10 @@ def _call(what: str, action):
     except HfHubHTTPError as exc:
         raise HubError(f"{what}: the hub answered {exc}") from None
     except OSError as exc:
-        raise HubError(f"{what}: cannot reach the hub at {os.environ.get('HF_ENDPOINT', 'huggingface.co')} "
-                       f"({exc}); check the network or HF_ENDPOINT") from None
+        raise HubError(
+            f"{what}: cannot reach the hub at {os.environ.get('HF_ENDPOINT', 'huggingface.co')} "
+            f"({exc}); check the network or HF_ENDPOINT"
+        ) from None
 
 
 def remote_files(repo_id: str, revision: str = "main") -> list[RemoteFile]:
@@ -67,8 +71,9 @@ def remote_files(repo_id: str, revision: str = "main") -> list[RemoteFile]:
 
 
 def search(query: str, limit: int = 10) -> list[SearchHit]:
-    models = _call("search", lambda: list(_api().list_models(search=query, filter="gguf", sort="downloads",
-                                                               limit=limit)))
+    models = _call(
+        "search", lambda: list(_api().list_models(search=query, filter="gguf", sort="downloads", limit=limit))
+    )
     return [SearchHit(m.id, m.downloads or 0, m.likes or 0, group_ggufs(remote_files(m.id))) for m in models]
 
 
@@ -94,8 +99,10 @@ def _download(repo_id: str, revision: str, remote: RemoteFile, dest: Path) -> Pa
     digest = hashlib.sha256()
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response, \
-                open(partial, "wb") as out:
+        with (
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response,
+            open(partial, "wb") as out,
+        ):
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 digest.update(chunk)
                 out.write(chunk)
@@ -104,8 +111,10 @@ def _download(repo_id: str, revision: str, remote: RemoteFile, dest: Path) -> Pa
         raise HubError(f"downloading {url} failed: {exc}") from None
     if remote.sha256 and digest.hexdigest() != remote.sha256:
         partial.unlink(missing_ok=True)
-        raise HubError(f"{remote.name}: sha256 {digest.hexdigest()} differs from the hub's {remote.sha256}; "
-                       "the download is corrupt and was deleted")
+        raise HubError(
+            f"{remote.name}: sha256 {digest.hexdigest()} differs from the hub's {remote.sha256}; "
+            "the download is corrupt and was deleted"
+        )
     partial.replace(target)
     return target
 
@@ -147,6 +156,8 @@ def push(run_path: Path, cfg, repo_id: str, private: bool = True) -> str:
     api = _api()
     _call(repo_id, lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staging.iterdir())]
-    commit = _call(repo_id, lambda: api.create_commit(repo_id, operations=operations,
-                                                      commit_message=f"tuneship run {cfg.run.name}"))
+    commit = _call(
+        repo_id,
+        lambda: api.create_commit(repo_id, operations=operations, commit_message=f"tuneship run {cfg.run.name}"),
+    )
     return commit.commit_url

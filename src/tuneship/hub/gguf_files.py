@@ -51,7 +51,7 @@ def choose(choices: list[GGUFChoice], quant: str | None = None) -> GGUFChoice | 
     """The asked quant, else the first of PREFERENCE present, else the smallest file."""
     if not choices:
         return None
-    for wanted in ([quant.upper()] if quant else PREFERENCE):
+    for wanted in [quant.upper()] if quant else PREFERENCE:
         found = [c for c in choices if c.quant == wanted]
         if found:
             return found[0]

@@ -23,8 +23,10 @@ def pull_and_validate(repo_id: str, dest: Path, quant: str | None, deploy: bool,
         raise HubError(str(exc)) from None
     if not info.architecture or not info.tensor_count:
         raise HubError(f"{first}: the GGUF has no architecture or no tensors")
-    lines.append(f"validated: {info.architecture}, {info.tensor_count} tensors, eos id {info.eos_token_id}, "
-                 f"{'a' if info.chat_template else 'NO'} chat template")
+    lines.append(
+        f"validated: {info.architecture}, {info.tensor_count} tensors, eos id {info.eos_token_id}, "
+        f"{'a' if info.chat_template else 'NO'} chat template"
+    )
     if deploy:
         lines += deploy_pulled(first, info, name or first.stem)
     return lines

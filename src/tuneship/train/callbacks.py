@@ -17,8 +17,10 @@ from tuneship.errors import TrainingStopped
 from tuneship.train.batches import TokenCounter
 from tuneship.train.device import free_disk_bytes
 
-NAN_ADVICE = ("try a lower train.learning_rate, train.precision=fp32, or another device; the last good "
-              "checkpoint is kept and `tuneship train` resumes from it")
+NAN_ADVICE = (
+    "try a lower train.learning_rate, train.precision=fp32, or another device; the last good "
+    "checkpoint is kept and `tuneship train` resumes from it"
+)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -52,9 +54,11 @@ class DiskGuard(TrainerCallback):
         needed = self.checkpoint_bytes + self.min_free_bytes
         if free < needed:
             raise TrainingStopped(
-                f"disk guard: {free / 1e9:.2f} GB free in {self.folder}, {what} needs {self.checkpoint_bytes / 1e9:.2f} GB "
+                f"disk guard: {free / 1e9:.2f} GB free in {self.folder}, "
+                f"{what} needs {self.checkpoint_bytes / 1e9:.2f} GB "
                 f"plus train.min_free_disk_gb={self.min_free_bytes / 1e9:g}; free space or lower the limit, then "
-                "rerun `tuneship train` to resume from the last checkpoint")
+                "rerun `tuneship train` to resume from the last checkpoint"
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
@@ -77,13 +81,17 @@ class SampleGenerator(TrainerCallback):
             return
         from tuneship.evaluate.generation import generate_answers
 
-        answers = generate_answers(model, self.chat_format, [self.chat_format.prompt_for(p) for p in self.prompts],
-                                   self.max_new_tokens)
+        answers = generate_answers(
+            model, self.chat_format, [self.chat_format.prompt_for(p) for p in self.prompts], self.max_new_tokens
+        )
         with open(self.log_path, "a", encoding="utf-8") as log:
             for prompt, answer in zip(self.prompts, answers):
                 log.write(json.dumps({"step": state.global_step, "prompt": prompt, **answer.to_json()}) + "\n")
-                self.console.print(f"[dim]step {state.global_step} sample[/] {prompt!r} -> {answer.text!r}"
-                                   f"{'' if answer.stopped else ' [red](did not stop)[/]'}", highlight=False)
+                self.console.print(
+                    f"[dim]step {state.global_step} sample[/] {prompt!r} -> {answer.text!r}"
+                    f"{'' if answer.stopped else ' [red](did not stop)[/]'}",
+                    highlight=False,
+                )
 
 
 class ProgressDisplay(TrainerCallback):
@@ -101,9 +109,16 @@ class ProgressDisplay(TrainerCallback):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.started = time.monotonic()
-        self.progress = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
+        self.progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
 

@@ -38,8 +38,10 @@ def detect_device(preference: str = "auto", precision: str = "auto") -> DeviceCh
     if kind == "mps":
         choice.notes.append("MPS trains in fp32 (fp16 on MPS often gives NaN); the NaN guard is on")
     if kind == "cpu" and choice.precision == "fp32":
-        choice.notes.append("CPU trains in fp32; bf16 autocast is opt-in (train.precision=bf16), "
-                            "it is slower than fp32 on CPUs without AMX")
+        choice.notes.append(
+            "CPU trains in fp32; bf16 autocast is opt-in (train.precision=bf16), "
+            "it is slower than fp32 on CPUs without AMX"
+        )
     return choice
 
 
@@ -72,8 +74,9 @@ class MemoryEstimate:
         return self.weights + self.adapter_and_optimizer + self.activations
 
 
-def estimate_memory(model_dir: str, precision: str, *, lora_r: int, batch_size: int, seq_len: int,
-                    is_qlora: bool, device: str) -> MemoryEstimate:
+def estimate_memory(
+    model_dir: str, precision: str, *, lora_r: int, batch_size: int, seq_len: int, is_qlora: bool, device: str
+) -> MemoryEstimate:
     """A rough upper estimate from config.json, before anything is loaded."""
     config = json.loads((Path(model_dir) / "config.json").read_text()) if Path(model_dir).is_dir() else {}
     hidden = config.get("hidden_size", 4096)
@@ -109,10 +112,12 @@ def memory_verdict(estimate: MemoryEstimate) -> tuple[str, str] | None:
     """("error"|"warning", message) when the estimate does not fit comfortably."""
     if estimate.available is None:
         return None
-    gib = 1024 ** 3
-    message = (f"estimated memory {estimate.total / gib:.1f} GiB (weights {estimate.weights / gib:.1f}, activations "
-               f"{estimate.activations / gib:.1f}) vs {estimate.available / gib:.1f} GiB available; lower "
-               "train.batch_size or train.max_seq_len, or use lora.qlora on CUDA")
+    gib = 1024**3
+    message = (
+        f"estimated memory {estimate.total / gib:.1f} GiB (weights {estimate.weights / gib:.1f}, activations "
+        f"{estimate.activations / gib:.1f}) vs {estimate.available / gib:.1f} GiB available; lower "
+        "train.batch_size or train.max_seq_len, or use lora.qlora on CUDA"
+    )
     if estimate.total > estimate.available:
         return "error", message
     if estimate.total > 0.8 * estimate.available:

@@ -38,8 +38,13 @@ def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from
     if adapter_from:
         model = PeftModel.from_pretrained(model, resolve_adapter(adapter_from), is_trainable=True)
     else:
-        config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                            target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=lora_cfg.target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, config)
     if device.kind != "cpu" and not lora_cfg.qlora:
         model.to(device.kind)
@@ -58,18 +63,25 @@ def resolve_adapter(path: str) -> str:
 
 def _qlora_config(device):
     if device.kind != "cuda":
-        raise QLoraUnavailable(f"lora.qlora=true needs a CUDA GPU (this run is on {device.kind}); "
-                               "set lora.qlora=false to train a plain LoRA")
+        raise QLoraUnavailable(
+            f"lora.qlora=true needs a CUDA GPU (this run is on {device.kind}); "
+            "set lora.qlora=false to train a plain LoRA"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise QLoraUnavailable("lora.qlora=true needs bitsandbytes: pip install bitsandbytes "
-                               "(or set lora.qlora=false)") from None
+        raise QLoraUnavailable(
+            "lora.qlora=true needs bitsandbytes: pip install bitsandbytes (or set lora.qlora=false)"
+        ) from None
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, DTYPES[device.precision]))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, DTYPES[device.precision]),
+    )
 
 
 def trainable_bytes(model) -> int:

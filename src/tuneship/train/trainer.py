@@ -40,13 +40,26 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint that was written completely (trainer_state.json is written last)."""
     if not folder.is_dir():
         return None
-    complete = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
-                if p.name[len(CHECKPOINT_PREFIX):].isdigit() and all((p / m).is_file() for m in COMPLETE_MARKERS)]
-    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    complete = [
+        p
+        for p in folder.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.name[len(CHECKPOINT_PREFIX) :].isdigit() and all((p / m).is_file() for m in COMPLETE_MARKERS)
+    ]
+    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
-def train_adapter(run_path: Path, cfg, base_dir: str, chat_format, train_set, inputs_hash: str, console, *,
-                  fresh: bool = False, extra_callbacks=()) -> TrainResult:
+def train_adapter(
+    run_path: Path,
+    cfg,
+    base_dir: str,
+    chat_format,
+    train_set,
+    inputs_hash: str,
+    console,
+    *,
+    fresh: bool = False,
+    extra_callbacks=(),
+) -> TrainResult:
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -60,11 +73,20 @@ def train_adapter(run_path: Path, cfg, base_dir: str, chat_format, train_set, in
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter)
-    disk_guard = cb.DiskGuard(checkpoints, 4 * trainable_bytes(model) + 1_000_000, int(cfg.train.min_free_disk_gb * 1e9))
+    disk_guard = cb.DiskGuard(
+        checkpoints, 4 * trainable_bytes(model) + 1_000_000, int(cfg.train.min_free_disk_gb * 1e9)
+    )
     callbacks = [cb.NonFiniteGuard(), disk_guard, progress, *extra_callbacks]
     if cfg.train.sample_every and cfg.train.sample_prompts:
-        callbacks.append(cb.SampleGenerator(chat_format, cfg.train.sample_prompts, cfg.train.sample_every,
-                                            run_path / "reports" / "samples.jsonl", console))
+        callbacks.append(
+            cb.SampleGenerator(
+                chat_format,
+                cfg.train.sample_prompts,
+                cfg.train.sample_every,
+                run_path / "reports" / "samples.jsonl",
+                console,
+            )
+        )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_path / "reports" / "tensorboard")
 
     class GuardedTrainer(Trainer):
@@ -73,9 +95,13 @@ def train_adapter(run_path: Path, cfg, base_dir: str, chat_format, train_set, in
             cb.check_loss(loss, self.state.global_step + 1)
             return loss
 
-    trainer = GuardedTrainer(model=model, args=_training_arguments(TrainingArguments, cfg, device, checkpoints),
-                             train_dataset=ExampleDataset(train_set),
-                             data_collator=PadCollator(chat_format.spec.pad_token_id, counter), callbacks=callbacks)
+    trainer = GuardedTrainer(
+        model=model,
+        args=_training_arguments(TrainingArguments, cfg, device, checkpoints),
+        train_dataset=ExampleDataset(train_set),
+        data_collator=PadCollator(chat_format.spec.pad_token_id, counter),
+        callbacks=callbacks,
+    )
     trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
     started = time.monotonic()
     status = "failed"
@@ -96,9 +122,18 @@ def train_adapter(run_path: Path, cfg, base_dir: str, chat_format, train_set, in
         seconds = time.monotonic() - started
         _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return TrainResult(str(adapter_dir), str(resume) if resume else None, trainer.state.global_step,
-                       history[-1] if history else None, seconds, counter.tokens / max(seconds, 1e-9),
-                       counter.supervised / max(seconds, 1e-9), device.kind, device.precision, device.notes)
+    return TrainResult(
+        str(adapter_dir),
+        str(resume) if resume else None,
+        trainer.state.global_step,
+        history[-1] if history else None,
+        seconds,
+        counter.tokens / max(seconds, 1e-9),
+        counter.supervised / max(seconds, 1e-9),
+        device.kind,
+        device.precision,
+        device.notes,
+    )
 
 
 def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
@@ -131,8 +166,15 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
 
 
 def _check_memory(base_dir: str, cfg, device, console) -> None:
-    estimate = estimate_memory(base_dir, device.precision, lora_r=cfg.lora.r, batch_size=cfg.train.batch_size,
-                               seq_len=cfg.train.max_seq_len, is_qlora=cfg.lora.qlora, device=device.kind)
+    estimate = estimate_memory(
+        base_dir,
+        device.precision,
+        lora_r=cfg.lora.r,
+        batch_size=cfg.train.batch_size,
+        seq_len=cfg.train.max_seq_len,
+        is_qlora=cfg.lora.qlora,
+        device=device.kind,
+    )
     verdict = memory_verdict(estimate)
     if verdict and verdict[0] == "error":
         raise TuneshipError(f"the run will not fit in memory: {verdict[1]}")
@@ -147,8 +189,10 @@ def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, conso
         shutil.rmtree(checkpoints, ignore_errors=True)
     resume = latest_checkpoint(checkpoints)
     if resume and marker.is_file() and json.loads(marker.read_text())["inputs"] != inputs_hash:
-        raise ResumeMismatch(f"the checkpoints in {checkpoints} were made from other data or training settings; "
-                             "rerun with --fresh to start over, or restore the previous config")
+        raise ResumeMismatch(
+            f"the checkpoints in {checkpoints} were made from other data or training settings; "
+            "rerun with --fresh to start over, or restore the previous config"
+        )
     checkpoints.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"inputs": inputs_hash}))
     return resume
