@@ -18,6 +18,11 @@ class Check:
     fix: str = ""
 
 
+def _presence(name: str, found: str | None, status_when_missing: str, fix: str) -> Check:
+    """ok with what was found, or the missing status with the fix."""
+    return Check(name, "ok" if found else status_when_missing, found or "not installed", "" if found else fix)
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -38,22 +43,12 @@ def run_doctor() -> list[Check]:
     checks += _torch_checks()
     llama = _version("llama-cpp-python")
     checks.append(
-        Check(
-            "llama-cpp-python",
-            "ok" if llama else "fail",
-            llama or "not installed",
-            "" if llama else "pip install 'tuneship[train]' (compiles llama.cpp, ~4 min)",
-        )
+        _presence("llama-cpp-python", llama, "fail", "pip install 'tuneship[train]' (compiles llama.cpp, ~4 min)")
     )
     checks.append(_converter_check() if llama else Check("GGUF converter", "fail", "needs llama-cpp-python"))
     go = shutil.which("go")
     checks.append(
-        Check(
-            "go (Ollama template check)",
-            "ok" if go else "warn",
-            go or "not found",
-            "" if go else "apt-get install golang-go (needed by `tuneship template check`)",
-        )
+        _presence("go (Ollama template check)", go, "warn", "apt-get install golang-go (for `tuneship template check`)")
     )
     free = shutil.disk_usage(Path.cwd()).free / 1e9
     checks.append(
@@ -79,14 +74,7 @@ def _torch_checks() -> list[Check]:
         bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp16 only"
         checks.append(Check("CUDA", "ok", f"{name} ({bf16})"))
         bnb = _version("bitsandbytes")
-        checks.append(
-            Check(
-                "bitsandbytes (QLoRA)",
-                "ok" if bnb else "warn",
-                bnb or "not installed",
-                "" if bnb else "pip install bitsandbytes for lora.qlora",
-            )
-        )
+        checks.append(_presence("bitsandbytes (QLoRA)", bnb, "warn", "pip install bitsandbytes for lora.qlora"))
     else:
         mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
         checks.append(

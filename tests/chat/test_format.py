@@ -17,6 +17,26 @@ TWO_TURNS = Conversation(
 )
 
 
+REGISTRY_TOKENS = [
+    "[INST]",
+    "[/INST]",
+    "</s>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|assistant|>",
+    "<|user|>",
+    "<|system|>",
+]
+
+
+def add_family_tokens(tokenizer):
+    """The special tokens of every registry family, with </s> as eos (mistral, zephyr)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": REGISTRY_TOKENS})
+    tokenizer.eos_token = "</s>"
+    return tokenizer
+
+
 def supervised_runs(chat_format, conversation):
     """The decoded runs of consecutive supervised tokens."""
     rendered = chat_format.render(conversation)
@@ -83,21 +103,7 @@ def test_zephyr_pad_equal_eos_still_supervises_eos(tokenizer):
     ],
 )
 def test_every_registry_family_supervises_answer_and_stop(tokenizer, family, stop):
-    tokenizer.add_special_tokens(
-        {
-            "additional_special_tokens": [
-                "[INST]",
-                "[/INST]",
-                "</s>",
-                "<start_of_turn>",
-                "<end_of_turn>",
-                "<|end|>",
-                "<|assistant|>",
-                "<|user|>",
-            ]
-        }
-    )
-    tokenizer.eos_token = "</s>"
+    add_family_tokens(tokenizer)
     chat_format = ChatFormat.from_tokenizer(tokenizer, template=family)
     assert chat_format.spec.stop_token == stop
     assert supervised_runs(chat_format, TWO_TURNS) == [f"It is 4.{stop}", f"It is 6.{stop}"]

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from tests.chat.test_format import llama3_tokenizer
+from tests.chat.test_format import add_family_tokens, llama3_tokenizer
 from tuneship.chat.format import ChatFormat
 from tuneship.deploy.contract import PROBES, check_contract, render_go
 from tuneship.deploy.ollama_template import to_ollama
@@ -13,25 +13,11 @@ pytestmark = pytest.mark.skipif(
     shutil.which("go") is None, reason="Go is not installed (make setup installs golang-go as root)"
 )
 
-EXTRA_TOKENS = [
-    "[INST]",
-    "[/INST]",
-    "</s>",
-    "<start_of_turn>",
-    "<end_of_turn>",
-    "<|end|>",
-    "<|assistant|>",
-    "<|user|>",
-    "<|system|>",
-]
-
 
 def family_format(tokenizer, family):
     if family == "llama-3":
         return ChatFormat.from_tokenizer(llama3_tokenizer(tokenizer), template="llama-3")
-    tokenizer.add_special_tokens({"additional_special_tokens": EXTRA_TOKENS})
-    tokenizer.eos_token = "</s>"
-    return ChatFormat.from_tokenizer(tokenizer, template=family)
+    return ChatFormat.from_tokenizer(add_family_tokens(tokenizer), template=family)
 
 
 @pytest.mark.parametrize("family", ["chatml", "qwen", "llama-3", "mistral", "zephyr", "gemma", "phi-3"])
