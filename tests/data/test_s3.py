@@ -90,3 +90,51 @@ def test_unreachable_endpoint_names_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with pytest.raises(SourceError, match="cannot reach the S3 endpoint"):
         prepare_data(["s3://b/k.jsonl"], AuditSettings(), s3_settings=settings("http://127.0.0.1:9", tmp_path))
+
+
+def test_transient_errors_are_retried_with_backoff(s3_server, tmp_path):
+    """A proxy in front of the S3 server answers 503 SlowDown twice; the read still succeeds."""
+    import http.client
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import urlparse
+
+    from tests.servers import LoopbackServer
+
+    endpoint, _ = s3_server
+    upstream = urlparse(endpoint)
+    failures = {"left": 2, "seen": 0}
+
+    class Flaky(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _forward(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                failures["seen"] += 1
+                error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(error)
+                return
+            connection = http.client.HTTPConnection(upstream.hostname, upstream.port)
+            connection.request(self.command, self.path, body, dict(self.headers))
+            response = connection.getresponse()
+            data = response.read()
+            self.send_response(response.status)
+            for key, value in response.getheaders():
+                if key.lower() not in ("transfer-encoding", "connection"):
+                    self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _forward
+
+    with LoopbackServer(Flaky) as proxy:
+        s3 = S3Section(endpoint_url=proxy.url, local_dir=tmp_path / "mirror", max_attempts=5)
+        result = prepare_data(["s3://train-data/sets/v1/facts.jsonl"], AuditSettings(), s3_settings=s3)
+    assert failures["seen"] == 2 and len(result.audit.kept) == 3
