@@ -65,7 +65,10 @@ def audit_settings(cfg: Config, measure=None) -> AuditSettings:
 
 
 def run_data_check(cfg: Config, *, with_tokens: bool) -> DataResult:
-    measure = load_chat_format(cfg).measure if with_tokens else None
+    return _prepare_data(cfg, load_chat_format(cfg).measure if with_tokens else None)
+
+
+def _prepare_data(cfg: Config, measure) -> DataResult:
     return prepare_data(
         cfg.data.sources,
         audit_settings(cfg, measure),
@@ -78,13 +81,7 @@ def run_data_check(cfg: Config, *, with_tokens: bool) -> DataResult:
 def run_data_stage(cfg: Config, run: Run, chat_format) -> DataResult:
     """The data stage of a run: always with the token check, outputs in <run>/data/."""
     started = time.monotonic()
-    result = prepare_data(
-        cfg.data.sources,
-        audit_settings(cfg, chat_format.measure),
-        eval_ratio=cfg.data.eval_ratio,
-        seed=cfg.data.seed,
-        s3_settings=cfg.data.s3,
-    )
+    result = _prepare_data(cfg, chat_format.measure)
     written = write_data_outputs(result, run.subdir("data"))
     run.record(
         "data",

@@ -121,16 +121,17 @@ class ChatFormat:
     def generation_prompt(self, conversation: Conversation) -> str:
         """The inference prompt: everything before the last assistant turn (or all, when a user turn ends
         the conversation), plus the generation prompt."""
-        messages = conversation.chat_messages()
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        return self.render_text(messages, add_generation_prompt=True)
+        return self.render_text(conversation.prompt_messages(), add_generation_prompt=True)
 
     def prompt_for(self, question: str, system: str | None = None) -> str:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": question}
         ]
         return self.render_text(messages, add_generation_prompt=True)
+
+    def special_tokens(self) -> list[str]:
+        """Every special token string; none of them may appear in a generated answer."""
+        return sorted(_special_tokens(self.tokenizer))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

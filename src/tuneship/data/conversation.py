@@ -43,6 +43,11 @@ class Conversation:
         head = [{"role": "system", "content": system}] if system is not None else []
         return head + [{"role": m.role, "content": m.content} for m in self.messages]
 
+    def prompt_messages(self, default_system: str | None = None) -> list[dict[str, str]]:
+        """The messages an inference request sends: all but a final assistant answer."""
+        messages = self.chat_messages(default_system)
+        return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
     def to_json(self) -> dict[str, Any]:
         return {
             "system": self.system,

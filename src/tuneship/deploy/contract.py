@@ -89,7 +89,8 @@ def render_go(template: str, messages: list[dict[str, str]], system: str | None)
     return result.stdout
 
 
-def render_gguf(gguf_path: Path, messages: list[dict[str, str]]) -> str:
+def gguf_renderer(gguf_path: Path):
+    """A renderer of the GGUF's embedded template (the file is read once, not once per conversation)."""
     from gguf import GGUFReader
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -107,7 +108,7 @@ def render_gguf(gguf_path: Path, messages: list[dict[str, str]]) -> str:
         eos_token=token("tokenizer.ggml.eos_token_id"),
         bos_token=token("tokenizer.ggml.bos_token_id"),
     )
-    return formatter(messages=messages).prompt
+    return lambda messages: formatter(messages=messages).prompt
 
 
 def check_contract(chat_format, saved_tokenizer_dir: Path, ollama, gguf_path: Path | None) -> ContractResult:
@@ -121,7 +122,7 @@ def check_contract(chat_format, saved_tokenizer_dir: Path, ollama, gguf_path: Pa
         "ollama TEMPLATE (Go)": lambda m: ollama.bos + render_go(ollama.template, m, ollama.system),
     }
     if gguf_path is not None:
-        renderers["gguf (llama.cpp)"] = lambda m: render_gguf(gguf_path, m)
+        renderers["gguf (llama.cpp)"] = gguf_renderer(gguf_path)
     result = ContractResult(list(renderers))
     for name, messages in PROBES.items():
         expected = renderers["training"](messages)

@@ -186,18 +186,14 @@ def smoke_test(client: OllamaClient, name: str, cfg, run_path: Path, chat_format
     what the same GGUF answered in llama.cpp at export."""
     from tuneship.evaluate.checks import leaked
     from tuneship.evaluate.prompts import build_prompt_set
-    from tuneship.evaluate.stage import leak_markers
 
     prompts = build_prompt_set(run_path, cfg.eval)[: cfg.deploy.smoke_prompts]
     reference = _gguf_answers(run_path, cfg)
-    markers = leak_markers(chat_format)
+    markers = chat_format.special_tokens()
     failures = []
     options = {"temperature": 0, "seed": 0, "num_predict": cfg.eval.max_new_tokens}
     for index, prompt in enumerate(prompts):
-        messages = prompt.conversation.chat_messages()
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        reply = client.chat(name, messages, options)
+        reply = client.chat(name, prompt.conversation.prompt_messages(), options)
         text = (reply.get("message") or {}).get("content", "").strip()
         problems = []
         if reply.get("done_reason") != "stop":

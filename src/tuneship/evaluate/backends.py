@@ -33,7 +33,6 @@ class LlamaCppRunner:
             self.prompt_token_mismatches += 1
         stop_ids = set(chat_format.spec.stop_token_ids)
         generated: list[int] = []
-        self.llm.reset()
         for token in self.llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             if token in stop_ids or self.llm.token_eos() == token:
                 return Answer(self._text(generated), token in stop_ids, len(generated) + 1)

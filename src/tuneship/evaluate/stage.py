@@ -27,15 +27,8 @@ class EvalResult:
     gate_failures: list[str]
 
 
-def leak_markers(chat_format) -> list[str]:
-    tokenizer = chat_format.tokenizer
-    return sorted(
-        {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
-    )
-
-
 def check_all(answers, prompts, chat_format) -> list[AnswerCheck]:
-    markers = leak_markers(chat_format)
+    markers = chat_format.special_tokens()
     return [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
 
 
