@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,9 +122,3 @@ def memory_verdict(estimate: MemoryEstimate) -> tuple[str, str] | None:
     if estimate.total > 0.8 * estimate.available:
         return "warning", message
     return None
-
-
-def free_disk_bytes(path: Path) -> int:
-    path.mkdir(parents=True, exist_ok=True)
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
