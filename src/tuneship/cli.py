@@ -111,7 +111,12 @@ def train(
     cfg = _load(config, overrides)
     result = run_train(cfg, console, fresh=fresh, dry_run=dry_run)
     if dry_run:
+        from tuneship.train.device import check_memory, detect_device, estimate_for_run
+
         print_format(console, result.chat_format, result.data.train[:1])
+        estimate = estimate_for_run(result.base_dir, cfg, detect_device(cfg.train.device, cfg.train.precision))
+        console.print(estimate.describe())
+        check_memory(estimate, console)
         console.print(
             f"[green]pre-flight passed[/] for {len(result.rendered)} examples; nothing was trained (--dry-run)"
         )
