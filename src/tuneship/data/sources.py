@@ -39,12 +39,12 @@ class RawRecord:
     raw_text: str | None = None
 
 
-def expand_sources(sources: list[str], s3_settings=None) -> list[str]:
+def expand_sources(sources: list[str], mirror: s3.S3Mirror | None = None) -> list[str]:
     """Paths, folders, globs and s3:// keys or prefixes -> the list of data files to read."""
     files: list[str] = []
     for source in sources:
         if source.startswith("s3://"):
-            files.extend(s3.expand(source, s3_settings))
+            files.extend((mirror or s3.S3Mirror()).expand(source))
         elif any(ch in source for ch in "*?["):
             matches = sorted(p for p in glob.glob(source, recursive=True) if _is_data_file(Path(p)))
             if not matches:
@@ -74,11 +74,11 @@ def _is_data_file(path: Path) -> bool:
     return suffix in DATA_SUFFIXES
 
 
-def read_records(files: list[str], s3_settings=None) -> Iterator[RawRecord]:
+def read_records(files: list[str], mirror: s3.S3Mirror | None = None) -> Iterator[RawRecord]:
     for name in files:
         path, label = Path(name), name
         if name.startswith("s3://"):
-            path = s3.fetch(name, s3_settings)
+            path = (mirror or s3.S3Mirror()).fetch(name)
         yield from read_file(path, label)
 
 
