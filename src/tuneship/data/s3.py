@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tuneship.data.findings import Finding
 from tuneship.errors import SourceError
+from tuneship.extras import import_extra
 from tuneship.paths import cache_dir
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -129,16 +130,8 @@ def _endpoint(settings) -> str | None:
     return (settings.endpoint_url if settings else None) or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def _require_boto3() -> None:
-    try:
-        import boto3  # noqa: F401
-    except ImportError:
-        raise SourceError("s3:// sources need boto3; pip install 'tuneship[s3]'") from None
-
-
 def _client(settings):
-    _require_boto3()
-    import boto3
+    boto3 = import_extra("boto3", "s3:// sources")
     from botocore.config import Config
 
     region = (settings.region if settings else None) or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -152,7 +145,7 @@ def _client(settings):
 
 
 def _call(uri: str, settings, action):
-    _require_boto3()
+    import_extra("boto3", "s3:// sources")
     from boto3.exceptions import RetriesExceededError
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
 

@@ -23,6 +23,7 @@ from tuneship.data.findings import RecordError
 from tuneship.data.formats import MARKER_ROLES, NO_SPEAKER, TRANSCRIPT_MARKER, marker_label
 from tuneship.data.s3 import DATA_SUFFIXES
 from tuneship.errors import SourceError
+from tuneship.extras import import_extra
 
 MOJIBAKE_MARKERS = ("Ã©", "Ã¨", "Ã¢", "â€™", "â€œ", "â€\x9d", "Ã¶", "Ã¼", "Ã¤")
 TRANSCRIPT_SUFFIXES = (".txt", ".md")
@@ -204,10 +205,7 @@ def _read_csv(path: Path, label: str) -> Iterator[RawRecord]:
 
 
 def _read_parquet(path: Path, label: str) -> Iterator[RawRecord]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SourceError(f"{label}: reading Parquet needs pyarrow; pip install 'tuneship[parquet]'") from None
+    pq = import_extra("pyarrow.parquet", f"{label}: reading Parquet")
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
         for record in batch.to_pylist():
