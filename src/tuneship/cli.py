@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tuneship.errors import TuneshipError
+from tuneship.extras import missing_extra
 
 app = typer.Typer(
     add_completion=False,
@@ -267,9 +268,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes are not the user's
     try:
         app(args=argv, prog_name="tuneship")
-    except TuneshipError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+    except (TuneshipError, ImportError) as exc:
+        error = exc if isinstance(exc, TuneshipError) else missing_extra(exc)  # a module an extra brings
+        if error is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

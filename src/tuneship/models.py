@@ -26,7 +26,7 @@ def base_chat_format(cfg: Config) -> ChatFormat:
     from tuneship.base_model import resolve_base_model
     from tuneship.chat.format import ChatFormat
 
-    return ChatFormat.from_model_dir(resolve_base_model(cfg.model.base), cfg.chat)
+    return ChatFormat.from_model_dir(resolve_base_model(cfg.model.base, weights=False), cfg.chat)
 
 
 def require_adapter(run: Run) -> None:

@@ -48,12 +48,26 @@ def prepare_training(cfg: Config, run: Run, data: DataResult) -> PreparedTrainin
     from tuneship.chat.format import ChatFormat
     from tuneship.train.preflight import preflight
 
-    base_dir = resolve_base_model(cfg.model.base)
+    base_dir = resolve_base_model(cfg.model.base, weights=False)  # the trainer fetches weights after its estimate
     chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
     rendered = [chat_format.render(c) for c in data.train]
     preflight(chat_format, data.train, rendered, cfg.train.max_seq_len)
     chat_format.save(run.chat_dir)
     return PreparedTraining(base_dir, chat_format, data, rendered)
+
+
+def _dry_run(cfg: Config, run: Run, data: DataResult, console: Console) -> PreparedTraining:
+    """--dry-run: the rendered sample, the memory estimate and the pre-flight checks; nothing is trained."""
+    from tuneship.report import print_format
+    from tuneship.train.device import check_memory, detect_device, estimate_for_run
+
+    prepared = prepare_training(cfg, run, data)
+    print_format(console, prepared.chat_format, data.train[:1])
+    estimate = estimate_for_run(prepared.base_dir, cfg, detect_device(cfg.train.device, cfg.train.precision))
+    console.print(estimate.describe())
+    check_memory(estimate, console)
+    console.print(f"[green]pre-flight passed[/] for {len(prepared.rendered)} examples; nothing was trained (--dry-run)")
+    return prepared
 
 
 def run_train(
@@ -70,18 +84,13 @@ def run_train(
     pre-flight checks and returns what training would have used."""
     from transformers import set_seed
 
-    from tuneship.report import print_format, print_train
+    from tuneship.report import print_train
     from tuneship.train.trainer import train_adapter
 
     data = data or run_data(cfg, run, console)
     inputs = train_inputs(cfg, run)
     if dry_run:
-        prepared = prepare_training(cfg, run, data)
-        print_format(console, prepared.chat_format, data.train[:1])
-        console.print(
-            f"[green]pre-flight passed[/] for {len(prepared.rendered)} examples; nothing was trained (--dry-run)"
-        )
-        return prepared
+        return _dry_run(cfg, run, data, console)
     with run.recording("train", inputs) as outputs:
         prepared = prepare_training(cfg, run, data)
         set_seed(cfg.train.seed)  # the adapter's initial weights too, not only the trainer's order
