@@ -21,9 +21,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tuneship.config import load_config
 from tuneship.export.converter import ensure_converter
 from tuneship.export.gguf import QUANT_FTYPES, convert_to_gguf, quantize
 from tuneship.export.merge import merge_adapter
+from tuneship.run import Run
 
 
 def timed(action):
@@ -70,7 +72,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--quant", default="Q4_K_M", choices=sorted(QUANT_FTYPES))
     args = parser.parse_args()
-    merged, merge_s = timed(lambda: merge_adapter(args.run_dir, was_qlora=False, console=Console(stderr=True)))
+    run = Run.of(load_config(args.run_dir / "config.yaml"), args.run_dir)
+    merged, merge_s = timed(lambda: merge_adapter(run, was_qlora=False, console=Console(stderr=True)))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         f16, convert_s = timed(lambda: convert_to_gguf(merged, workdir / "ours-f16.gguf", "f16"))

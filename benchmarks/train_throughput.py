@@ -28,7 +28,8 @@ def run_ours(steps: int, workdir: Path) -> dict:
     from rich.console import Console
 
     from tuneship.config import load_config
-    from tuneship.run import run_train
+    from tuneship.run import Run
+    from tuneship.train.stage import run_train
 
     cfg = load_config(
         QUICKSTART,
@@ -41,7 +42,7 @@ def run_ours(steps: int, workdir: Path) -> dict:
             f"train.learning_rate={LEARNING_RATE}",
         ],
     )
-    result = run_train(cfg, Console(file=open("/dev/null", "w")), fresh=True)
+    result = run_train(cfg, Run.create(cfg), Console(file=open("/dev/null", "w")), fresh=True)
     return {
         "seconds": result.seconds,
         "tokens": result.tokens_per_second * result.seconds,

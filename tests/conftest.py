@@ -6,8 +6,11 @@ pays the GGUF dequantization (~20 s).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -101,24 +104,101 @@ def tiny_config_file(tmp_path: Path, model_dir: str, **train) -> Path:
             "report_to": [],
             **train,
         },
-        "eval": {"train_prompts": 3, "max_new_tokens": 8, "min_stop_rate": 0.0},
+        "eval": {"train_prompts": 3, "max_new_tokens": 8, **TINY_GATES_OFF},
         "export": {"quants": ["Q8_0"]},
+        "deploy": {"target": "none"},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_model_dir, tmp_path_factory):
-    """(config, run dir) of a trained tiny run: 2 steps of LoRA on the tiny model."""
-    import io
+# A random 2-layer model answers garbage: its runs switch the quality gates off (tests of the gates don't).
+TINY_GATES_OFF = {
+    "min_stop_rate": 0.0,
+    "min_non_empty_rate": 0.0,
+    "max_loop_rate": 1.0,
+    "max_leak_rate": 1.0,
+    "min_recall_f1": 0.0,
+}
 
+
+def quiet_console():
     from rich.console import Console
 
+    return Console(file=io.StringIO(), width=200)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """(config, Run) of a tiny run through every stage (`tuneship run`, deploy target none): trained (2 steps),
+    evaluated, exported (f16 + Q8_0), template-checked, Modelfile written. Shared: no test may change it (a
+    test that needs a variant works on `copy_run`); the session checks that at its end."""
     from tuneship.config import load_config
-    from tuneship.run import run_train
+    from tuneship.run import Run, run_pipeline
 
     cfg = load_config(tiny_config_file(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir, max_steps=2))
-    run_train(cfg, Console(file=io.StringIO()))
-    return cfg, cfg.run_dir
+    run_pipeline(cfg, quiet_console())
+    run = Run.of(cfg)
+    before = _snapshot(run.path)
+    yield cfg, run
+    assert _snapshot(run.path) == before, "a test changed the shared tiny run: copy it with copy_run instead"
+
+
+def copy_run(tiny_run, parent: Path):
+    """A copy of the shared tiny run in `parent`/runs/<name>, with its config.yaml pointing there."""
+    from tuneship.config import load_config, save_config
+    from tuneship.run import Run
+
+    cfg, run = tiny_run
+    target = parent / "runs" / run.path.name
+    shutil.copytree(run.path, target, ignore=shutil.ignore_patterns("checkpoints"))
+    copied = load_config(target / "config.yaml", [f"run.dir={target.parent}"])
+    save_config(copied, target / "config.yaml")
+    return copied, Run.of(copied)
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the shared tiny run that the test may change."""
+    return copy_run(tiny_run, tmp_path)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def output(self) -> str:
+        return self.out + self.err
+
+    @property
+    def error(self) -> str:
+        """The error message the CLI printed (stderr from "error:" on; libraries' progress bars precede it)."""
+        return self.err[self.err.index("error:") :] if "error:" in self.err else ""
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `tuneship ARGS...` in-process as a person would: exit code, stdout, stderr (250 columns wide, so
+    that tables do not wrap)."""
+    from rich.console import Console
+
+    from tuneship import cli as cli_module
+    from tuneship.cli import main
+
+    monkeypatch.setattr(cli_module, "console", Console(width=250))
+
+    def run(*args) -> CliResult:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(exit_info.value.code or 0, captured.out, captured.err)
+
+    return run

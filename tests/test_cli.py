@@ -5,23 +5,13 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO, qa, write_jsonl
-from tuneship.cli import main
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
-
-
-def test_data_check_usable_data_exits_zero_and_writes_everything(tmp_path, capsys):
+def test_data_check_usable_data_exits_zero_and_writes_everything(tmp_path, cli):
     data = write_jsonl(tmp_path / "d.jsonl", [qa("Q1", "A1"), qa("Q2", "A2"), "{broken"])
-    code, out, _ = run_cli(["data", "check", str(data), "--out", str(tmp_path / "out")], capsys)
-    assert code == 0 and "3 read = 2 kept + 1 dropped" in out
+    result = cli("data", "check", data, "--out", tmp_path / "out")
+    assert result.code == 0 and "3 read = 2 kept + 1 dropped" in result.out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         "train.jsonl",
         "eval.jsonl",
@@ -31,31 +21,33 @@ def test_data_check_usable_data_exits_zero_and_writes_everything(tmp_path, capsy
     }
 
 
-def test_data_check_strict_fails_on_any_error(tmp_path, capsys):
+def test_data_check_strict_fails_on_any_finding(tmp_path, cli):
     data = write_jsonl(tmp_path / "d.jsonl", [qa("Q1", "A1"), "{broken"])
-    assert run_cli(["data", "check", str(data), "--strict"], capsys)[0] == 1
+    result = cli("data", "check", data, "--strict")
+    assert result.code == 1 and "data.strict: the audit has findings: 1 error malformed-json" in result.err
 
 
-def test_data_check_nothing_usable_fails(tmp_path, capsys):
+def test_data_check_nothing_usable_fails(tmp_path, cli):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "", "completion": "x"}])
-    assert run_cli(["data", "check", str(data)], capsys)[0] == 1
+    result = cli("data", "check", data)
+    assert result.code == 1 and "no usable training examples" in result.err
 
 
-def test_data_check_json_output_is_machine_readable(tmp_path, capsys):
+def test_data_check_json_output_is_machine_readable(tmp_path, cli):
     data = write_jsonl(tmp_path / "d.jsonl", [qa("Q1", "A1"), qa("Q1", "A1")])
-    code, out, _ = run_cli(["data", "check", str(data), "--json"], capsys)
-    report = json.loads(out)
-    assert code == 0 and report["counts"] == {"duplicate": {"error": 1, "warning": 0}}
+    result = cli("data", "check", data, "--json")
+    report = json.loads(result.out)
+    assert result.code == 0 and report["counts"] == {"duplicate": {"error": 1, "warning": 0}}
 
 
-def test_errors_print_without_traceback_and_exit_non_zero(tmp_path, capsys):
-    code, _, err = run_cli(["data", "check", str(tmp_path / "missing.jsonl")], capsys)
-    assert code == 1 and "no such file or folder" in err and "Traceback" not in err
+def test_errors_print_without_traceback_and_exit_non_zero(tmp_path, cli):
+    result = cli("data", "check", tmp_path / "missing.jsonl")
+    assert result.code == 1 and "no such file or folder" in result.err and "Traceback" not in result.err
 
 
-def test_config_error_exit_code(tmp_path, capsys):
-    code, _, err = run_cli(["data", "check", "x.jsonl", "--set", "train.learning_rate=7"], capsys)
-    assert code == 2 and "train.learning_rate" in err
+def test_config_error_exit_code(tmp_path, cli):
+    result = cli("data", "check", "x.jsonl", "--set", "train.learning_rate=7")
+    assert result.code == 2 and "train.learning_rate" in result.err
 
 
 def test_help_and_data_check_start_fast(tmp_path):

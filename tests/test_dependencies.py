@@ -13,7 +13,6 @@ import venv
 import pytest
 
 from tests.conftest import REPO
-from tuneship.cli import main
 from tuneship.extras import EXTRA_OF_MODULE
 
 tomllib = pytest.importorskip("tomllib")
@@ -102,24 +101,21 @@ def test_data_check_imports_only_what_a_plain_install_brings():
     assert not outside, f"imported by `tuneship data check` but not brought by `pip install tuneship`: {outside}"
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out + captured.err
-
-
-def test_a_command_that_needs_an_extra_names_it(tmp_path, capsys, monkeypatch, tiny_model_dir):
+def test_a_command_that_needs_an_extra_names_it(tmp_path, cli, monkeypatch, tiny_model_dir):
     from tests.conftest import tiny_config_file
 
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if the parquet extra were not installed
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
-    code, out = run_cli(["data", "check", str(tmp_path / "d.parquet")], capsys)
-    assert code == 1 and "reading Parquet needs pyarrow" in out and "pip install 'tuneship[parquet]'" in out
+    result = cli("data", "check", tmp_path / "d.parquet")
+    assert result.code == 1 and "reading Parquet needs pyarrow" in result.output
+    assert "pip install 'tuneship[parquet]'" in result.output
     monkeypatch.setitem(sys.modules, "transformers", None)  # a module imported deep inside a command
-    code, out = run_cli(["train", str(tiny_config_file(tmp_path, tiny_model_dir)), "--dry-run"], capsys)
-    assert code == 1 and "needs transformers, which is not installed: pip install 'tuneship[train]'" in out
-    assert "Traceback" not in out
+    result = cli("train", tiny_config_file(tmp_path, tiny_model_dir), "--dry-run")
+    assert (
+        result.code == 1
+        and "needs transformers, which is not installed: pip install 'tuneship[train]'" in result.output
+    )
+    assert "Traceback" not in result.output
 
 
 def pypi_reachable() -> bool:

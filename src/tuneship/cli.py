@@ -58,12 +58,12 @@ def data_check(
     model: Optional[str] = typer.Option(None, help="tokenizer for the truncation check (default: model.base)"),
     out: Optional[Path] = typer.Option(None, help="write train/eval/dropped.jsonl and audit.json/.md here"),
     as_json: bool = typer.Option(False, "--json", help="print the machine-readable audit to stdout"),
-    strict: bool = typer.Option(False, help="exit non-zero when any error finding exists"),
+    strict: bool = typer.Option(False, help="exit non-zero on any finding, as data.strict does for a run"),
 ) -> None:
     """Audit data: every problem with file and line; exit 0 when the data is usable."""
-    from tuneship.data.stage import audit_json, write_data_outputs
+    from tuneship.data.stage import audit_json, check_data, require_clean, require_usable, write_data_outputs
+    from tuneship.models import base_chat_format
     from tuneship.report import print_audit
-    from tuneship.run import run_data_check
 
     cfg = _load(config, overrides)
     if files:
@@ -72,14 +72,15 @@ def data_check(
         cfg.model.base = model
     if max_seq_len:
         cfg.train.max_seq_len = max_seq_len
-    result = run_data_check(cfg, with_tokens=bool(model or max_seq_len))
+    result = check_data(cfg, base_chat_format(cfg).measure if (model or max_seq_len) else None)
     written = write_data_outputs(result, out) if out else {}
     if as_json:
         sys.stdout.write(json.dumps(audit_json(result), indent=2, ensure_ascii=False) + "\n")
     else:
         print_audit(console, result, written)
-    if not result.is_usable or (strict and result.audit.errors):
-        raise typer.Exit(1)
+    require_usable(result, written.get("audit.md"))
+    if strict or cfg.data.strict:
+        require_clean(result, written.get("audit.md"))
 
 
 @format_app.command("show")
@@ -89,13 +90,13 @@ def format_show(
     n: int = typer.Option(3, "--n", help="how many training examples to show"),
 ) -> None:
     """Show rendered training examples with the supervised spans highlighted."""
+    from tuneship.data.stage import check_data
+    from tuneship.models import base_chat_format
     from tuneship.report import print_format
-    from tuneship.run import load_chat_format, run_data_check
 
     cfg = _load(config, overrides)
-    chat_format = load_chat_format(cfg)
-    result = run_data_check(cfg, with_tokens=False)
-    print_format(console, chat_format, (result.train + result.eval)[:n])
+    result = check_data(cfg)
+    print_format(console, base_chat_format(cfg), (result.train + result.eval)[:n])
 
 
 @app.command()
@@ -106,31 +107,21 @@ def train(
     dry_run: bool = typer.Option(False, help="prepare data and the chat format, run the pre-flight checks, stop"),
 ) -> None:
     """Fine-tune a LoRA adapter; resumes from the latest checkpoint automatically."""
-    from tuneship.report import print_format, print_train
-    from tuneship.run import run_train
+    from tuneship.run import Run
+    from tuneship.train.stage import run_train
 
     cfg = _load(config, overrides)
-    result = run_train(cfg, console, fresh=fresh, dry_run=dry_run)
-    if dry_run:
-        from tuneship.train.device import check_memory, detect_device, estimate_for_run
-
-        print_format(console, result.chat_format, result.data.train[:1])
-        estimate = estimate_for_run(result.base_dir, cfg, detect_device(cfg.train.device, cfg.train.precision))
-        console.print(estimate.describe())
-        check_memory(estimate, console)
-        console.print(
-            f"[green]pre-flight passed[/] for {len(result.rendered)} examples; nothing was trained (--dry-run)"
-        )
-    else:
-        print_train(console, result)
+    run_train(cfg, Run.create(cfg), console, fresh=fresh, dry_run=dry_run)
 
 
 def _load_run(target: str, overrides: Optional[list[str]]):
-    """A run directory (its config.yaml) or a config file -> (config, run directory)."""
+    """A run directory (its config.yaml) or a config file -> (config, Run)."""
+    from tuneship.run import Run
+
     path = Path(target)
     config = path / "config.yaml" if path.is_dir() else path
     cfg = _load(config, overrides)
-    return cfg, (path if path.is_dir() else cfg.run_dir)
+    return cfg, Run.of(cfg, path if path.is_dir() else None)
 
 
 @app.command("eval")
@@ -139,14 +130,9 @@ def evaluate(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Held-out loss and generation checks, base vs fine-tune, with gates (exit 4 when not met)."""
-    from tuneship.evaluate.stage import GateFailed, run_eval
-    from tuneship.report import print_eval
+    from tuneship.evaluate.stage import run_eval
 
-    cfg, run_dir = _load_run(run, overrides)
-    result = run_eval(cfg, run_dir, console)
-    print_eval(console, result.summaries, result.report_path)
-    if result.gate_failures:
-        raise GateFailed("evaluation gates not met:\n  " + "\n  ".join(result.gate_failures))
+    run_eval(*_load_run(run, overrides), console)
 
 
 @app.command("export")
@@ -158,18 +144,13 @@ def export(
     ),
     merge: bool = typer.Option(True, "--merge/--no-merge", help="--no-merge: only the adapter, as a LoRA GGUF"),
 ) -> None:
-    """Merge, convert to GGUF, quantize; validate each file and check its answers in llama.cpp."""
-    from tuneship.evaluate.stage import GateFailed
+    """Merge, convert to GGUF, quantize; validate each file and check its answers in llama.cpp (gates: exit 4)."""
     from tuneship.export.stage import run_export
-    from tuneship.report import print_export
 
-    if quant:
-        overrides = [*(overrides or []), f"export.quants=[{quant}]"]
-    cfg, run_dir = _load_run(run, overrides)
-    result = run_export(cfg, run_dir, console, merge=merge)
-    print_export(console, result, run_dir / "reports" / "eval.md")
-    if result.gate_failures:
-        raise GateFailed("evaluation gates not met:\n  " + "\n  ".join(result.gate_failures))
+    overrides = [*(overrides or []), *([f"export.quants=[{quant}]"] if quant else [])]
+    if not merge:
+        overrides.append("export.merge=false")
+    run_export(*_load_run(run, overrides), console)
 
 
 @app.command("chat")
@@ -188,16 +169,11 @@ def template_check(
     run: str = typer.Argument(..., help="run directory (or its config file)"),
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
-    """Render probe conversations with training, HF, the GGUF's template and the Ollama TEMPLATE (Go)."""
-    from tuneship.deploy.contract import ContractBroken
-    from tuneship.report import print_contract
-    from tuneship.run import run_template_check
+    """Render probe conversations with training, HF, the GGUF's template and the Ollama TEMPLATE (Go); exit 5
+    with the diffs when they differ."""
+    from tuneship.deploy.stage import run_template_check
 
-    cfg, run_dir = _load_run(run, overrides)
-    result = run_template_check(cfg, run_dir)
-    print_contract(console, result)
-    if not result.is_equal:
-        raise ContractBroken(f"the renderers disagree on {len(result.differences)} probe(s); see the diffs above")
+    run_template_check(*_load_run(run, overrides), console)
 
 
 @app.command()
@@ -211,29 +187,21 @@ def deploy(
     """Write the Modelfile and deploy the GGUF; for Ollama: upload, create, smoke-test, verify, unload."""
     from tuneship.deploy.stage import run_deploy
 
-    if target:
-        overrides = [*(overrides or []), f"deploy.target={target}"]
-    cfg, run_dir = _load_run(run, overrides)
-    result = run_deploy(cfg, run_dir, console)
-    for line in result.lines:
-        console.print(escape(line), highlight=False)
+    overrides = [*(overrides or []), *([f"deploy.target={target}"] if target else [])]
+    run_deploy(*_load_run(run, overrides), console)
 
 
 @app.command("run")
 def run_all(
     config: Path = typer.Argument(..., help="run config (YAML)"),
     overrides: Optional[list[str]] = SetOption,
-    fresh: bool = typer.Option(False, help="start training over instead of resuming"),
+    fresh: bool = typer.Option(False, help="start training over and skip nothing"),
 ) -> None:
-    """Everything: data, format, train, eval, export, deploy; finished stages with the same inputs are skipped."""
-    from tuneship.report import print_pipeline
+    """Everything: data, train, eval, export, template check, deploy; stages done with the same inputs are
+    skipped; a failure exits with its own code."""
     from tuneship.run import run_pipeline
 
-    cfg = _load(config, overrides)
-    summary = run_pipeline(cfg, console, fresh=fresh)
-    print_pipeline(console, summary)
-    if summary.failed:
-        raise typer.Exit(1)
+    run_pipeline(_load(config, overrides), console, fresh=fresh)
 
 
 @app.command()
@@ -289,8 +257,8 @@ def hub_push(
     """Upload merged model, GGUFs, tokenizer files, Modelfile and a generated model card."""
     from tuneship.hub.client import push
 
-    cfg, run_dir = _load_run(run, overrides)
-    console.print(f"pushed: {push(run_dir, cfg, repo, private=not public)}")
+    cfg, the_run = _load_run(run, overrides)
+    console.print(f"pushed: {push(the_run, cfg, repo, private=not public)}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

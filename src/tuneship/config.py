@@ -18,6 +18,10 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 LEARNING_RATE_HARD = (1e-6, 1e-2)
 LEARNING_RATE_USUAL = (2e-5, 1e-3)
+DEFAULT_MIN_RECALL_F1 = 0.5
+
+Quant = Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
+OutType = Literal["f16", "bf16", "f32"]
 
 
 class Section(BaseModel):
@@ -57,6 +61,7 @@ class DataSection(Section):
     eval_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 42
     near_duplicate_similarity: float = Field(0.9, gt=0.0, le=1.0)
+    strict: bool = Field(False, description="stop before training when the audit has any finding")
     s3: S3Section = Field(default_factory=S3Section)
 
 
@@ -111,20 +116,46 @@ class EvalSection(Section):
     max_prompts: int = Field(50, ge=0, description="eval-split examples to generate for")
     train_prompts: int = Field(0, ge=0, description="training examples to also check (recall of what was taught)")
     max_new_tokens: int = Field(128, ge=1)
-    min_stop_rate: float = Field(1.0, ge=0.0, le=1.0)
+    min_stop_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers ending on the stop token")
+    min_non_empty_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers with visible text")
+    max_loop_rate: float = Field(0.0, ge=0.0, le=1.0, description="gate: share of answers allowed to repeat")
+    max_leak_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="gate: share of answers allowed to contain template text"
+    )
     min_exact_match: float | None = Field(None, ge=0.0, le=1.0)
+    min_recall_f1: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="gate: mean token F1 on the eval.train_prompts examples (default 0.5 when there are any)",
+    )
+
+    @property
+    def recall_gate(self) -> float | None:
+        """The recall gate in force: on by default when training examples are in the prompt set."""
+        if self.min_recall_f1 is not None:
+            return self.min_recall_f1
+        return DEFAULT_MIN_RECALL_F1 if self.train_prompts > 0 else None
 
 
 class ExportSection(Section):
-    quants: list[Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"]] = Field(default_factory=lambda: ["Q4_K_M"])
-    outtype: Literal["f16", "bf16", "f32"] = "f16"
+    quants: list[Quant] = Field(default_factory=lambda: ["Q4_K_M"])
+    outtype: OutType = "f16"
+    merge: bool = Field(True, description="false: only the adapter, as a LoRA GGUF (--no-merge)")
 
 
 class DeploySection(Section):
     target: Literal["ollama", "lmstudio", "llamacpp", "none"] = "ollama"
     name: str | None = Field(None, description="model name at the target (default: run.name)")
-    quant: str | None = Field(None, description="which exported GGUF to deploy (default: the first of export.quants)")
-    num_ctx: int | None = Field(None, ge=256, description="context length (default: train.max_seq_len)")
+    quant: Quant | OutType | None = Field(
+        None, description="which exported GGUF to deploy (default: the first of export.quants)"
+    )
+    num_ctx: int | None = Field(
+        None,
+        ge=256,
+        description="context length (default: the longest trained conversation plus the answer budget, "
+        "rounded up to a multiple of 256)",
+    )
     host: str | None = Field(None, description="Ollama address (default: OLLAMA_HOST, else 127.0.0.1:11434)")
     parameters: dict[str, float | int] = Field(
         default_factory=dict, description="Modelfile PARAMETERs, e.g. temperature"

@@ -11,45 +11,68 @@ from rich.table import Table
 from tuneship.data.findings import CODES
 
 FINDINGS_SHOWN = 20
+FINDINGS_SHOWN_IN_RUN = 5
 
 
 def print_audit(console: Console, result, written: dict[str, Path]) -> None:
     report = result.audit
-    table = Table(title="data audit", show_lines=False)
-    for column in ("code", "errors (dropped)", "warnings (kept)", "meaning"):
-        table.add_column(column)
-    for code, counts in report.counts.items():
-        table.add_row(code, str(counts["error"]), str(counts["warning"]), CODES[code])
     if report.findings:
-        console.print(table)
+        console.print(_findings_table(report))
     sources = Table(title="sources")
     for column in ("file", "read", "kept", "dropped"):
         sources.add_column(column)
     for name, counts in report.stats["per_source"].items():
         sources.add_row(name, *(str(counts.get(k, 0)) for k in ("read", "kept", "dropped")))
     console.print(sources)
-    for finding in report.findings[:FINDINGS_SHOWN]:
-        colour = "red" if finding.severity == "error" else "yellow"
-        console.print(
-            f"[{colour}]{finding.severity}[/] [bold]{finding.code}[/] "
-            f"{escape(finding.location)}: {escape(finding.message)}",
-            highlight=False,
-        )
-    if len(report.findings) > FINDINGS_SHOWN:
-        console.print(f"... and {len(report.findings) - FINDINGS_SHOWN} more findings (audit.json has them all)")
+    _print_first_findings(console, report, FINDINGS_SHOWN, "audit.json")
     if "tokens" in report.stats:
         tokens = report.stats["tokens"]
         console.print(
             f"tokens per example: min {tokens['min']}, median {tokens['median']}, p95 {tokens['p95']}, "
             f"max {tokens['max']}"
         )
+    _print_totals(console, result)
+    for name, path in written.items():
+        console.print(f"  wrote {path}")
+
+
+def print_findings(console: Console, result, audit_md: Path) -> None:
+    """What `train` and `run` show of the audit: counts per code and the first findings with file:line."""
+    report = result.audit
+    if report.findings:
+        console.print(_findings_table(report))
+        _print_first_findings(console, report, FINDINGS_SHOWN_IN_RUN, str(audit_md))
+    _print_totals(console, result)
+
+
+def _findings_table(report) -> Table:
+    table = Table(title="data audit", show_lines=False)
+    for column in ("code", "errors (dropped)", "warnings (kept)", "meaning"):
+        table.add_column(column)
+    for code, counts in report.counts.items():
+        table.add_row(code, str(counts["error"]), str(counts["warning"]), CODES[code])
+    return table
+
+
+def _print_first_findings(console: Console, report, limit: int, where: str) -> None:
+    for finding in report.findings[:limit]:
+        colour = "red" if finding.severity == "error" else "yellow"
+        console.print(
+            f"[{colour}]{finding.severity}[/] [bold]{finding.code}[/] "
+            f"{escape(finding.location)}: {escape(finding.message)}",
+            highlight=False,
+        )
+    if len(report.findings) > limit:
+        console.print(f"... and {len(report.findings) - limit} more findings ({escape(where)} has them all)")
+
+
+def _print_totals(console: Console, result) -> None:
+    report = result.audit
     verdict = "[green]usable[/]" if result.is_usable else "[red]nothing usable[/]"
     console.print(
         f"{report.records_read} read = {len(report.kept)} kept + {len(report.dropped)} dropped "
         f"(train {len(result.train)}, eval {len(result.eval)}): {verdict}"
     )
-    for name, path in written.items():
-        console.print(f"  wrote {path}")
 
 
 def print_format(console: Console, chat_format, conversations) -> None:
@@ -107,7 +130,17 @@ def print_train(console: Console, result) -> None:
 def _summary_table(title: str, summaries: dict[str, dict]) -> Table:
     table = Table(title=title)
     table.add_column("model")
-    metrics = ["prompts", "stop_rate", "exact_match", "f1", "loops", "leaks", "prompt_token_mismatches"]
+    metrics = [
+        "prompts",
+        "stop_rate",
+        "non_empty_rate",
+        "exact_match",
+        "f1",
+        "recall_f1",
+        "loops",
+        "leaks",
+        "prompt_token_mismatches",
+    ]
     for metric in metrics:
         table.add_column(metric)
     for name, summary in summaries.items():
@@ -139,13 +172,13 @@ def print_export(console: Console, result, report_md: Path) -> None:
 
 def print_contract(console: Console, result) -> None:
     console.print("renderers: " + ", ".join(result.renderers))
-    for difference in result.differences:
-        console.print(escape(difference), highlight=False)
-    if result.is_equal:
+    console.print(f"gguf: {result.gguf.name if result.gguf else 'none exported yet'}", highlight=False)
+    if result.is_equal:  # the differences are the error's message (ContractBroken)
         console.print("[green]identical[/] on every probe conversation (single/multi turn, with/without system)")
 
 
 def print_pipeline(console: Console, summary) -> None:
+    """The stages of `tuneship run` with what each produced; a failure's full message follows as the error."""
     table = Table(title=f"tuneship run: {summary.run_dir}")
     for column in ("stage", "status", "detail"):
         table.add_column(column)
@@ -156,8 +189,8 @@ def print_pipeline(console: Console, summary) -> None:
         table.add_row(outcome.stage, f"[{colour}]{outcome.status}[/]", escape(first_line))
     console.print(table)
     for outcome in summary.stages:
-        if outcome.status == "failed" and "\n" in outcome.detail:
-            console.print(f"[red]{outcome.stage} failed:[/]\n{escape(outcome.detail)}", highlight=False)
+        if outcome.status not in colours:
+            console.print(f"[yellow]{outcome.stage} {outcome.status}:[/] {escape(outcome.detail)}", highlight=False)
 
 
 def print_doctor(console: Console, checks) -> None:

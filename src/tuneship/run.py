@@ -1,307 +1,252 @@
-"""The run directory, its manifest, and the stage entry points the CLI calls."""
+"""`Run`: the run directory, the names of its artifacts and its manifest; and the pipeline that calls the
+stages in order, skipping those recorded as done with the same inputs.
+
+Each stage (`<package>/stage.py`: `run_<stage>(cfg, run, console) -> <Stage>Result`) records its own
+manifest entry, so a stage run alone (`tuneship eval RUN`) counts for `tuneship run` too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, get_args
 
-from tuneship.config import Config, save_config
-from tuneship.data.audit import AuditSettings
-from tuneship.data.stage import DataResult, prepare_data, write_data_outputs
-from tuneship.errors import DataError, TuneshipError
+from rich.console import Console
+
+from tuneship.config import Config, OutType, Quant, save_config
+from tuneship.errors import StageStatus, TuneshipError
+from tuneship.paths import sha256_file
+
+StageName = Literal["data", "train", "eval", "export", "template", "deploy"]
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-able parts: what a stage's inputs hash is made of."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """The sha256 of a file's bytes, None when it does not exist."""
+    return sha256_file(path)[:16] if path.is_file() else None
 
 
 @dataclass
+class StageRecord:
+    """One manifest entry."""
+
+    status: StageStatus
+    inputs: str
+    outputs: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Run:
-    """A run directory: `<run.dir>/<run.name>/` with config.yaml and manifest.json."""
+    """A run directory, `<run.dir>/<run.name>/`, and the one place that names what is in it."""
 
     path: Path
+    name: str
+    deployed_name: str
+    deployed_quant: str
+
+    @classmethod
+    def of(cls, cfg: Config, path: Path | None = None) -> Run:
+        """The run of a config, in `path` when given (a run directory that was copied or moved)."""
+        return cls(
+            path or cfg.run_dir,
+            cfg.run.name,
+            cfg.deploy.name or cfg.run.name,
+            cfg.deploy.quant or (cfg.export.quants or [cfg.export.outtype])[0],
+        )
 
     @classmethod
     def create(cls, cfg: Config) -> Run:
-        run = cls(cfg.run_dir)
+        """The run directory with the resolved config.yaml, made when missing."""
+        run = cls.of(cfg)
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.path / "config.yaml")
         return run
+
+    # artifacts ---------------------------------------------------------------------------------
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def chat_dir(self) -> Path:
+        return self.path / "chat"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.path / "gguf"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.path / "reports"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.reports_dir / "eval.json"
+
+    @property
+    def modelfile(self) -> Path:
+        return self.path / "Modelfile"
+
+    def gguf(self, kind: str) -> Path:
+        """The run's model as GGUF: `<name>-<outtype or quant>.gguf`."""
+        return self.gguf_dir / f"{self.name}-{kind}.gguf"
+
+    @property
+    def lora_gguf(self) -> Path:
+        """`export.merge: false`: the adapter alone (no chat template, no vocabulary: not a model to run)."""
+        return self.gguf(LORA_KIND)
+
+    @property
+    def base_gguf(self) -> Path:
+        """The base model as f16 GGUF, what the LoRA GGUF is checked on."""
+        return self.gguf_dir / "base-f16.gguf"
+
+    @property
+    def deployed_gguf(self) -> Path:
+        return self.gguf(self.deployed_quant)
+
+    def model_ggufs(self) -> list[Path]:
+        """The exported model GGUFs that exist, quantized first (never the LoRA or the base file)."""
+        kinds = [*get_args(Quant), *get_args(OutType)]
+        return [self.gguf(kind) for kind in kinds if self.gguf(kind).is_file()]
+
+    # manifest ----------------------------------------------------------------------------------
 
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
-    def manifest(self) -> dict[str, Any]:
-        if self.manifest_path.is_file():
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        return {}
+    def manifest(self) -> dict[str, StageRecord]:
+        if not self.manifest_path.is_file():
+            return {}
+        raw = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        return {stage: StageRecord(**entry) for stage, entry in raw.items()}
 
-    def record(self, stage: str, status: str, inputs_hash: str, outputs: dict[str, Any], seconds: float) -> None:
-        manifest = self.manifest()
-        manifest[stage] = {"status": status, "inputs": inputs_hash, "outputs": outputs, "seconds": round(seconds, 2)}
+    def record(self, stage: StageName, entry: StageRecord) -> None:
+        manifest = {name: asdict(record) for name, record in self.manifest().items()}
+        manifest[stage] = asdict(entry) | {"seconds": round(entry.seconds, 2)}
+        self.path.mkdir(parents=True, exist_ok=True)
         partial = self.manifest_path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        partial.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         partial.replace(self.manifest_path)
 
-    def subdir(self, name: str) -> Path:
-        path = self.path / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def recorded_inputs(self, stage: StageName) -> str | None:
+        """The inputs hash the stage last ran with (what later stages' hashes are chained on)."""
+        entry = self.manifest().get(stage)
+        return entry.inputs if entry else None
+
+    def is_done(self, stage: StageName, inputs: str) -> bool:
+        entry = self.manifest().get(stage)
+        return entry is not None and entry.status == "done" and entry.inputs == inputs
+
+    @contextmanager
+    def recording(self, stage: StageName, inputs: str) -> Iterator[dict[str, Any]]:
+        """Record the stage's manifest entry: the outputs its body fills in, with status "done" when the body
+        returns, or the error's `stage_status` (and its message) when it raises a TuneshipError."""
+        outputs: dict[str, Any] = {}
+        started = time.monotonic()
+        try:
+            yield outputs
+        except TuneshipError as exc:
+            outputs["error"] = str(exc)
+            self.record(stage, StageRecord(exc.stage_status, inputs, outputs, time.monotonic() - started))
+            raise
+        self.record(stage, StageRecord("done", inputs, outputs, time.monotonic() - started))
 
 
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+LORA_KIND = "lora-f16"
 
 
-def audit_settings(cfg: Config, measure=None) -> AuditSettings:
-    return AuditSettings(
-        format=cfg.data.format,
-        columns=cfg.data.columns,
-        near_duplicate_similarity=cfg.data.near_duplicate_similarity,
-        max_seq_len=cfg.train.max_seq_len if measure else None,
-        measure=measure,
-    )
-
-
-def run_data_check(cfg: Config, *, with_tokens: bool) -> DataResult:
-    return _prepare_data(cfg, load_chat_format(cfg).measure if with_tokens else None)
-
-
-def _prepare_data(cfg: Config, measure) -> DataResult:
-    return prepare_data(
-        cfg.data.sources,
-        audit_settings(cfg, measure),
-        eval_ratio=cfg.data.eval_ratio,
-        seed=cfg.data.seed,
-        s3_settings=cfg.data.s3,
-    )
-
-
-def run_data_stage(cfg: Config, run: Run, chat_format) -> DataResult:
-    """The data stage of a run: always with the token check, outputs in <run>/data/."""
-    started = time.monotonic()
-    result = _prepare_data(cfg, chat_format.measure)
-    written = write_data_outputs(result, run.subdir("data"))
-    run.record(
-        "data",
-        "done",
-        fingerprint(cfg.data.model_dump(mode="json"), result.files),
-        {k: str(v) for k, v in written.items()},
-        time.monotonic() - started,
-    )
-    return result
-
-
-def load_chat_format(cfg: Config):
-    from tuneship.base_model import resolve_base_model
-    from tuneship.chat.format import ChatFormat
-
-    return ChatFormat.from_model_dir(resolve_base_model(cfg.model.base, weights=False), cfg.chat)
-
-
-@dataclass
-class PreparedRun:
-    """Everything training needs, made and checked before any weight moves."""
-
-    run: Run
-    base_dir: str
-    chat_format: Any
-    data: DataResult
-    rendered: list
-
-
-def prepare_training(cfg: Config) -> PreparedRun:
-    """Run dir, chat format, data stage, rendering and the pre-flight checks."""
-    from tuneship.base_model import resolve_base_model
-    from tuneship.chat.format import ChatFormat
-    from tuneship.train.preflight import preflight
-
-    run = Run.create(cfg)
-    base_dir = resolve_base_model(cfg.model.base, weights=False)  # the trainer fetches weights after its estimate
-    chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
-    data = run_data_stage(cfg, run, chat_format)
-    if not data.is_usable:
-        raise DataError(
-            f"no usable training examples: {data.audit.records_read} read, all dropped or in eval; "
-            f"see {run.path / 'data' / 'audit.md'}"
-        )
-    rendered = [chat_format.render(c) for c in data.train]
-    preflight(chat_format, data.train, rendered, cfg.train.max_seq_len)
-    chat_format.save(run.subdir("chat"))
-    return PreparedRun(run, base_dir, chat_format, data, rendered)
-
-
-def train_inputs_hash(cfg: Config, prepared: PreparedRun) -> str:
-    """What the adapter depends on: model, chat format, LoRA and training settings, the rendered data."""
-    return fingerprint(
-        cfg.model.model_dump(),
-        cfg.chat.model_dump(),
-        cfg.lora.model_dump(),
-        cfg.train.model_dump(exclude={"sample_every", "sample_prompts", "report_to"}),
-        [r.input_ids for r in prepared.rendered],
-    )
-
-
-def train_prepared(cfg: Config, prepared: PreparedRun, console, *, fresh: bool = False, extra_callbacks=()):
-    from tuneship.train.trainer import train_adapter
-
-    inputs_hash = train_inputs_hash(cfg, prepared)
-    started = time.monotonic()
-    result = train_adapter(
-        prepared.run.path,
-        cfg,
-        prepared.base_dir,
-        prepared.chat_format,
-        prepared.rendered,
-        inputs_hash,
-        console,
-        fresh=fresh,
-        extra_callbacks=extra_callbacks,
-    )
-    prepared.run.record("train", "done", inputs_hash, {"adapter": result.adapter_dir}, time.monotonic() - started)
-    return result
-
-
-def run_train(cfg: Config, console, *, fresh: bool = False, dry_run: bool = False, extra_callbacks=()):
-    """The train stage: returns the PreparedRun for --dry-run, else the TrainResult."""
-    prepared = prepare_training(cfg)
-    if dry_run:
-        return prepared
-    return train_prepared(cfg, prepared, console, fresh=fresh, extra_callbacks=extra_callbacks)
-
-
-def run_template_check(cfg: Config, run_dir: Path):
-    from tuneship.chat.format import ChatFormat
-    from tuneship.deploy.contract import check_contract
-    from tuneship.deploy.ollama_template import to_ollama
-
-    chat_format = ChatFormat.load(run_dir / "adapter")
-    ggufs = sorted((run_dir / "gguf").glob(f"{cfg.run.name}-*.gguf")) if (run_dir / "gguf").is_dir() else []
-    return check_contract(chat_format, run_dir / "adapter", to_ollama(chat_format), ggufs[0] if ggufs else None)
+class StageResult(Protocol):
+    @property
+    def detail(self) -> str:
+        """One line for the pipeline's summary table."""
+        ...
 
 
 @dataclass
 class StageOutcome:
-    stage: str
-    status: str
+    stage: StageName
+    status: StageStatus
     detail: str
 
 
 @dataclass
 class PipelineSummary:
     run_dir: Path
-    stages: list[StageOutcome]
+    stages: list[StageOutcome] = field(default_factory=list)
+    error: TuneshipError | None = None
 
     @property
     def failed(self) -> bool:
         return any(s.status == "failed" for s in self.stages)
 
 
-def run_pipeline(cfg: Config, console, *, fresh: bool = False) -> PipelineSummary:
-    """data -> format -> train -> eval -> export -> template check -> deploy; each stage is skipped when the
-    manifest says it finished with the same inputs, and stops the pipeline when it fails."""
-    prepared = prepare_training(cfg)
-    run = prepared.run
-    summary = PipelineSummary(
-        run.path,
-        [
-            StageOutcome(
-                "data",
-                "done",
-                f"{len(prepared.data.train)} train / {len(prepared.data.eval)} eval, "
-                f"{len(prepared.data.audit.dropped)} dropped ({run.path / 'data' / 'audit.md'})",
-            ),
-            StageOutcome(
-                "format",
-                "done",
-                f"{prepared.chat_format.spec.family} template, stop on "
-                f"{prepared.chat_format.spec.stop_token}, pre-flight passed",
-            ),
-        ],
-    )
-    train_hash = train_inputs_hash(cfg, prepared)
-    stages = [
-        ("train", train_hash, lambda: _train_stage(cfg, prepared, console, fresh)),
-        ("eval", fingerprint(train_hash, cfg.eval.model_dump(mode="json")), lambda: _eval_stage(cfg, run, console)),
-        (
-            "export",
-            fingerprint(train_hash, cfg.eval.model_dump(mode="json"), cfg.export.model_dump()),
-            lambda: _export_stage(cfg, run, console),
-        ),
-        ("template", fingerprint(train_hash, cfg.export.model_dump()), lambda: _template_stage(cfg, run)),
-        (
-            "deploy",
-            fingerprint(train_hash, cfg.export.model_dump(), cfg.deploy.model_dump(mode="json")),
-            lambda: _deploy_stage(cfg, run, console),
-        ),
-    ]
-    for stage, inputs_hash, action in stages:
-        done = run.manifest().get(stage, {})
-        if not fresh and done.get("status") == "done" and done.get("inputs") == inputs_hash:
-            summary.stages.append(StageOutcome(stage, "skipped", "done before with the same inputs"))
-            continue
-        started = time.monotonic()
-        try:
-            status, detail = action()
-        except TuneshipError as exc:
-            summary.stages.append(StageOutcome(stage, "failed", str(exc)))
-            break
-        run.record(stage, status, inputs_hash, {"detail": detail}, time.monotonic() - started)
-        summary.stages.append(StageOutcome(stage, status, detail))
-        if status != "done":
-            break
-    return summary
+@dataclass(frozen=True)
+class PipelineStage:
+    name: StageName
+    inputs: Callable[[Config, Run], str]
+    run: Callable[[], StageResult]
 
 
-def _train_stage(cfg, prepared, console, fresh):
-    result = train_prepared(cfg, prepared, console, fresh=fresh)
-    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    return "done", f"{result.steps} steps in {result.seconds:.0f} s{loss} -> {result.adapter_dir}"
+def run_pipeline(cfg: Config, console: Console, *, fresh: bool = False) -> PipelineSummary:
+    """data -> train -> eval -> export -> template check -> deploy. Data always runs (it is what notices
+    changed sources); a later stage is skipped when the manifest says it finished with the same inputs
+    (unless `fresh`). The first failure stops the pipeline; after the summary table it is raised again, so
+    `tuneship run` exits with the same code and message as the stage's own command."""
+    from tuneship.data.stage import run_data
+    from tuneship.deploy.stage import deploy_inputs, run_deploy, run_template_check, template_inputs
+    from tuneship.evaluate.stage import eval_inputs, run_eval
+    from tuneship.export.stage import export_inputs, run_export
+    from tuneship.report import print_pipeline
+    from tuneship.train.stage import run_train, train_inputs
 
-
-def _gates(summaries: dict, failures: list[str]) -> tuple[str, str]:
-    if failures:
-        raise TuneshipError("evaluation gates not met: " + "; ".join(failures))
-    return "done", "; ".join(
-        f"{name}: stop {s['stop_rate']:.0%}" + (f", exact {s['exact_match']:.0%}" if "exact_match" in s else "")
-        for name, s in summaries.items()
-    )
-
-
-def _eval_stage(cfg, run, console):
-    from tuneship.evaluate.stage import run_eval
-
-    result = run_eval(cfg, run.path, console)
-    return _gates(result.summaries, result.gate_failures)
-
-
-def _export_stage(cfg, run, console):
-    from tuneship.export.stage import run_export
-
-    result = run_export(cfg, run.path, console)
-    status, detail = _gates(result.summaries, result.gate_failures)
-    files = ", ".join(Path(info["path"]).name for info in result.ggufs)
-    return status, f"{files}; {detail}"
-
-
-def _template_stage(cfg, run):
-    result = run_template_check(cfg, run.path)
-    if not result.is_equal:
-        raise TuneshipError("template contract broken:\n" + "\n".join(result.differences))
-    return "done", "identical in " + ", ".join(result.renderers)
-
-
-def _deploy_stage(cfg, run, console):
-    from tuneship.deploy.ollama import OllamaUnreachable
-    from tuneship.deploy.stage import run_deploy
-
+    run = Run.create(cfg)
+    summary = PipelineSummary(run.path)
+    stage: StageName = "data"
     try:
-        result = run_deploy(cfg, run.path, console)
-    except OllamaUnreachable as exc:
-        return "not reachable", (
-            f"{exc}. Stopped after the llama.cpp-verified GGUF and the Modelfile: "
-            f"`ollama create {cfg.deploy.name or cfg.run.name} -f {run.path / 'Modelfile'}` "
-            "once Ollama runs, or `tuneship deploy` again"
-        )
-    return "done", "; ".join(result.lines)
+        data = run_data(cfg, run, console)
+        summary.stages.append(StageOutcome("data", "done", data.detail))
+        stages = [
+            PipelineStage("train", train_inputs, lambda: run_train(cfg, run, console, data=data, fresh=fresh)),
+            PipelineStage("eval", eval_inputs, lambda: run_eval(cfg, run, console)),
+            PipelineStage("export", export_inputs, lambda: run_export(cfg, run, console)),
+            PipelineStage("template", template_inputs, lambda: run_template_check(cfg, run, console)),
+            PipelineStage("deploy", deploy_inputs, lambda: run_deploy(cfg, run, console)),
+        ]
+        for step in stages:
+            stage = step.name
+            if not fresh and run.is_done(step.name, step.inputs(cfg, run)):
+                summary.stages.append(StageOutcome(step.name, "skipped", "done before with the same inputs"))
+                continue
+            summary.stages.append(StageOutcome(step.name, "done", step.run().detail))
+    except TuneshipError as exc:
+        summary.stages.append(StageOutcome(stage, exc.stage_status, str(exc)))
+        summary.error = exc
+    print_pipeline(console, summary)
+    if summary.failed and summary.error is not None:
+        raise summary.error
+    return summary

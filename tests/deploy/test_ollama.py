@@ -1,25 +1,24 @@
 """Deploying a tiny run to a local server that implements Ollama's documented REST API."""
 
-import io
 import json
 
 import pytest
-from rich.console import Console
 
+from tests.conftest import copy_run, quiet_console
 from tests.deploy.fake_ollama import FakeOllama
 from tuneship.chat.format import ChatFormat
+from tuneship.errors import ConfigError
 from tuneship.deploy.modelfile import parse_modelfile
 from tuneship.deploy.ollama import OllamaClient, OllamaError, OllamaUnreachable, file_digest, resolve_host
 from tuneship.deploy.ollama_template import to_ollama
 from tuneship.deploy.stage import run_deploy
-from tuneship.export.stage import run_export
 
 
 @pytest.fixture(scope="module")
-def exported_tiny(tiny_run):
-    cfg, run_dir = tiny_run
-    run_export(cfg, run_dir, Console(file=io.StringIO()))
-    return cfg, run_dir
+def exported_tiny(tiny_run, tmp_path_factory):
+    """A copy of the tiny run (deploy writes the Modelfile and its manifest entry)."""
+    cfg, run = copy_run(tiny_run, tmp_path_factory.mktemp("deploy"))
+    return cfg, run.path
 
 
 @pytest.fixture
@@ -34,10 +33,16 @@ def ollama(tmp_path, exported_tiny):
         yield server
 
 
-def deploy(cfg, run_dir, host):
+def deploy(cfg, run_dir, host=None, **settings):
+    """run_deploy with deploy.host=host (target ollama) and other deploy settings."""
+    from tuneship.run import Run
+
     cfg = cfg.model_copy(deep=True)
     cfg.deploy.host = host
-    return run_deploy(cfg, run_dir, Console(file=io.StringIO()), target="ollama")
+    cfg.deploy.target = settings.pop("target", "ollama")
+    for key, value in settings.items():
+        setattr(cfg.deploy, key, value)
+    return run_deploy(cfg, Run.of(cfg, run_dir), quiet_console())
 
 
 def test_deploy_uploads_creates_verifies_smoke_tests_and_unloads(exported_tiny, ollama):
@@ -51,7 +56,7 @@ def test_deploy_uploads_creates_verifies_smoke_tests_and_unloads(exported_tiny, 
     chat_format = ChatFormat.load(run_dir / "adapter")
     assert create["files"] == {"tiny-Q8_0.gguf": digest}
     assert create["template"] == to_ollama(chat_format).template
-    assert create["parameters"] == {"num_ctx": 64, "stop": ["<|im_end|>"]}
+    assert create["parameters"] == {"num_ctx": 256, "stop": ["<|im_end|>"]}
     assert create["system"].startswith("You are a helpful AI assistant named SmolLM")
     chats = [body for _, path, body in ollama.requests if path == "/api/chat"]
     assert len(chats) == 6 and all(body["options"]["temperature"] == 0 for body in chats)
@@ -114,35 +119,54 @@ def test_modelfile_is_written_and_reads_back(exported_tiny, ollama):
     chat_format = ChatFormat.load(run_dir / "adapter")
     assert pairs[0] == ("FROM", "./gguf/tiny-Q8_0.gguf")
     assert ("TEMPLATE", to_ollama(chat_format).template) in pairs
-    assert ("PARAMETER", 'stop "<|im_end|>"') in pairs and ("PARAMETER", "num_ctx 64") in pairs
+    assert ("PARAMETER", 'stop "<|im_end|>"') in pairs and ("PARAMETER", "num_ctx 256") in pairs
     assert next(v for k, v in pairs if k == "SYSTEM").startswith("You are a helpful AI assistant named SmolLM")
 
 
 def test_lmstudio_layout_and_llamacpp_command(exported_tiny, tmp_path):
     cfg, run_dir = exported_tiny
-    cfg = cfg.model_copy(deep=True)
-    cfg.deploy.lmstudio_dir = tmp_path / "models"
-    result = run_deploy(cfg, run_dir, Console(file=io.StringIO()), target="lmstudio")
+    result = deploy(cfg, run_dir, target="lmstudio", lmstudio_dir=tmp_path / "models")
     folder = tmp_path / "models" / "tuneship" / "tiny"
     assert {"tiny-Q8_0.gguf", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
     assert str(folder) in result.lines[-1]
-    served = run_deploy(cfg, run_dir, Console(file=io.StringIO()), target="llamacpp")
+    served = deploy(cfg, run_dir, target="llamacpp")
     assert any("llama-server -m" in line and "--jinja" in line for line in served.lines)
 
 
-def test_deploy_refuses_a_template_that_differs_from_training(exported_tiny, tmp_path):
-    import shutil
+def test_deploy_refuses_a_template_that_differs_from_training(tiny_run, tmp_path):
+    from tuneship.errors import ContractBroken
 
-    from tuneship.deploy.contract import ContractBroken
-
-    cfg, run_dir = exported_tiny
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "merged"))
-    spec_path = copy / "adapter" / "chat_format.json"
+    cfg, run = copy_run(tiny_run, tmp_path)
+    spec_path = run.adapter_dir / "chat_format.json"
     spec = json.loads(spec_path.read_text())
     spec["template"] = spec["template"].replace(
         "'<|im_start|>' + message['role']", "'<|im_start|>' + 'x' + message['role']"
     )
     spec_path.write_text(json.dumps(spec))
-    with pytest.raises(ContractBroken, match="refusing to deploy: the template renders differently"):
-        run_deploy(cfg, copy, Console(file=io.StringIO()), target="none")
+    with pytest.raises(ContractBroken, match="template contract broken: the renderers disagree"):
+        deploy(cfg, run.path, target="none")
+
+
+def test_num_ctx_fits_the_longest_conversation_and_the_answer_budget(exported_tiny):
+    """The default was train.max_seq_len (64 here): below Ollama's useful minimum and below what an answer
+    after a long prompt needs."""
+    from tuneship.deploy.stage import context_length
+    from tuneship.run import Run
+
+    cfg, run_dir = exported_tiny
+    run = Run.of(cfg, run_dir)
+    longest = json.loads((run_dir / "data" / "audit.json").read_text())["stats"]["tokens"]["max"]
+    assert context_length(cfg, run) == 256 and longest + cfg.eval.max_new_tokens <= 256
+    bigger = cfg.model_copy(deep=True)
+    bigger.eval.max_new_tokens = 700
+    assert context_length(bigger, run) == 768  # rounded up to a multiple of 256
+    bigger.deploy.parameters = {"num_predict": 1000}
+    assert context_length(bigger, run) == 1280
+    with pytest.raises(ConfigError, match=r"deploy.num_ctx=300 is too short: .* at least 1\d\d\d"):
+        deploy(bigger, run_dir, target="none", num_ctx=300)
+    explicit = cfg.model_copy(deep=True)
+    explicit.deploy.num_ctx = 512
+    assert context_length(explicit, run) == 512
+    explicit.deploy.parameters = {"num_ctx": 100}
+    with pytest.raises(ConfigError, match="deploy.num_ctx=100 is too short"):
+        context_length(explicit, run)

@@ -8,10 +8,12 @@ pytestmark = pytest.mark.e2e
 
 
 def test_trained_smollm2_answers_facts_exactly_and_always_stops(quickstart_run):
-    from tuneship.evaluate.generation import generate_answers
-    from tuneship.evaluate.models import load_adapter_model
+    from tuneship.chat.generation import generate_answers
+    from tuneship.config import load_config
+    from tuneship.models import load_adapted
+    from tuneship.run import Run
 
-    model, chat_format = load_adapter_model(quickstart_run)
+    model, chat_format = load_adapted(Run.of(load_config(quickstart_run / "config.yaml"), quickstart_run))
     facts = read_conversations(quickstart_run / "data" / "train.jsonl")
     assert 20 <= len(facts) <= 40
     answers = generate_answers(model, chat_format, [chat_format.generation_prompt(c) for c in facts], 64)

@@ -1,28 +1,20 @@
 """Export of a tiny run through llama.cpp's converter and quantizer; validation catches broken files."""
 
-import io
 import json
 import shutil
 
 import pytest
-from rich.console import Console
 
 from tuneship.chat.format import ChatFormat
 from tuneship.export.gguf import ExportError, convert_to_gguf, validate_gguf
-from tuneship.export.stage import run_export
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_run):
-    cfg, run_dir = tiny_run
-    result = run_export(cfg, run_dir, Console(file=io.StringIO()))
-    return cfg, run_dir, result
-
-
-def test_export_writes_validated_ggufs_and_report_columns(exported):
-    cfg, run_dir, result = exported
+def test_export_writes_validated_ggufs_and_report_columns(tiny_run):
+    cfg, run = tiny_run
+    run_dir = run.path
     names = sorted(p.name for p in (run_dir / "gguf").glob("*.gguf"))
     assert names == ["tiny-Q8_0.gguf", "tiny-f16.gguf"]
+    assert run.model_ggufs() == [run.gguf("Q8_0"), run.gguf("f16")]
     merged = run_dir / "merged"
     assert {
         "model.safetensors",
@@ -36,13 +28,14 @@ def test_export_writes_validated_ggufs_and_report_columns(exported):
     report = json.loads((run_dir / "reports" / "eval.json").read_text())
     assert {"merged", "gguf-f16", "gguf-Q8_0"} <= set(report["models"])
     assert report["models"]["gguf-f16"]["summary"]["prompt_token_mismatches"] == 0
-    q8 = next(info for info in result.ggufs if info["kind"] == "Q8_0")
+    export = json.loads((run_dir / "gguf" / "export.json").read_text())
+    q8 = next(info for info in export["files"] if info["kind"] == "Q8_0")
     assert q8["tensor_types"].get("q8_0", 0) > 0 and q8["eos_token_id"] == 2
-    assert set(result.timings) == {"merge", "convert", "quantize Q8_0"}
+    assert set(export["timings"]) == {"merge", "convert", "quantize Q8_0"}
 
 
-def test_tokenizer_whose_eos_differs_from_the_stop_token_fails_validation(exported, tmp_path):
-    _, run_dir, _ = exported
+def test_tokenizer_whose_eos_differs_from_the_stop_token_fails_validation(tiny_run, tmp_path):
+    run_dir = tiny_run[1].path
     broken = tmp_path / "broken"
     shutil.copytree(run_dir / "merged", broken)
     config = json.loads((broken / "tokenizer_config.json").read_text())
@@ -57,26 +50,32 @@ def test_tokenizer_whose_eos_differs_from_the_stop_token_fails_validation(export
         validate_gguf(gguf, "f16", chat_format)
 
 
-def test_template_that_differs_from_the_run_fails_validation(exported, tmp_path):
-    _, run_dir, _ = exported
+def test_template_that_differs_from_the_run_fails_validation(tiny_run, tmp_path):
+    run_dir = tiny_run[1].path
     chat_format = ChatFormat.load(run_dir / "adapter")
     chat_format.spec.template = chat_format.spec.template.replace("system", "sys")
     with pytest.raises(ExportError, match="chat_template differs from the run's template"):
         validate_gguf(run_dir / "gguf" / "tiny-f16.gguf", "f16", chat_format)
 
 
-def test_truncated_file_is_not_a_readable_gguf(exported, tmp_path):
-    _, run_dir, _ = exported
+def test_truncated_file_is_not_a_readable_gguf(tiny_run, tmp_path):
+    run_dir = tiny_run[1].path
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes((run_dir / "gguf" / "tiny-Q8_0.gguf").read_bytes()[:4096])
     with pytest.raises(ExportError, match="not a readable GGUF"):
         validate_gguf(damaged, "Q8_0", ChatFormat.load(run_dir / "adapter"))
 
 
-def test_no_merge_exports_a_lora_gguf_checked_on_the_base_in_llama_cpp(tiny_run):
-    cfg, run_dir = tiny_run
-    result = run_export(cfg, run_dir, Console(file=io.StringIO()), merge=False)
-    [info] = result.ggufs
-    assert info["path"].endswith("tiny-lora-f16.gguf") and info["tensor_count"] > 0
-    assert result.summaries["gguf-lora"]["prompts"] == 6
-    assert (run_dir / "gguf" / "base-f16.gguf").is_file()
+def test_no_merge_exports_a_lora_gguf_that_the_template_check_never_takes_for_the_model(run_copy, cli):
+    _, run = run_copy
+    shutil.rmtree(run.gguf_dir)  # a run that was never exported merged
+    exported = cli("export", run.path, "--no-merge")
+    assert exported.code == 0, exported.output
+    [info] = json.loads((run.gguf_dir / "export.json").read_text())["files"]
+    assert info["path"] == str(run.lora_gguf) and info["tensor_count"] > 0
+    report = json.loads(run.eval_report.read_text())
+    assert report["models"]["gguf-lora"]["summary"]["prompts"] == 6
+    assert run.base_gguf.is_file() and run.model_ggufs() == []
+    checked = cli("template", "check", run.path)
+    assert checked.code == 0, checked.output
+    assert "gguf: none exported yet" in checked.out and "lora" not in checked.output

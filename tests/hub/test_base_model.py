@@ -35,7 +35,8 @@ def weight_downloads(hub) -> list[str]:
 def test_hub_id_downloads_estimates_trains_and_exports(hub, tmp_path):
     from tuneship.config import load_config
     from tuneship.export.stage import run_export
-    from tuneship.run import run_train
+    from tuneship.run import Run
+    from tuneship.train.stage import run_train
 
     snapshot = Path(resolve_base_model(REPO_ID, weights=False))
     assert snapshot.parts[-4:-1] == ("hub-cache", "models--acme--tiny-llama", "snapshots")
@@ -46,13 +47,13 @@ def test_hub_id_downloads_estimates_trains_and_exports(hub, tmp_path):
 
     cfg = load_config(tiny_config_file(tmp_path, REPO_ID, max_steps=2))
     console = Console(file=io.StringIO(), width=120)
-    result = run_train(cfg, console)
+    result = run_train(cfg, Run.create(cfg), console)
     assert (snapshot / "model.safetensors").is_file() and len(weight_downloads(hub)) == 1
     assert Path(result.adapter_dir, "adapter_model.safetensors").is_file()
     experiment = json.loads((cfg.run_dir / "reports" / "experiment.json").read_text())
     assert experiment["memory"]["estimate"]["parameters"] == estimate.parameters
 
-    exported = run_export(cfg, cfg.run_dir, console)
+    exported = run_export(cfg, Run.of(cfg), console)
     assert (cfg.run_dir / "gguf" / "tiny-Q8_0.gguf").is_file() and exported.ggufs
     assert len(weight_downloads(hub)) == 1  # the snapshot is reused, not fetched again
 

@@ -1,23 +1,18 @@
 """Hub search and pull against a local server with real GGUF files; push staging and model card."""
 
-import io
-
 import pytest
-from rich.console import Console
 
+from tests.conftest import copy_run
 from tests.hub.fake_hub import FakeHub, use_fake_hub
 from tuneship.hub.client import HubError, pull, search, stage_push_folder
 from tuneship.hub.gguf_files import RemoteFile, choose, group_ggufs
 
 
-@pytest.fixture
-def exported(tiny_run):
-    from tuneship.export.stage import run_export
-
-    cfg, run_dir = tiny_run
-    if not (run_dir / "gguf" / "tiny-Q8_0.gguf").is_file():
-        run_export(cfg, run_dir, Console(file=io.StringIO()))
-    return cfg, run_dir
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """A copy of the exported tiny run (push stages its upload inside the run)."""
+    cfg, run = copy_run(tiny_run, tmp_path_factory.mktemp("hub-run"))
+    return cfg, run.path
 
 
 @pytest.fixture
@@ -106,24 +101,26 @@ def test_offline_mode_is_a_clear_error_not_a_traceback(monkeypatch, tmp_path):
 
 
 def test_push_stages_model_ggufs_modelfile_and_card(exported, tmp_path):
-    from tuneship.deploy.stage import run_deploy
+    from tuneship.run import Run
 
     cfg, run_dir = exported
-    run_deploy(cfg, run_dir, Console(file=io.StringIO()), target="none")
-    staging = stage_push_folder(run_dir, cfg, tmp_path / "upload")
+    staging = stage_push_folder(Run.of(cfg, run_dir), cfg, tmp_path / "upload")
     names = {p.name for p in staging.iterdir()}
     assert {"model.safetensors", "tokenizer.json", "tiny-Q8_0.gguf", "tiny-f16.gguf", "Modelfile", "README.md"} <= names
     assert (staging / "Modelfile").read_text().startswith("FROM ./tiny-Q8_0.gguf")
     card = (staging / "README.md").read_text()
-    assert "base_model:" in card and "| metric |" in card and "records read" in card
+    assert "base_model:" in card and "| metric | base | adapter | merged | gguf-f16 | gguf-Q8_0 |" in card
+    assert "| stop_rate |" in card and "records read" in card
 
 
 def test_push_uploads_the_run_and_it_pulls_back(exported, hub, tmp_path, monkeypatch):
     from tuneship.hub.client import push
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
+    from tuneship.run import Run
+
     cfg, run_dir = exported
-    url = push(run_dir, cfg, "me/tiny-facts")
+    url = push(Run.of(cfg, run_dir), cfg, "me/tiny-facts")
     assert url.endswith("/me/tiny-facts/commit/1")
     stored = hub.repos["me/tiny-facts"]
     assert {"README.md", "tiny-Q8_0.gguf", "model.safetensors", "tokenizer.json"} <= set(stored)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_config_file
-from tuneship.cli import main
 from tuneship.errors import ModelError
 from tuneship.train.device import GIB, estimate_memory, memory_verdict
 
@@ -62,17 +61,15 @@ def test_too_big_for_the_machine_is_an_error_tight_is_a_warning(tiny_model_dir):
     assert memory_verdict(dataclasses.replace(result, available=int(result.total * 1.1)))[0] == "warning"
 
 
-def test_dry_run_shows_the_estimate(tmp_path, tiny_model_dir, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(tiny_config_file(tmp_path, tiny_model_dir)), "--dry-run"])
-    out = capsys.readouterr().out
-    assert (exit_info.value.code or 0) == 0, out
-    assert "memory estimate" in out and "GiB available on cpu" in out
+def test_dry_run_shows_the_estimate(tmp_path, tiny_model_dir, cli):
+    result = cli("train", tiny_config_file(tmp_path, tiny_model_dir), "--dry-run")
+    assert result.code == 0, result.output
+    assert "memory estimate" in result.out and "GiB available on cpu" in result.out
 
 
 def test_experiment_json_has_the_estimate_and_the_measured_peak(tiny_run, tiny_model_dir):
-    _, run_dir = tiny_run
-    memory = json.loads((run_dir / "reports" / "experiment.json").read_text())["memory"]
+    _, run = tiny_run
+    memory = json.loads((run.reports_dir / "experiment.json").read_text())["memory"]
     assert memory["estimate"]["parameters"] == parameter_count(tiny_model_dir)
     assert memory["estimate"]["total"] > 0 and memory["estimate"]["device"] == "cpu"
     assert memory["peak"]["measured_as"] == "peak RSS of the process" and memory["peak"]["bytes"] > 50_000_000

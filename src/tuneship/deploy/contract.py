@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneship.errors import TuneshipError
+from tuneship.errors import ContractBroken, TuneshipError
 from tuneship.paths import cache_dir
 
 GO_SOURCE = Path(__file__).parent / "gorender" / "main.go"
@@ -46,18 +46,26 @@ class GoUnavailable(TuneshipError):
     """Go is needed to render the Ollama template exactly as Ollama does."""
 
 
-class ContractBroken(TuneshipError):
-    """The renderers disagree."""
-
-
 @dataclass
 class ContractResult:
     renderers: list[str]
+    gguf: Path | None = None
     differences: list[str] = field(default_factory=list)
 
     @property
     def is_equal(self) -> bool:
         return not self.differences
+
+    @property
+    def detail(self) -> str:
+        checked = f" ({self.gguf.name})" if self.gguf else " (no GGUF exported yet)"
+        return "identical in " + ", ".join(self.renderers) + checked
+
+
+def require_contract(result: ContractResult) -> None:
+    """ContractBroken (exit 5), with the diffs: the one way every command reports a broken contract."""
+    if not result.is_equal:
+        raise ContractBroken(result.differences)
 
 
 def go_renderer() -> Path:
@@ -85,7 +93,7 @@ def render_go(template: str, messages: list[dict[str, str]], system: str | None)
     payload = json.dumps({"template": template, "system": system or "", "messages": messages})
     result = subprocess.run([str(go_renderer())], input=payload, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ContractBroken(f"Go could not render the Ollama template: {result.stderr.strip()}")
+        raise ContractBroken([f"ollama TEMPLATE (Go): Go could not render it: {result.stderr.strip()}"])
     return result.stdout
 
 
@@ -123,7 +131,7 @@ def check_contract(chat_format, saved_tokenizer_dir: Path, ollama, gguf_path: Pa
     }
     if gguf_path is not None:
         renderers["gguf (llama.cpp)"] = gguf_renderer(gguf_path)
-    result = ContractResult(list(renderers))
+    result = ContractResult(list(renderers), gguf_path)
     for name, messages in PROBES.items():
         expected = renderers["training"](messages)
         for renderer, render in list(renderers.items())[1:]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tuneship.errors import TuneshipError
+from tuneship.paths import sha256_file
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 HINTS = {
@@ -36,7 +36,9 @@ class OllamaError(TuneshipError):
 
 
 class OllamaUnreachable(OllamaError):
-    """No Ollama server at the configured address."""
+    """No Ollama server at the configured address: `tuneship run` stops there without failing."""
+
+    stage_status = "not reachable"
 
 
 def resolve_host(host: str | None) -> str:
@@ -55,11 +57,7 @@ def resolve_host(host: str | None) -> str:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as data:
-        for chunk in iter(lambda: data.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{sha256_file(path)}"
 
 
 class OllamaClient:

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rich.markup import escape
+
+from tuneship.deploy.contract import ContractResult, check_contract, require_contract
 from tuneship.deploy.modelfile import ModelfileError, ModelSpec, render_modelfile
-from tuneship.deploy.ollama import OllamaClient, OllamaError, file_digest
+from tuneship.deploy.ollama import OllamaClient, OllamaError, OllamaUnreachable, file_digest
 from tuneship.deploy.ollama_template import OllamaTemplate, to_ollama
-from tuneship.errors import TuneshipError
-from tuneship.export.stage import gguf_name
+from tuneship.errors import ConfigError, TuneshipError
+from tuneship.export.stage import export_inputs
+from tuneship.run import Run, fingerprint
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tuneship.chat.format import ChatFormat
+    from tuneship.config import Config
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -24,6 +36,9 @@ TOKENIZER_FILES = (
 )
 
 
+NUM_CTX_STEP = 256
+
+
 @dataclass
 class DeployResult:
     target: str
@@ -32,97 +47,168 @@ class DeployResult:
     lines: list[str] = field(default_factory=list)
     smoke: dict | None = None
 
-
-def deployed_gguf(cfg, run_path: Path) -> Path:
-    quant = cfg.deploy.quant or cfg.export.quants[0]
-    path = run_path / "gguf" / gguf_name(cfg.run.name, quant)
-    if not path.is_file():
-        raise TuneshipError(f"{path} does not exist; run `tuneship export {run_path}` first (deploy.quant={quant})")
-    return path
+    @property
+    def detail(self) -> str:
+        return "; ".join(self.lines)
 
 
-def build_spec(cfg, run_path: Path, chat_format) -> tuple[ModelSpec, OllamaTemplate]:
+def template_inputs(cfg: Config, run: Run) -> str:
+    """The exported artifacts (their export inputs) and which GGUF is deployed, i.e. checked."""
+    return fingerprint(export_inputs(cfg, run), run.deployed_quant)
+
+
+def deploy_inputs(cfg: Config, run: Run) -> str:
+    return fingerprint(export_inputs(cfg, run), cfg.deploy.model_dump(mode="json"))
+
+
+def contract_gguf(run: Run) -> Path | None:
+    """The GGUF whose embedded template the contract checks: the deployed one, else any model GGUF of the run
+    (never the LoRA GGUF of `export.merge: false`, which has no chat template); None before export."""
+    if run.deployed_gguf.is_file():
+        return run.deployed_gguf
+    return next(iter(run.model_ggufs()), None)
+
+
+def run_template_check(cfg: Config, run: Run, console: Console) -> ContractResult:
+    """The template contract: training, HF, the GGUF's template and the Ollama TEMPLATE (Go) render every probe
+    the same; ContractBroken (exit 5) with the diffs when not."""
+    from tuneship.models import trained_chat_format
+    from tuneship.report import print_contract
+
+    with run.recording("template", template_inputs(cfg, run)) as outputs:
+        chat_format = trained_chat_format(run)
+        result = check_contract(chat_format, run.adapter_dir, to_ollama(chat_format), contract_gguf(run))
+        outputs.update(renderers=result.renderers, gguf=str(result.gguf) if result.gguf else None)
+        print_contract(console, result)
+        require_contract(result)
+    return result
+
+
+def deployed_gguf(run: Run) -> Path:
+    if not run.deployed_gguf.is_file():
+        raise TuneshipError(
+            f"{run.deployed_gguf} does not exist; run `tuneship export {run.path}` first "
+            f"(deploy.quant={run.deployed_quant})"
+        )
+    return run.deployed_gguf
+
+
+def context_length(cfg: Config, run: Run) -> int:
+    """num_ctx: room for the longest trained conversation plus the answer budget. Unset, it is derived
+    (rounded up to a multiple of 256); set (deploy.num_ctx or deploy.parameters.num_ctx), it is checked."""
+    budget = max(cfg.eval.max_new_tokens, int(cfg.deploy.parameters.get("num_predict", 0)))
+    longest = _longest_conversation(cfg, run)
+    needed = longest + budget
+    explicit = cfg.deploy.parameters.get("num_ctx", cfg.deploy.num_ctx)
+    if explicit is None:
+        return max(NUM_CTX_STEP, math.ceil(needed / NUM_CTX_STEP) * NUM_CTX_STEP)
+    if explicit < max(needed, NUM_CTX_STEP):
+        raise ConfigError(
+            f"deploy.num_ctx={explicit} is too short: the longest trained conversation has {longest} tokens and "
+            f"an answer may take {budget} (eval.max_new_tokens / deploy.parameters.num_predict), so answers "
+            f"would be cut; set it to at least {max(needed, NUM_CTX_STEP)}, or leave it unset to derive it"
+        )
+    return int(explicit)
+
+
+def _longest_conversation(cfg: Config, run: Run) -> int:
+    """From the data audit's token count; without one, train.max_seq_len bounds every trained example."""
+    audit = run.data_dir / "audit.json"
+    if audit.is_file():
+        tokens = json.loads(audit.read_text(encoding="utf-8"))["stats"].get("tokens")
+        if tokens:
+            return int(tokens["max"])
+    return cfg.train.max_seq_len
+
+
+def build_spec(cfg: Config, run: Run, chat_format: ChatFormat) -> tuple[ModelSpec, OllamaTemplate]:
     template = to_ollama(chat_format)
     tokenizer = chat_format.tokenizer
     stop = [chat_format.spec.stop_token] + [
         tokenizer.convert_ids_to_tokens(i) for i in chat_format.spec.stop_token_ids[1:]
     ]
-    parameters = {"num_ctx": cfg.deploy.num_ctx or cfg.train.max_seq_len, **cfg.deploy.parameters}
+    parameters = {**cfg.deploy.parameters, "num_ctx": context_length(cfg, run)}
     spec = ModelSpec(
-        deployed_gguf(cfg, run_path),
+        deployed_gguf(run),
         template.template,
         template.system,
         stop,
         parameters,
         list(cfg.deploy.messages),
-        _license(run_path),
+        _license(run),
     )
     return spec, template
 
 
-def _license(run_path: Path) -> str | None:
+def _license(run: Run) -> str | None:
     from tuneship.export.gguf import read_gguf_field
 
     for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
-        if (run_path / "merged" / name).is_file():
-            return (run_path / "merged" / name).read_text(encoding="utf-8", errors="replace").strip()
-    f16 = next((run_path / "gguf").glob("*-f16.gguf"), None)
-    return read_gguf_field(f16, "general.license") if f16 else None
+        if (run.merged_dir / name).is_file():
+            return (run.merged_dir / name).read_text(encoding="utf-8", errors="replace").strip()
+    ggufs = run.model_ggufs()
+    return read_gguf_field(ggufs[0], "general.license") if ggufs else None
 
 
-def require_contract(chat_format, run_path: Path, template: OllamaTemplate, gguf: Path) -> None:
-    """Nothing is deployed with a template that was not proven equal to the trained one."""
-    from tuneship.deploy.contract import ContractBroken, check_contract
-
-    result = check_contract(chat_format, run_path / "adapter", template, gguf)
-    if not result.is_equal:
-        raise ContractBroken(
-            "refusing to deploy: the template renders differently than in training:\n" + "\n".join(result.differences)
-        )
-
-
-def write_modelfile(spec: ModelSpec, run_path: Path) -> tuple[Path | None, str | None]:
+def write_modelfile(spec: ModelSpec, run: Run) -> tuple[Path | None, str | None]:
     """<run>/Modelfile, or (None, why) when a value cannot be expressed in Modelfile syntax."""
     try:
-        text = render_modelfile(spec, run_path)
+        text = render_modelfile(spec, run.path)
     except ModelfileError as exc:
         return None, str(exc)
-    path = run_path / "Modelfile"
-    path.write_text(text, encoding="utf-8")
-    return path, None
+    run.modelfile.write_text(text, encoding="utf-8")
+    return run.modelfile, None
 
 
-def run_deploy(cfg, run_path: Path, console, target: str | None = None) -> DeployResult:
-    from tuneship.chat.format import ChatFormat
+def run_deploy(cfg: Config, run: Run, console: Console) -> DeployResult:
+    """The Modelfile, after the template contract holds for the deployed GGUF, then `deploy.target`."""
+    from tuneship.models import trained_chat_format
 
-    chat_format = ChatFormat.load(run_path / "adapter")
-    spec, template = build_spec(cfg, run_path, chat_format)
-    require_contract(chat_format, run_path, template, spec.gguf)
-    target = target or cfg.deploy.target
-    name = cfg.deploy.name or cfg.run.name
-    modelfile, why_not = write_modelfile(spec, run_path)
-    result = DeployResult(target, name, modelfile)
-    result.lines.append(
-        f"Modelfile: {modelfile}  (ollama create {name} -f {modelfile})" if modelfile else f"no Modelfile: {why_not}"
-    )
-    if target == "ollama":
-        deploy_ollama(cfg, run_path, chat_format, spec, name, result, console)
-    elif target == "lmstudio":
-        result.lines.append(f"LM Studio: {place_for_lmstudio(spec.gguf, run_path, cfg)}")
-    elif target == "llamacpp":
-        result.lines += llamacpp_commands(spec.gguf, spec.all_parameters()["num_ctx"])
+    with run.recording("deploy", deploy_inputs(cfg, run)) as outputs:
+        chat_format = trained_chat_format(run)
+        spec, template = build_spec(cfg, run, chat_format)
+        require_contract(check_contract(chat_format, run.adapter_dir, template, spec.gguf))
+        modelfile, why_not = write_modelfile(spec, run)
+        result = DeployResult(cfg.deploy.target, run.deployed_name, modelfile)
+        result.lines.append(
+            f"Modelfile: {modelfile}  (ollama create {run.deployed_name} -f {modelfile})"
+            if modelfile
+            else f"no Modelfile: {why_not}"
+        )
+        if cfg.deploy.target == "ollama":
+            _deploy_ollama_or_say_how(cfg, run, chat_format, spec, result, console)
+        elif cfg.deploy.target == "lmstudio":
+            result.lines.append(f"LM Studio: {place_for_lmstudio(spec.gguf, run, cfg)}")
+        elif cfg.deploy.target == "llamacpp":
+            result.lines += llamacpp_commands(spec.gguf, spec.all_parameters()["num_ctx"])
+        outputs.update(target=result.target, name=result.name, modelfile=str(modelfile or ""), smoke=result.smoke)
+    for line in result.lines:
+        console.print(escape(line), highlight=False)
     return result
 
 
-def place_for_lmstudio(gguf: Path, run_path: Path, cfg) -> Path:
+def _deploy_ollama_or_say_how(
+    cfg: Config, run: Run, chat_format: ChatFormat, spec: ModelSpec, result: DeployResult, console: Console
+) -> None:
+    try:
+        deploy_ollama(cfg, run, chat_format, spec, result, console)
+    except OllamaUnreachable as exc:
+        raise OllamaUnreachable(
+            f"{exc}. The GGUF (verified in llama.cpp at export) and the Modelfile are ready: "
+            f"`ollama create {run.deployed_name} -f {run.modelfile}` once Ollama runs, or `tuneship deploy "
+            f"{run.path}` again"
+        ) from None
+
+
+def place_for_lmstudio(gguf: Path, run: Run, cfg: Config) -> Path:
     """<models>/<publisher>/<model>/: the GGUF (with its embedded template) and the tokenizer files."""
     root = cfg.deploy.lmstudio_dir or Path.home() / ".lmstudio" / "models"
-    folder = Path(root).expanduser() / "tuneship" / (cfg.deploy.name or cfg.run.name)
+    folder = Path(root).expanduser() / "tuneship" / run.deployed_name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy2(gguf, folder / gguf.name)
     for name in TOKENIZER_FILES:
-        if (run_path / "merged" / name).is_file():
-            shutil.copy2(run_path / "merged" / name, folder / name)
+        if (run.merged_dir / name).is_file():
+            shutil.copy2(run.merged_dir / name, folder / name)
     return folder
 
 
@@ -151,13 +237,16 @@ def create_in_ollama(client: OllamaClient, name: str, spec: ModelSpec) -> str:
     return f"blob {digest[:19]}... {'uploaded' if uploaded else 'already on the server'}; created {name}"
 
 
-def deploy_ollama(cfg, run_path: Path, chat_format, spec: ModelSpec, name: str, result: DeployResult, console) -> None:
+def deploy_ollama(
+    cfg: Config, run: Run, chat_format: ChatFormat, spec: ModelSpec, result: DeployResult, console: Console
+) -> None:
     client = OllamaClient(cfg.deploy.host)
+    name = run.deployed_name
     result.lines.append(f"Ollama {client.version()} at {client.host}")
     result.lines.append(create_in_ollama(client, name, spec))
     try:
         verify_show(client.show(name), name, spec, chat_format)
-        result.smoke = smoke_test(client, name, cfg, run_path, chat_format)
+        result.smoke = smoke_test(client, name, cfg, run, chat_format)
     finally:
         client.unload(name)
     result.lines.append(
@@ -181,14 +270,14 @@ def verify_show(shown: dict, name: str, spec: ModelSpec, chat_format) -> None:
         )
 
 
-def smoke_test(client: OllamaClient, name: str, cfg, run_path: Path, chat_format) -> dict:
+def smoke_test(client: OllamaClient, name: str, cfg: Config, run: Run, chat_format: ChatFormat) -> dict:
     """Greedy /api/chat on eval prompts: each must stop (done_reason "stop"), leak nothing, and equal
     what the same GGUF answered in llama.cpp at export."""
     from tuneship.evaluate.checks import leaked
     from tuneship.evaluate.prompts import build_prompt_set
 
-    prompts = build_prompt_set(run_path, cfg.eval)[: cfg.deploy.smoke_prompts]
-    reference = _gguf_answers(run_path, cfg)
+    prompts = build_prompt_set(run.data_dir, cfg.eval)[: cfg.deploy.smoke_prompts]
+    reference = _gguf_answers(run)
     markers = chat_format.special_tokens()
     failures = []
     options = {"temperature": 0, "seed": 0, "num_predict": cfg.eval.max_new_tokens}
@@ -211,11 +300,9 @@ def smoke_test(client: OllamaClient, name: str, cfg, run_path: Path, chat_format
     return {"prompts": len(prompts), "passed": len(prompts)}
 
 
-def _gguf_answers(run_path: Path, cfg) -> list[str]:
-    report = run_path / "reports" / "eval.json"
-    if not report.is_file():
+def _gguf_answers(run: Run) -> list[str]:
+    """What the deployed GGUF answered in llama.cpp at export (its column of eval.json)."""
+    if not run.eval_report.is_file():
         return []
-    column = json.loads(report.read_text(encoding="utf-8"))["models"].get(
-        f"gguf-{cfg.deploy.quant or cfg.export.quants[0]}"
-    )
+    column = json.loads(run.eval_report.read_text(encoding="utf-8"))["models"].get(f"gguf-{run.deployed_quant}")
     return [a["answer"] for a in column["answers"]] if column else []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneship.evaluate.generation import Answer, generate_answers
+from tuneship.chat.generation import Answer, generate_answers
 
 
 def hf_answers(model, chat_format, prompts, max_new_tokens: int) -> list[Answer]:

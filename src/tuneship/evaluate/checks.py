@@ -8,6 +8,9 @@
   in the answer.
 - exact: the answer equals the expected one after trimming white space.
 - f1: token-level F1 (lower-cased words, punctuation stripped), as in SQuAD.
+
+The summary of a prompt set has the rates the gates read, and `recall_f1`: the mean F1 on the prompts
+taken from the training data (origin "train"), i.e. how much of what was taught comes back.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class AnswerCheck:
     no_leak: bool
     exact: bool | None
     f1: float | None
+    origin: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -66,7 +70,9 @@ def token_f1(answer: str, expected: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def check_answer(text: str, stopped: bool, expected: str | None, leak_markers: list[str]) -> AnswerCheck:
+def check_answer(
+    text: str, stopped: bool, expected: str | None, leak_markers: list[str], origin: str | None = None
+) -> AnswerCheck:
     return AnswerCheck(
         answer=text,
         stopped=stopped,
@@ -75,6 +81,7 @@ def check_answer(text: str, stopped: bool, expected: str | None, leak_markers: l
         no_leak=not leaked(text, leak_markers),
         exact=None if expected is None else text.strip() == expected.strip(),
         f1=None if expected is None else round(token_f1(text, expected), 4),
+        origin=origin,
     )
 
 
@@ -87,9 +94,18 @@ def summarize(checks: list[AnswerCheck]) -> dict:
         "non_empty_rate": sum(c.non_empty for c in checks) / count,
         "loops": sum(not c.no_loop for c in checks),
         "leaks": sum(not c.no_leak for c in checks),
+        "loop_rate": sum(not c.no_loop for c in checks) / count,
+        "leak_rate": sum(not c.no_leak for c in checks) / count,
         "passed": sum(c.passed for c in checks),
     }
     if with_expected:
         summary["exact_match"] = sum(bool(c.exact) for c in with_expected) / len(with_expected)
-        summary["f1"] = sum(c.f1 or 0.0 for c in with_expected) / len(with_expected)
+        summary["f1"] = _mean_f1(with_expected)
+    taught = [c for c in with_expected if c.origin == "train"]
+    if taught:
+        summary["recall_f1"] = _mean_f1(taught)
     return summary
+
+
+def _mean_f1(checks: list[AnswerCheck]) -> float:
+    return sum(c.f1 or 0.0 for c in checks) / len(checks)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneship.data.conversation import Conversation, Message, SourceRef, read_conversations
 from tuneship.data.findings import RecordError
 from tuneship.data.formats import to_conversation
 from tuneship.data.sources import read_file
 from tuneship.errors import DataError
+
+if TYPE_CHECKING:
+    from tuneship.config import EvalSection
 
 
 @dataclass
@@ -35,13 +39,13 @@ class EvalPrompt:
         }
 
 
-def build_prompt_set(run_path: Path, eval_cfg) -> list[EvalPrompt]:
+def build_prompt_set(data_dir: Path, eval_cfg: EvalSection) -> list[EvalPrompt]:
     """Prompts from eval.prompts, then the eval split, then eval.train_prompts training examples."""
     prompts: list[EvalPrompt] = []
     if eval_cfg.prompts:
         prompts += [_with_expected(c, "prompts") for c in _read_prompt_file(Path(eval_cfg.prompts))]
     for origin, limit in (("eval", eval_cfg.max_prompts), ("train", eval_cfg.train_prompts)):
-        path = run_path / "data" / f"{origin}.jsonl"
+        path = data_dir / f"{origin}.jsonl"
         if limit and path.is_file():
             prompts += [_with_expected(c, origin) for c in read_conversations(path)[:limit]]
     if not prompts:

@@ -9,11 +9,21 @@ from tuneship.evaluate.checks import AnswerCheck, summarize
 
 COLUMN_ORDER = ["base", "adapter", "merged"]
 MD_ANSWER_WIDTH = 60
+METRICS = [
+    "prompts",
+    "stop_rate",
+    "exact_match",
+    "f1",
+    "recall_f1",
+    "non_empty_rate",
+    "loops",
+    "leaks",
+    "prompt_token_mismatches",
+]
 
 
-def load_report(reports: Path, prompts) -> dict:
-    """The existing report when it is about the same prompts, else a new one."""
-    path = reports / "eval.json"
+def load_report(path: Path, prompts) -> dict:
+    """The existing report (reports/eval.json) when it is about the same prompts, else a new one."""
     ids = [p.id for p in prompts]
     if path.is_file():
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -28,10 +38,11 @@ def add_model(report: dict, name: str, checks: list[AnswerCheck], **extra) -> di
     return summary
 
 
-def write_report(reports: Path, report: dict) -> None:
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (reports / "eval.md").write_text(markdown(report), encoding="utf-8")
+def write_report(path: Path, report: dict) -> None:
+    """reports/eval.json and, beside it, eval.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    path.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
 
 
 def ordered_models(report: dict) -> list[str]:
@@ -43,28 +54,7 @@ def ordered_models(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     models = ordered_models(report)
-    lines = ["# Evaluation", ""]
-    if "eval_loss" in report:
-        lines += [
-            f"Held-out loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.2f} "
-            f"({report['eval_tokens']} supervised tokens).",
-            "",
-        ]
-    metrics = [
-        "prompts",
-        "stop_rate",
-        "exact_match",
-        "f1",
-        "non_empty_rate",
-        "loops",
-        "leaks",
-        "prompt_token_mismatches",
-    ]
-    lines += ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
-    for metric in metrics:
-        values = [report["models"][m]["summary"].get(metric) for m in models]
-        if any(v is not None for v in values):
-            lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")
+    lines = ["# Evaluation", "", *summary_markdown(report)]
     lines += [
         "",
         "Answers (✗ = did not stop on the stop token, ! = failed a check):",
@@ -78,6 +68,24 @@ def markdown(report: dict) -> str:
             f"| {_escape(prompt['question'])} | {_escape(prompt['expected'] or '')} | " + " | ".join(answers) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def summary_markdown(report: dict) -> list[str]:
+    """The held-out loss and the metrics table, one column per model (eval.md and the hub model card)."""
+    models = ordered_models(report)
+    lines = []
+    if "eval_loss" in report:
+        lines += [
+            f"Held-out loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.2f} "
+            f"({report['eval_tokens']} supervised tokens).",
+            "",
+        ]
+    lines += ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for metric in METRICS:
+        values = [report["models"][m]["summary"].get(metric) for m in models]
+        if any(v is not None for v in values):
+            lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")
+    return lines
 
 
 def _cell(value) -> str:

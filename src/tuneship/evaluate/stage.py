@@ -5,18 +5,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tuneship.errors import TuneshipError
+from tuneship.errors import GateFailed
 from tuneship.evaluate.checks import AnswerCheck, check_answer
 from tuneship.evaluate.report import add_model, load_report, write_report
+from tuneship.run import Run, file_fingerprint, fingerprint
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tuneship.chat.format import ChatFormat
+    from tuneship.chat.generation import Answer
+    from tuneship.config import Config, EvalSection
+    from tuneship.data.conversation import Conversation
+    from tuneship.evaluate.prompts import EvalPrompt
 
 LOSS_BATCH = 8
-
-
-class GateFailed(TuneshipError):
-    """An evaluation gate (eval.min_stop_rate, eval.min_exact_match) was not met."""
-
-    exit_code = 4
 
 
 @dataclass
@@ -24,25 +29,57 @@ class EvalResult:
     report_path: Path
     summaries: dict[str, dict]
     eval_loss: float | None
-    gate_failures: list[str]
+
+    @property
+    def detail(self) -> str:
+        adapter = self.summaries["adapter"]
+        exact = f", exact {adapter['exact_match']:.0%}" if "exact_match" in adapter else ""
+        return f"adapter: stop {adapter['stop_rate']:.0%}{exact}; gates met; {self.report_path}"
 
 
-def check_all(answers, prompts, chat_format) -> list[AnswerCheck]:
+def eval_inputs(cfg: Config, run: Run) -> str:
+    """The trained adapter (its train inputs), the eval settings and the prompt sources."""
+    return fingerprint(
+        run.recorded_inputs("train"),
+        cfg.eval.model_dump(mode="json"),
+        file_fingerprint(run.data_dir / "eval.jsonl"),
+        file_fingerprint(Path(cfg.eval.prompts)) if cfg.eval.prompts else None,
+    )
+
+
+def check_all(answers: list[Answer], prompts: list[EvalPrompt], chat_format: ChatFormat) -> list[AnswerCheck]:
     markers = chat_format.special_tokens()
-    return [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
+    return [check_answer(a.text, a.stopped, p.expected, markers, p.origin) for a, p in zip(answers, prompts)]
 
 
-def gate_failures(name: str, summary: dict, eval_cfg) -> list[str]:
+def gate_failures(name: str, summary: dict, gates: EvalSection) -> list[str]:
+    """Every gate the model's answers do not meet, worded with the value and the setting."""
+    checks = [
+        ("stop rate", summary["stop_rate"], ">=", gates.min_stop_rate, "eval.min_stop_rate"),
+        ("non-empty rate", summary["non_empty_rate"], ">=", gates.min_non_empty_rate, "eval.min_non_empty_rate"),
+        ("loop rate", summary["loop_rate"], "<=", gates.max_loop_rate, "eval.max_loop_rate"),
+        ("leak rate", summary["leak_rate"], "<=", gates.max_leak_rate, "eval.max_leak_rate"),
+        ("exact match", summary.get("exact_match", 0.0), ">=", gates.min_exact_match, "eval.min_exact_match"),
+        ("recall F1", summary.get("recall_f1", 0.0), ">=", gates.recall_gate, "eval.min_recall_f1"),
+    ]
     failures = []
-    if summary["stop_rate"] < eval_cfg.min_stop_rate:
-        failures.append(f"{name}: stop rate {summary['stop_rate']:.2f} < eval.min_stop_rate {eval_cfg.min_stop_rate}")
-    minimum = eval_cfg.min_exact_match
-    if minimum is not None and summary.get("exact_match", 0.0) < minimum:
-        failures.append(f"{name}: exact match {summary.get('exact_match', 0.0):.2f} < eval.min_exact_match {minimum}")
+    for what, value, direction, limit, setting in checks:
+        if limit is None:
+            continue
+        if (value < limit) if direction == ">=" else (value > limit):
+            broken = "<" if direction == ">=" else ">"
+            failures.append(f"{name}: {what} {value:.2f} {broken} {setting} {limit}")
     return failures
 
 
-def held_out_loss(model, chat_format, conversations) -> tuple[float, int]:
+def require_gates(summaries: dict[str, dict], gates: EvalSection) -> None:
+    """Raise GateFailed (exit 4) naming every unmet gate of every model given."""
+    failures = [failure for name, summary in summaries.items() for failure in gate_failures(name, summary, gates)]
+    if failures:
+        raise GateFailed(failures)
+
+
+def held_out_loss(model, chat_format: ChatFormat, conversations: list[Conversation]) -> tuple[float, int]:
     """Token-weighted mean loss over the supervised tokens, batch by batch (no logits kept)."""
     import torch
 
@@ -63,32 +100,35 @@ def held_out_loss(model, chat_format, conversations) -> tuple[float, int]:
     return total / max(tokens, 1), tokens
 
 
-def run_eval(cfg, run_path: Path, console) -> EvalResult:
+def run_eval(cfg: Config, run: Run, console: Console) -> EvalResult:
+    """Answers of the base and of the adapter on the prompt set, into reports/eval.json and eval.md; the
+    adapter's answers must meet the gates (GateFailed, exit 4, after the report is written)."""
     from tuneship.data.conversation import read_conversations
     from tuneship.evaluate.backends import hf_answers
-    from tuneship.evaluate.models import load_adapter_model
     from tuneship.evaluate.prompts import build_prompt_set
+    from tuneship.models import load_adapted
+    from tuneship.report import print_eval
 
-    model, chat_format = load_adapter_model(run_path)
-    prompts = build_prompt_set(run_path, cfg.eval)
-    reports = run_path / "reports"
-    report = load_report(reports, prompts)
-    eval_set = (
-        read_conversations(run_path / "data" / "eval.jsonl") if (run_path / "data" / "eval.jsonl").is_file() else []
-    )
-    eval_loss = None
-    if eval_set:
-        eval_loss, tokens = held_out_loss(model, chat_format, eval_set)
-        report.update(eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)), eval_tokens=tokens)
-    console.print(f"generating {len(prompts)} answers with the base model and with the adapter ...")
-    with model.disable_adapter():
-        base = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
-    tuned = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
-    summaries = {
-        "base": add_model(report, "base", check_all(base, prompts, chat_format)),
-        "adapter": add_model(report, "adapter", check_all(tuned, prompts, chat_format)),
-    }
-    write_report(reports, report)
-    return EvalResult(
-        reports / "eval.json", summaries, eval_loss, gate_failures("adapter", summaries["adapter"], cfg.eval)
-    )
+    with run.recording("eval", eval_inputs(cfg, run)) as outputs:
+        model, chat_format = load_adapted(run)
+        prompts = build_prompt_set(run.data_dir, cfg.eval)
+        report = load_report(run.eval_report, prompts)
+        eval_split = run.data_dir / "eval.jsonl"
+        eval_set = read_conversations(eval_split) if eval_split.is_file() else []
+        eval_loss = None
+        if eval_set:
+            eval_loss, tokens = held_out_loss(model, chat_format, eval_set)
+            report.update(eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)), eval_tokens=tokens)
+        console.print(f"generating {len(prompts)} answers with the base model and with the adapter ...")
+        with model.disable_adapter():
+            base = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
+        tuned = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
+        summaries = {
+            "base": add_model(report, "base", check_all(base, prompts, chat_format)),
+            "adapter": add_model(report, "adapter", check_all(tuned, prompts, chat_format)),
+        }
+        write_report(run.eval_report, report)
+        outputs.update(report=str(run.eval_report), eval_loss=eval_loss)
+        print_eval(console, summaries, run.eval_report)
+        require_gates({"adapter": summaries["adapter"]}, cfg.eval)
+    return EvalResult(run.eval_report, summaries, eval_loss)

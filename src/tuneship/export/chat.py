@@ -10,15 +10,20 @@ from tuneship.errors import TuneshipError
 
 def find_chat_target(target: Path) -> tuple[Path, Path | None]:
     """(gguf file, run's ChatFormat folder or None for a bare GGUF)."""
+    from tuneship.config import load_config
+    from tuneship.run import Run
+
     if target.suffix == ".gguf":
         if not target.is_file():
             raise TuneshipError(f"{target}: no such GGUF file")
         return target, None
-    quantized = sorted((target / "gguf").glob("*.gguf"), key=lambda p: ("-f16" in p.name or "-f32" in p.name, p.name))
-    quantized = [p for p in quantized if not p.name.startswith("base-") and "-lora-" not in p.name]
-    if not quantized:
-        raise TuneshipError(f"{target}: no exported GGUF in {target / 'gguf'}; run `tuneship export {target}` first")
-    return quantized[0], target / "adapter"
+    if not (target / "config.yaml").is_file():
+        raise TuneshipError(f"{target}: neither a .gguf file nor a run directory (no config.yaml)")
+    run = Run.of(load_config(target / "config.yaml"), target)
+    ggufs = run.model_ggufs()
+    if not ggufs:
+        raise TuneshipError(f"{target}: no exported GGUF in {run.gguf_dir}; run `tuneship export {target}` first")
+    return ggufs[0], run.adapter_dir
 
 
 def chat_loop(target: Path, console, max_new_tokens: int, read=input) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tuneship.errors import TuneshipError
 from tuneship.export.converter import run_script
-from tuneship.export.disk import require_disk
+from tuneship.disk import require_disk_for_file
 
 QUANT_FTYPES = {
     "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
@@ -58,7 +58,7 @@ class GGUFInfo:
 
 def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
     size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
-    require_disk(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
+    require_disk_for_file(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
     result = run_script("convert_hf_to_gguf.py", [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype])
     if result.returncode != 0 or not out_path.is_file():
         raise ExportError(f"llama.cpp's converter failed on {merged_dir}:\n{result.stderr[-2000:]}")
@@ -78,7 +78,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Pa
 def quantize(source: Path, out_path: Path, quant: str) -> Path:
     import llama_cpp
 
-    require_disk(out_path.parent, source.stat().st_size // 2, f"the {quant} GGUF")
+    require_disk_for_file(out_path.parent, source.stat().st_size // 2, f"the {quant} GGUF")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = os.cpu_count() or 1

@@ -2,46 +2,40 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tuneship.export.disk import require_disk
+from tuneship.disk import require_disk_for_file
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tuneship.run import Run
 
 
-def merge_adapter(run_path: Path, *, was_qlora: bool, console) -> Path:
+def merge_adapter(run: Run, *, was_qlora: bool, console: Console) -> Path:
     """<run>/merged: safetensors, config, generation_config and tokenizer files with the run's template.
 
     The base is always reloaded unquantized (fp32 on CPU, fp16 on CUDA): merging into a 4-bit base
     would round the adapter away.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from tuneship.chat.format import ChatFormat
+    from tuneship.models import adapter_base_dir, load_adapted
 
-    adapter = run_path / "adapter"
-    chat_format = ChatFormat.load(adapter)
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     if was_qlora:
         console.print("the adapter was trained on a 4-bit base; merging into the base reloaded in 16-bit instead")
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    if chat_format.spec.is_pad_added:
-        model.resize_token_embeddings(len(chat_format.tokenizer))
-    merged_dir = run_path / "merged"
-    require_disk(merged_dir, _parameter_bytes(model), "the merged model")
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    merged.config.pad_token_id = chat_format.spec.pad_token_id
-    merged.config.eos_token_id = chat_format.spec.stop_token_ids[0]
-    merged.generation_config.eos_token_id = chat_format.spec.stop_token_ids
-    merged.generation_config.pad_token_id = chat_format.spec.pad_token_id
-    merged.save_pretrained(merged_dir, safe_serialization=True)
-    chat_format.save(merged_dir)
-    for license_file in Path(base).glob("LICENSE*") if Path(base).is_dir() else []:
-        shutil.copy2(license_file, merged_dir / license_file.name)
-    return merged_dir
+    model, chat_format = load_adapted(run, dtype=dtype)
+    require_disk_for_file(run.merged_dir, _parameter_bytes(model.get_base_model()), "the merged model")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(run.merged_dir, safe_serialization=True)
+    chat_format.save(run.merged_dir)
+    base = Path(adapter_base_dir(run))
+    for license_file in base.glob("LICENSE*") if base.is_dir() else []:
+        shutil.copy2(license_file, run.merged_dir / license_file.name)
+    return run.merged_dir
 
 
 def _parameter_bytes(model) -> int:

@@ -2,136 +2,157 @@
 
 Every artifact answers the run's prompt set with the same ChatFormat, greedy, and becomes a column
 of reports/eval.md next to the adapter: a person sees in one table whether merging, conversion or
-quantization changed the answers.
+quantization changed the answers. The gates of `eval:` hold for every artifact.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from tuneship.evaluate.report import add_model, load_report, write_report
-from tuneship.evaluate.stage import check_all, gate_failures
+from tuneship.evaluate.stage import check_all, eval_inputs, require_gates
+from tuneship.run import Run, fingerprint
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tuneship.chat.format import ChatFormat
+    from tuneship.config import Config
+    from tuneship.evaluate.prompts import EvalPrompt
+
+T = TypeVar("T")
 
 
 @dataclass
 class ExportResult:
-    merged_dir: str | None
+    merged_dir: Path | None
     ggufs: list[dict]
     summaries: dict[str, dict]
     timings: dict[str, float]
-    gate_failures: list[str] = field(default_factory=list)
+
+    @property
+    def detail(self) -> str:
+        files = ", ".join(Path(info["path"]).name for info in self.ggufs)
+        stops = ", ".join(f"{name} stop {s['stop_rate']:.0%}" for name, s in self.summaries.items())
+        return f"{files}; {stops}; gates met"
 
 
-def gguf_name(run_name: str, kind: str) -> str:
-    return f"{run_name}-{kind}.gguf"
+@dataclass
+class ExportContext:
+    """What every export step shares: the run, its format, the prompt set and the report being filled."""
+
+    cfg: Config
+    run: Run
+    chat_format: ChatFormat
+    prompts: list[EvalPrompt]
+    report: dict
+    console: Console
+    timings: dict[str, float]
+
+    def timed(self, name: str, action: Callable[[], T]) -> T:
+        started = time.monotonic()
+        result = action()
+        self.timings[name] = round(time.monotonic() - started, 2)
+        return result
 
 
-def run_export(cfg, run_path: Path, console, *, merge: bool = True) -> ExportResult:
-    from tuneship.chat.format import ChatFormat
+def export_inputs(cfg: Config, run: Run) -> str:
+    """What eval depends on (the artifacts are checked with the same prompts and gates), and `export:`."""
+    return fingerprint(eval_inputs(cfg, run), cfg.export.model_dump())
+
+
+def run_export(cfg: Config, run: Run, console: Console) -> ExportResult:
+    """Merged model and GGUFs (or, with export.merge false, the LoRA GGUF), validated, answering the prompt set
+    in their columns of reports/eval.md; every artifact must meet the gates (GateFailed, exit 4)."""
     from tuneship.evaluate.prompts import build_prompt_set
-    from tuneship.export import gguf
+    from tuneship.models import trained_chat_format
+    from tuneship.report import print_export
 
-    chat_format = ChatFormat.load(run_path / "adapter")
-    prompts = build_prompt_set(run_path, cfg.eval)
-    reports = run_path / "reports"
-    report = load_report(reports, prompts)
-    timings: dict[str, float] = {}
-    summaries: dict[str, dict] = {}
-    out = run_path / "gguf"
-    out.mkdir(parents=True, exist_ok=True)
-    if not merge:
-        return _export_lora_only(cfg, run_path, chat_format, prompts, report, console)
-    merged_dir = _timed(timings, "merge", lambda: _merge(run_path, cfg, console))
-    summaries["merged"] = _check_merged(merged_dir, chat_format, prompts, report, cfg)
-    f16_kind = cfg.export.outtype
-    f16 = _timed(
-        timings, "convert", lambda: gguf.convert_to_gguf(merged_dir, out / gguf_name(cfg.run.name, f16_kind), f16_kind)
-    )
-    files = [(f16_kind, f16)]
+    with run.recording("export", export_inputs(cfg, run)) as outputs:
+        prompts = build_prompt_set(run.data_dir, cfg.eval)
+        context = ExportContext(
+            cfg, run, trained_chat_format(run), prompts, load_report(run.eval_report, prompts), console, {}
+        )
+        run.gguf_dir.mkdir(parents=True, exist_ok=True)
+        result = _export_merged(context) if cfg.export.merge else _export_lora(context)
+        write_report(run.eval_report, context.report)
+        (run.gguf_dir / "export.json").write_text(
+            json.dumps({"files": result.ggufs, "timings": result.timings}, indent=2)
+        )
+        outputs.update(ggufs=[info["path"] for info in result.ggufs], merged=str(result.merged_dir or ""))
+        print_export(console, result, run.eval_report.with_suffix(".md"))
+        require_gates(result.summaries, cfg.eval)
+    return result
+
+
+def _export_merged(context: ExportContext) -> ExportResult:
+    from tuneship.export import gguf
+    from tuneship.export.merge import merge_adapter
+
+    cfg, run, chat_format = context.cfg, context.run, context.chat_format
+    merged_dir = context.timed("merge", lambda: merge_adapter(run, was_qlora=cfg.lora.qlora, console=context.console))
+    summaries = {"merged": _check_merged(context)}
+    outtype = cfg.export.outtype
+    f16 = context.timed("convert", lambda: gguf.convert_to_gguf(merged_dir, run.gguf(outtype), outtype))
+    files = [(outtype, f16)]
     for quant in cfg.export.quants:
-        target = out / gguf_name(cfg.run.name, quant)
-        files.append((quant, _timed(timings, f"quantize {quant}", lambda t=target, q=quant: gguf.quantize(f16, t, q))))
+        quantized = context.timed(f"quantize {quant}", lambda q=quant: gguf.quantize(f16, run.gguf(q), q))
+        files.append((quant, quantized))
     infos = []
     reference_tensors = None
     for kind, path in files:
         info = gguf.validate_gguf(path, kind, chat_format, reference_tensors)
         reference_tensors = reference_tensors or info.tensor_count
-        console.print(
+        context.console.print(
             f"validated {path.name}: {info.size_bytes / 1e6:.1f} MB, {info.architecture}, "
             f"{info.tensor_count} tensors, types {info.tensor_types}"
         )
-        summaries[f"gguf-{kind}"] = _check_gguf(path, f"gguf-{kind}", chat_format, prompts, report, cfg)
+        summaries[f"gguf-{kind}"] = _check_gguf(context, path, f"gguf-{kind}")
         infos.append(asdict(info) | {"chat_template": None})
-    write_report(reports, report)
-    (run_path / "gguf" / "export.json").write_text(json.dumps({"files": infos, "timings": timings}, indent=2))
-    failures = [f for name, s in summaries.items() for f in gate_failures(name, s, cfg.eval)]
-    return ExportResult(str(merged_dir), infos, summaries, timings, failures)
+    return ExportResult(merged_dir, infos, summaries, context.timings)
 
 
-def _timed(timings: dict, name: str, action):
-    started = time.monotonic()
-    result = action()
-    timings[name] = round(time.monotonic() - started, 2)
-    return result
-
-
-def _merge(run_path: Path, cfg, console) -> Path:
-    from tuneship.export.merge import merge_adapter
-
-    return merge_adapter(run_path, was_qlora=cfg.lora.qlora, console=console)
-
-
-def _check_merged(merged_dir: Path, chat_format, prompts, report, cfg) -> dict:
-    from transformers import AutoModelForCausalLM
-
+def _check_merged(context: ExportContext) -> dict:
     from tuneship.evaluate.backends import hf_answers
+    from tuneship.models import load_merged
 
-    model = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    answers = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
-    return add_model(report, "merged", check_all(answers, prompts, chat_format))
+    model = load_merged(context.run, context.chat_format)
+    answers = hf_answers(model, context.chat_format, context.prompts, context.cfg.eval.max_new_tokens)
+    return add_model(context.report, "merged", check_all(answers, context.prompts, context.chat_format))
 
 
-def _check_gguf(path: Path, name: str, chat_format, prompts, report, cfg, lora_path: Path | None = None) -> dict:
+def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path | None = None) -> dict:
     from tuneship.evaluate.backends import gguf_answers
 
+    cfg = context.cfg
     answers, mismatches = gguf_answers(
         path,
-        chat_format,
-        prompts,
+        context.chat_format,
+        context.prompts,
         cfg.eval.max_new_tokens,
         n_ctx=max(cfg.train.max_seq_len + cfg.eval.max_new_tokens, 512),
         lora_path=lora_path,
     )
-    return add_model(report, name, check_all(answers, prompts, chat_format), prompt_token_mismatches=mismatches)
+    checks = check_all(answers, context.prompts, context.chat_format)
+    return add_model(context.report, name, checks, prompt_token_mismatches=mismatches)
 
 
-def _export_lora_only(cfg, run_path: Path, chat_format, prompts, report, console) -> ExportResult:
-    """--no-merge: the adapter as a LoRA GGUF, checked in llama.cpp on an f16 GGUF of the base."""
-    from tuneship.base_model import resolve_base_model
+def _export_lora(context: ExportContext) -> ExportResult:
+    """export.merge false: the adapter as a LoRA GGUF, checked in llama.cpp on an f16 GGUF of the base."""
     from tuneship.export import gguf
+    from tuneship.models import adapter_base_dir
 
-    timings: dict[str, float] = {}
-    out = run_path / "gguf"
-    base_dir = resolve_base_model(cfg.model.base)
-    lora = _timed(
-        timings,
-        "convert lora",
-        lambda: gguf.convert_lora_to_gguf(run_path / "adapter", base_dir, out / gguf_name(cfg.run.name, "lora-f16")),
-    )
-    base_gguf = out / gguf_name("base", "f16")
-    if not base_gguf.is_file():
-        _timed(timings, "convert base", lambda: gguf.convert_to_gguf(Path(base_dir), base_gguf, "f16"))
-    console.print(f"wrote {lora.name}; checking it in llama.cpp on {base_gguf.name}")
-    summary = _check_gguf(base_gguf, "gguf-lora", chat_format, prompts, report, cfg, lora_path=lora)
-    write_report(run_path / "reports", report)
+    run = context.run
+    base_dir = adapter_base_dir(run)
+    lora = context.timed("convert lora", lambda: gguf.convert_lora_to_gguf(run.adapter_dir, base_dir, run.lora_gguf))
+    if not run.base_gguf.is_file():
+        context.timed("convert base", lambda: gguf.convert_to_gguf(Path(base_dir), run.base_gguf, "f16"))
+    context.console.print(f"wrote {lora.name}; checking it in llama.cpp on {run.base_gguf.name}")
+    summary = _check_gguf(context, run.base_gguf, "gguf-lora", lora_path=lora)
     info = gguf.read_gguf(lora, "lora")
-    return ExportResult(
-        None,
-        [asdict(info) | {"chat_template": None}],
-        {"gguf-lora": summary},
-        timings,
-        gate_failures("gguf-lora", summary, cfg.eval),
-    )
+    return ExportResult(None, [asdict(info) | {"chat_template": None}], {"gguf-lora": summary}, context.timings)

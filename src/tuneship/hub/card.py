@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuneship.evaluate.report import summary_markdown
+
+if TYPE_CHECKING:
+    from tuneship.config import Config
+    from tuneship.run import Run
 
 
-def model_card(run_path: Path, cfg) -> str:
-    audit = _read_json(run_path / "data" / "audit.json")
-    report_md = run_path / "reports" / "eval.md"
-    ggufs = sorted(p.name for p in (run_path / "gguf").glob(f"{cfg.run.name}-*.gguf"))
+def model_card(run: Run, cfg: Config) -> str:
+    audit = _read_json(run.data_dir / "audit.json")
+    report = _read_json(run.eval_report)
+    ggufs = [p.name for p in run.model_ggufs()]
     lines = [
         "---",
         f"base_model: {cfg.model.base}",
@@ -33,9 +40,8 @@ def model_card(run_path: Path, cfg) -> str:
             f"({totals['train']} train, {totals['eval']} eval), {totals['dropped']} dropped by the audit.",
             "",
         ]
-    if report_md.is_file():
-        summary = report_md.read_text(encoding="utf-8").split("\n\nAnswers")[0].removeprefix("# Evaluation\n\n")
-        lines += ["## Evaluation (same prompts, greedy, for every artifact)", "", summary, ""]
+    if report:
+        lines += ["## Evaluation (same prompts, greedy, for every artifact)", "", *summary_markdown(report), ""]
     lines += (
         ["## Files", ""]
         + [f"- `{name}`" for name in ggufs]

@@ -14,8 +14,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneship.errors import TuneshipError
+from tuneship.paths import sha256_file
+
+if TYPE_CHECKING:
+    from tuneship.config import Config
+    from tuneship.run import Run
 from tuneship.hub.gguf_files import GGUFChoice, RemoteFile, choose, group_ggufs
 
 
@@ -124,7 +130,7 @@ def _download(repo_id: str, revision: str, remote: RemoteFile, dest: Path) -> Pa
     from huggingface_hub import constants
 
     target = dest / Path(remote.name).name
-    if target.is_file() and remote.sha256 and _sha256(target) == remote.sha256:
+    if target.is_file() and remote.sha256 and sha256_file(target) == remote.sha256:
         return target
     url = f"{constants.ENDPOINT}/{repo_id}/resolve/{revision}/{remote.name}"
     partial = target.with_name(target.name + ".partial")
@@ -151,40 +157,31 @@ def _download(repo_id: str, revision: str, remote: RemoteFile, dest: Path) -> Pa
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as data:
-        for chunk in iter(lambda: data.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def stage_push_folder(run_path: Path, cfg, staging: Path) -> Path:
+def stage_push_folder(run: Run, cfg: Config, staging: Path) -> Path:
     """What `hub push` uploads: merged model, GGUFs, tokenizer files, Modelfile and a model card."""
     from tuneship.hub.card import model_card
 
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    merged = run_path / "merged"
-    if not merged.is_dir():
-        raise HubError(f"{run_path}: nothing exported yet; run `tuneship export {run_path}` first")
-    for item in merged.iterdir():
+    if not run.merged_dir.is_dir():
+        raise HubError(f"{run.path}: nothing exported yet; run `tuneship export {run.path}` first")
+    for item in run.merged_dir.iterdir():
         shutil.copy2(item, staging / item.name)
-    for gguf in sorted((run_path / "gguf").glob(f"{cfg.run.name}-*.gguf")):
+    for gguf in run.model_ggufs():
         shutil.copy2(gguf, staging / gguf.name)
-    if (run_path / "Modelfile").is_file():
-        text = (run_path / "Modelfile").read_text(encoding="utf-8")
+    if run.modelfile.is_file():
+        text = run.modelfile.read_text(encoding="utf-8")
         (staging / "Modelfile").write_text(text.replace("FROM ./gguf/", "FROM ./"), encoding="utf-8")
-    (staging / "README.md").write_text(model_card(run_path, cfg), encoding="utf-8")
+    (staging / "README.md").write_text(model_card(run, cfg), encoding="utf-8")
     return staging
 
 
-def push(run_path: Path, cfg, repo_id: str, private: bool = True) -> str:
+def push(run: Run, cfg: Config, repo_id: str, private: bool = True) -> str:
     """create_repo, then one create_commit with every staged file (the hub decides LFS or regular per file)."""
     from huggingface_hub import CommitOperationAdd
 
-    staging = stage_push_folder(run_path, cfg, run_path / "hub-upload")
+    staging = stage_push_folder(run, cfg, run.path / "hub-upload")
     api = _api()
     _call(repo_id, lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staging.iterdir())]

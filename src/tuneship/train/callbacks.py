@@ -13,9 +13,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneship.disk import require_disk
 from tuneship.errors import TrainingStopped
 from tuneship.train.batches import TokenCounter
-from tuneship.train.device import free_disk_bytes
 
 NAN_ADVICE = (
     "try a lower train.learning_rate, train.precision=fp32, or another device; the last good "
@@ -50,15 +50,12 @@ class DiskGuard(TrainerCallback):
         self.min_free_bytes = min_free_bytes
 
     def check(self, what: str) -> None:
-        free = free_disk_bytes(self.folder)
-        needed = self.checkpoint_bytes + self.min_free_bytes
-        if free < needed:
-            raise TrainingStopped(
-                f"disk guard: {free / 1e9:.2f} GB free in {self.folder}, "
-                f"{what} needs {self.checkpoint_bytes / 1e9:.2f} GB "
-                f"plus train.min_free_disk_gb={self.min_free_bytes / 1e9:g}; free space or lower the limit, then "
-                "rerun `tuneship train` to resume from the last checkpoint"
-            )
+        require_disk(
+            self.folder,
+            self.checkpoint_bytes + self.min_free_bytes,
+            f"{what} ({self.checkpoint_bytes / 1e9:.2f} GB) plus train.min_free_disk_gb={self.min_free_bytes / 1e9:g}",
+            "free space or lower the limit, then rerun `tuneship train` to resume from the last checkpoint",
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
@@ -73,13 +70,14 @@ class SampleGenerator(TrainerCallback):
         self.prompts = prompts
         self.every = every
         self.log_path = log_path
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.console = console
         self.max_new_tokens = max_new_tokens
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self.prompts or state.global_step % self.every:
             return
-        from tuneship.evaluate.generation import generate_answers
+        from tuneship.chat.generation import generate_answers
 
         answers = generate_answers(
             model, self.chat_format, [self.chat_format.prompt_for(p) for p in self.prompts], self.max_new_tokens

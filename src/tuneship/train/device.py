@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,9 +197,3 @@ def measured_peak_memory(device: str) -> dict:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"bytes": peak if sys.platform == "darwin" else peak * 1024, "measured_as": "peak RSS of the process"}
-
-
-def free_disk_bytes(path: Path) -> int:
-    path.mkdir(parents=True, exist_ok=True)
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize

@@ -17,20 +17,13 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from: str | None = None):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from tuneship.models import load_base
 
     kwargs = {"dtype": getattr(torch, DTYPES[device.precision])}
     if lora_cfg.qlora:
         kwargs["quantization_config"] = _qlora_config(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    except OSError as exc:
-        raise ModelError(f"cannot load the base model from {base_dir}: {exc}") from None
-    if chat_format.spec.is_pad_added:
-        model.resize_token_embeddings(len(chat_format.tokenizer))
-    model.config.pad_token_id = chat_format.spec.pad_token_id
-    model.generation_config.pad_token_id = chat_format.spec.pad_token_id
-    model.generation_config.eos_token_id = chat_format.spec.stop_token_ids
+    model = load_base(base_dir, chat_format, **kwargs)
     if lora_cfg.qlora:
         from peft import prepare_model_for_kbit_training
 

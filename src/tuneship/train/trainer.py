@@ -9,6 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneship.errors import TuneshipError
 from tuneship.train.batches import ExampleDataset, PadCollator, TokenCounter
@@ -19,6 +20,10 @@ from tuneship.train.device import (
     measured_peak_memory,
     reset_peak_memory,
 )
+
+if TYPE_CHECKING:
+    from tuneship.config import Config
+    from tuneship.run import Run
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKERS = ("trainer_state.json", "adapter_model.safetensors")
@@ -41,6 +46,11 @@ class TrainResult:
     precision: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def detail(self) -> str:
+        loss = f", final loss {self.final_loss:.4f}" if self.final_loss is not None else ""
+        return f"{self.steps} steps in {self.seconds:.0f} s{loss} -> {self.adapter_dir}"
+
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint that was written completely (trainer_state.json is written last)."""
@@ -55,8 +65,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def train_adapter(
-    run_path: Path,
-    cfg,
+    run: Run,
+    cfg: Config,
     base_dir: str,
     chat_format,
     train_set,
@@ -77,7 +87,7 @@ def train_adapter(
     estimate = estimate_for_run(base_dir, cfg, device)
     check_memory(estimate, console)
     fetch_weights(base_dir)
-    checkpoints = run_path / "checkpoints"
+    checkpoints = run.checkpoints_dir
     resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, console)
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
     counter = TokenCounter()
@@ -92,11 +102,11 @@ def train_adapter(
                 chat_format,
                 cfg.train.sample_prompts,
                 cfg.train.sample_every,
-                run_path / "reports" / "samples.jsonl",
+                run.reports_dir / "samples.jsonl",
                 console,
             )
         )
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_path / "reports" / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.reports_dir / "tensorboard")
 
     class GuardedTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -120,7 +130,7 @@ def train_adapter(
             console.print(f"resuming from {resume} (use --fresh to start over)")
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         disk_guard.check("the final adapter")
-        adapter_dir = run_path / "adapter"
+        adapter_dir = run.adapter_dir
         model.save_pretrained(adapter_dir)
         chat_format.save(adapter_dir)
         status = "done"
@@ -130,7 +140,7 @@ def train_adapter(
     finally:
         progress.stop()
         seconds = time.monotonic() - started
-        _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume, estimate)
+        _write_reports(run, cfg, trainer, device, counter, seconds, status, resume, estimate)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         str(adapter_dir),
@@ -191,15 +201,15 @@ def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, conso
     return resume
 
 
-def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, status, resume, estimate) -> None:
-    reports = run_path / "reports"
+def _write_reports(run: Run, cfg, trainer, device, counter, seconds, status, resume, estimate) -> None:
+    reports = run.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     history = trainer.state.log_history
     experiment = {
         "status": status,
         "resumed_from": str(resume) if resume else None,
         "config": cfg.model_dump(mode="json"),
-        "data": _audit_totals(run_path),
+        "data": _audit_totals(run.data_dir / "audit.json"),
         "device": asdict(device),
         "versions": _versions(),
         "steps": trainer.state.global_step,
@@ -213,8 +223,7 @@ def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, statu
     _plot_loss(history, reports / "loss.png")
 
 
-def _audit_totals(run_path: Path) -> dict:
-    audit = run_path / "data" / "audit.json"
+def _audit_totals(audit: Path) -> dict:
     if not audit.is_file():
         return {}
     report = json.loads(audit.read_text(encoding="utf-8"))

@@ -1,0 +1,36 @@
+"""Free-space checks before writing large artifacts: training's checkpoints and export's files share them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tuneship.errors import DiskFull
+
+HEADROOM = 1.1
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer in `path` (created when missing)."""
+    path.mkdir(parents=True, exist_ok=True)
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def require_disk(folder: Path, needed_bytes: int, what: str, then: str) -> None:
+    """Raise DiskFull (exit 3) when `folder` has less than `needed_bytes` free; `then` says what to do."""
+    free = free_disk_bytes(folder)
+    if free < needed_bytes:
+        raise DiskFull(
+            f"disk guard: {free / 1e9:.2f} GB free in {folder}, {what} needs {needed_bytes / 1e9:.2f} GB; {then}"
+        )
+
+
+def require_disk_for_file(folder: Path, expected_bytes: int, what: str) -> None:
+    """Export's check: the expected size with 10 % headroom; finished steps are skipped on the rerun."""
+    require_disk(
+        folder,
+        int(expected_bytes * HEADROOM),
+        what,
+        "free space and run the command again (finished steps are skipped)",
+    )
