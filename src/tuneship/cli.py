@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from tuneship.errors import TuneshipError
+from tuneship.loop import cli as _loop_cli
+from tuneship.serve import cli as _serve_cli
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +31,9 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(data_app, name="data")
 app.add_typer(format_app, name="format")
 app.add_typer(template_app, name="template")
+app.add_typer(_loop_cli.loop_app, name="loop")
+app.add_typer(_loop_cli.feedback_app, name="feedback")
+app.command("serve")(_serve_cli.serve)
 
 console = Console()
 err_console = Console(stderr=True)
