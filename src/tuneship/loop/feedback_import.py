@@ -62,8 +62,4 @@ def _record(data) -> dict:
         raise ValueError(f"{sorted(unknown)[0]}: unknown field; expected {', '.join(sorted(FIELDS))}")
     if not data.get("generation_id"):
         raise ValueError("generation_id: required")
-    record = {key: (None if value == "" else value) for key, value in data.items()}
-    rating = record.get("rating")
-    if isinstance(rating, str) and rating.strip().isdigit():
-        record["rating"] = int(rating)
-    return record
+    return {key: (None if value == "" else value) for key, value in data.items()}

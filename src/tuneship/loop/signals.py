@@ -47,8 +47,8 @@ class Harvest:
 
 
 def normalize_rating(rating) -> str | None:
-    """ "up"/"down"/1..5 -> the stored text; anything else is a ValueError naming the field."""
-    if rating is None or rating in ("up", "down"):
+    """ "up"/"down"/1..5 (or "1".."5") -> the stored text; anything else is a ValueError naming the field."""
+    if rating is None or rating in ("up", "down", "1", "2", "3", "4", "5"):
         return rating
     if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
         raise ValueError(f'rating: expected "up", "down" or an integer 1..5, got {rating!r}')

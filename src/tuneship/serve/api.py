@@ -15,7 +15,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tuneship.errors import TuneshipError
 from tuneship.serve.app import error_body
@@ -42,7 +42,8 @@ def install_error_handlers(app) -> None:
             loc = [str(p) for p in error["loc"] if p not in ("body", "query", "path", "header")]
             field = ".".join(loc) or "body"
             first = first or field
-            problems.append(f"{field}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(message if message.startswith(f"{field}:") else f"{field}: {message}")
         return JSONResponse(error_body("; ".join(problems), "invalid_request_error", first), status_code=422)
 
 
@@ -191,9 +192,16 @@ def _record(app, body: ChatRequest, generation_id: str, reply, started: float) -
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     generation_id: str = Field(..., min_length=1, max_length=64)
-    rating: Literal["up", "down"] | int | None = Field(None, description='"up", "down" or a score 1..5')
+    rating: str | int | None = Field(None, description='"up", "down" or a score 1..5')
     correction: str | None = Field(None, max_length=MAX_TEXT)
     comment: str | None = Field(None, max_length=MAX_TEXT)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _known_rating(cls, value):
+        from tuneship.loop.signals import normalize_rating
+
+        return normalize_rating(value)
 
 
 @router.post("/v1/feedback", status_code=201, tags=["loop"], dependencies=[Depends(require_key)])
