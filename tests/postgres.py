@@ -47,9 +47,10 @@ def postgres_url() -> Iterator[str | None]:
     data, port = root / "data", _free_port()
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
-    run = lambda *args: subprocess.run(
-        _as_server_user([str(bin_dir / args[0]), *args[1:]]), check=True, capture_output=True
-    )  # noqa: E731
+
+    def run(program: str, *args: str) -> None:
+        subprocess.run(_as_server_user([str(bin_dir / program), *args]), check=True, capture_output=True)
+
     run("initdb", "-D", str(data), "-U", "tuneship", "--auth=trust", "-E", "UTF8")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
     run("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
