@@ -2,7 +2,7 @@
 
 `app.state.loop` is the Loop (config, base run, store: see tuneship.loop.registry / tuneship.loop.store),
 `app.state.router` the model Router (backends.py), `app.state.cycles` the CycleLauncher that starts a cycle in
-its own process. Errors are JSON `{"error": {"message", "type", "param"}}` with a 4xx for anything the client
+its own process. The web pages (serve/web/) are mounted over the runs folder beside the base run. Errors are JSON `{"error": {"message", "type", "param"}}` with a 4xx for anything the client
 can fix (the field named in `param`), never a 500 for bad input. Bodies over `serve.max_body_bytes` get 413.
 """
 
@@ -157,6 +157,7 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
     from tuneship.serve.api import install_error_handlers, router as api_router
     from tuneship.serve.backends import Router
     from tuneship.serve.web import mount_web
+    from tuneship.serve.web import mount_web
 
     @asynccontextmanager
     async def lifespan(app):
@@ -180,6 +181,7 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
     app.state.cycles = cycles or CycleLauncher(str(loop.base_run), [], None)
     install_error_handlers(app)
     app.include_router(api_router)
+    mount_web(app, loop.base_run.parent)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
     app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
     return app
