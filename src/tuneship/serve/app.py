@@ -157,7 +157,6 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
     from tuneship.serve.api import install_error_handlers, router as api_router
     from tuneship.serve.backends import Router
     from tuneship.serve.web import mount_web
-    from tuneship.serve.web import mount_web
 
     @asynccontextmanager
     async def lifespan(app):
@@ -181,7 +180,6 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
     app.state.cycles = cycles or CycleLauncher(str(loop.base_run), [], None)
     install_error_handlers(app)
     app.include_router(api_router)
-    mount_web(app, loop.base_run.parent)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
     app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
     return app
