@@ -73,9 +73,13 @@ def screenshot(driver, folder: Path, name: str) -> Path:
 
 
 def wait_for(driver, condition, message: str):
+    """Until `condition(driver)` is truthy; a page that reloads meanwhile (stale or missing elements) is waited
+    out."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_SECONDS).until(condition, message)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=ignored).until(condition, message)
 
 
 @pytest.fixture(scope="session")
