@@ -256,3 +256,18 @@ def test_versions_page_promotes_and_rolls_back_after_a_confirmation(browser, loo
     wait_for(browser, lambda d: row_status(1) == "champion", "the rollback did not restore v1")
     assert row_status(2) == "rejected" and loop.store.champion().id == 1
     assert "rolled_back" in browser.find_element(By.ID, "events").text
+
+
+def test_review_api_refuses_bad_input_with_the_field_named(loop_site):
+    import httpx
+
+    url, _, _ = loop_site
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    refused = httpx.post(url + "/v1/review", json={"generation_ids": ["x"], "action": "approve"})
+    assert refused.status_code == 401 and refused.json()["error"]["param"] == "Authorization"
+    unknown = httpx.post(url + "/v1/review", json={"generation_ids": ["nope"], "action": "approve"}, headers=auth)
+    assert unknown.status_code == 404 and "nothing pending review for 'nope'" in unknown.json()["error"]["message"]
+    bad_action = httpx.post(url + "/v1/review", json={"generation_ids": ["x"], "action": "maybe"}, headers=auth)
+    assert bad_action.status_code == 422 and bad_action.json()["error"]["param"] == "action"
+    empty = httpx.post(url + "/v1/review/x/edit", json={"correction": "   "}, headers=auth)
+    assert empty.status_code == 422 and empty.json()["error"]["param"] == "correction"

@@ -103,7 +103,7 @@ def test_kl_columns_from_the_quant_check_appear_when_present(browser, exported_r
         assert browser.find_element(By.CSS_SELECTOR, "#eval tr[data-metric='top1_agree'] th").text == "top-1 agree"
 
 
-def test_a_broken_manifest_is_a_problem_line_and_an_unknown_run_a_404(browser, tmp_path):
+def test_a_broken_manifest_is_a_problem_line_an_unknown_run_a_404_and_store_pages_need_a_loop(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     (tmp_path / "runs" / "broken").mkdir(parents=True)
@@ -115,6 +115,9 @@ def test_a_broken_manifest_is_a_problem_line_and_an_unknown_run_a_404(browser, t
         assert browser.find_element(By.ID, "stages-heading").is_displayed()
         browser.get(url + "/runs/nothing")
         assert "no run called 'nothing'" in browser.page_source
+        for page in ("playground", "review", "versions", "loop"):  # a bare app has no store: the page says so
+            browser.get(f"{url}/{page}")
+            assert "tuneship serve RUN" in browser.find_element(By.ID, "no-loop").text
 
 
 def test_run_names_cannot_climb_out_of_the_runs_folder(tmp_path):

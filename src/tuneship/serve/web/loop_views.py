@@ -120,3 +120,34 @@ def cycle_progress(stage: str | None) -> tuple[int, int]:
     """(step, of) of a running cycle's stage, for a progress bar."""
     step = CYCLE_STAGES.index(stage) + 1 if stage in CYCLE_STAGES else 0
     return step, len(CYCLE_STAGES)
+
+
+def playground_context(loop, app) -> dict:
+    return {"models": list(dict.fromkeys(app.state.router.model_names()))}
+
+
+def review_context(loop, _app) -> dict:
+    return {"items": review_items(loop.store), "unprocessed": len(loop.store.unprocessed_feedback())}
+
+
+def versions_context(loop, _app) -> dict:
+    from tuneship.loop.registry import previous_champion
+
+    return {
+        "versions": version_rows(loop.store),
+        "previous": previous_champion(loop),
+        "events": loop.store.events(limit=50),
+    }
+
+
+def loop_context(loop, _app) -> dict:
+    from tuneship.loop.trigger import loop_status
+
+    status = loop_status(loop)
+    running = status["cycle_running"]
+    return {
+        "status": status,
+        "progress": cycle_progress(running["stage"] if running else None),
+        "stages": CYCLE_STAGES,
+        "events": recent_cycles(loop.store),
+    }

@@ -70,58 +70,24 @@ def pages_router(runs_dir: Path):
             raise HTTPException(404, f"no loss plot for run {name!r}")
         return FileResponse(path / "reports" / "loss.png", media_type="image/png")
 
-    @router.get("/playground", response_class=HTMLResponse, name="web-playground")
-    def playground(request: Request):
-        loop = getattr(request.app.state, "loop", None)
-        models = request.app.state.router.model_names() if loop else []
-        return render(request, "playground.html", "Playground", models=list(dict.fromkeys(models)))
+    def loop_page(name: str, title: str, context):
+        """A page over the store; without a loop (a bare app) it says how to get one."""
 
-    @router.get("/review", response_class=HTMLResponse, name="web-review")
-    def review(request: Request):
-        loop = getattr(request.app.state, "loop", None)
-        if loop is None:
-            return render(request, "review.html", "Review")
-        return render(
-            request,
-            "review.html",
-            "Review",
-            items=loop_views.review_items(loop.store),
-            unprocessed=len(loop.store.unprocessed_feedback()),
-        )
+        def page(request: Request) -> HTMLResponse:
+            loop = getattr(request.app.state, "loop", None)
+            return render(request, f"{name}.html", title, **(context(loop, request.app) if loop else {}))
 
-    @router.get("/versions", response_class=HTMLResponse, name="web-versions")
-    def versions(request: Request):
-        from tuneship.loop.registry import previous_champion
+        return page
 
-        loop = getattr(request.app.state, "loop", None)
-        if loop is None:
-            return render(request, "versions.html", "Versions")
-        return render(
-            request,
-            "versions.html",
-            "Versions",
-            versions=loop_views.version_rows(loop.store),
-            previous=previous_champion(loop),
-            events=loop.store.events(limit=50),
-        )
-
-    @router.get("/loop", response_class=HTMLResponse, name="web-loop")
-    def loop_page(request: Request):
-        from tuneship.loop.trigger import loop_status
-
-        loop = getattr(request.app.state, "loop", None)
-        if loop is None:
-            return render(request, "loop.html", "Loop")
-        status = loop_status(loop)
-        running = status["cycle_running"]
-        return render(
-            request,
-            "loop.html",
-            "Loop",
-            status=status,
-            progress=loop_views.cycle_progress(running["stage"] if running else None),
-            stages=loop_views.CYCLE_STAGES,
-            cycles=loop_views.recent_cycles(loop.store),
+    loop_pages = [
+        ("playground", "Playground", loop_views.playground_context),
+        ("review", "Review", loop_views.review_context),
+        ("versions", "Versions", loop_views.versions_context),
+        ("loop", "Loop", loop_views.loop_context),
+    ]
+    for name, title, context in loop_pages:
+        router.add_api_route(
+            f"/{name}", loop_page(name, title, context), response_class=HTMLResponse, name=f"web-{name}"
         )
 
     return router

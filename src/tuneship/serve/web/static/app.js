@@ -14,8 +14,8 @@ function notice(text, isError) {
 function keyRequired() { return document.body.dataset.keyRequired === "true"; }
 
 // Calls the /v1 API; a missing or refused key is said in words, not thrown at the person.
-async function api(method, url, body) {
-  const headers = { "Content-Type": "application/json" };
+async function api(method, url, body, extraHeaders) {
+  const headers = Object.assign({ "Content-Type": "application/json" }, extraHeaders);
   if (apiKey()) headers.Authorization = "Bearer " + apiKey();
   const response = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const text = await response.text();
@@ -67,6 +67,19 @@ document.addEventListener("DOMContentLoaded", () => {
 
 window.tuneship = { api, act, notice, apiKey };
 
+// A button that shows a one-textarea form (and focuses it); submitting the form hands its text to `send`.
+function disclosure(button, form, send) {
+  button.addEventListener("click", () => {
+    form.hidden = !form.hidden;
+    button.setAttribute("aria-expanded", String(!form.hidden));
+    if (!form.hidden) form.querySelector("textarea").focus();
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    send(form.querySelector("textarea").value);
+  });
+}
+
 function newKey() { return (crypto.randomUUID && crypto.randomUUID()) || String(Date.now()) + Math.random(); }
 
 // Playground: chat through /v1/chat/completions; rate or correct each answer through /v1/feedback.
@@ -86,9 +99,11 @@ window.tuneshipPlayground = function () {
     return turn;
   }
 
+  // A rating's Idempotency-Key is the answer and the rating: a double click counts once.
   function sendFeedback(generationId, body, state) {
+    const key = body.rating ? generationId + ":" + body.rating : newKey();
     return act(async () => {
-      await api("POST", "/v1/feedback", Object.assign({ generation_id: generationId }, body));
+      await api("POST", "/v1/feedback", Object.assign({ generation_id: generationId }, body), { "Idempotency-Key": key });
       state.textContent = body.correction ? "correction sent" : "thanks: rated " + body.rating;
     });
   }
@@ -104,16 +119,8 @@ window.tuneshipPlayground = function () {
     const opener = node.querySelector(".correct-open");
     node.querySelector(".rate-up").addEventListener("click", () => sendFeedback(generationId, { rating: "up" }, state));
     node.querySelector(".rate-down").addEventListener("click", () => sendFeedback(generationId, { rating: "down" }, state));
-    opener.addEventListener("click", () => {
-      correction.hidden = !correction.hidden;
-      opener.setAttribute("aria-expanded", String(!correction.hidden));
-      if (!correction.hidden) correction.querySelector("textarea").focus();
-    });
-    correction.addEventListener("submit", (event) => {
-      event.preventDefault();
-      const text = correction.querySelector("textarea").value;
-      sendFeedback(generationId, { correction: text }, state).then(() => { if (state.textContent) correction.hidden = true; });
-    });
+    disclosure(opener, correction, (text) =>
+      sendFeedback(generationId, { correction: text }, state).then(() => { if (state.textContent) correction.hidden = true; }));
     conversation.appendChild(node);
   }
 
@@ -157,19 +164,10 @@ window.tuneshipReview = function () {
     const editButton = item.querySelector('[data-action="edit"]');
     item.querySelector('[data-action="approve"]').addEventListener("click", () => decide([id], "approve"));
     item.querySelector('[data-action="reject"]').addEventListener("click", () => decide([id], "reject"));
-    editButton.addEventListener("click", () => {
-      editForm.hidden = !editForm.hidden;
-      editButton.setAttribute("aria-expanded", String(!editForm.hidden));
-      if (!editForm.hidden) editForm.querySelector("textarea").focus();
-    });
-    editForm.addEventListener("submit", (event) => {
-      event.preventDefault();
-      const correction = editForm.querySelector("textarea").value;
-      act(async () => {
-        await api("POST", "/v1/review/" + encodeURIComponent(id) + "/edit", { correction });
-        item.remove();
-      }, "edited and approved");
-    });
+    disclosure(editButton, editForm, (correction) => act(async () => {
+      await api("POST", "/v1/review/" + encodeURIComponent(id) + "/edit", { correction });
+      item.remove();
+    }, "edited and approved"));
   }
   const all = document.getElementById("review-select-all");
   if (!all) return;
@@ -187,21 +185,21 @@ window.tuneshipReview = function () {
 
 // Versions: promote a version or roll back, each after a confirmation.
 window.tuneshipVersions = function () {
-  for (const button of document.querySelectorAll("button.promote")) {
+  function confirmed(button, question, url, done) {
     button.addEventListener("click", async () => {
-      const id = button.dataset.version;
-      if (!window.confirm("Promote v" + id + " to champion? It serves every request from now on.")) return;
-      const done = await act(() => api("POST", "/v1/versions/" + id + "/promote"), "v" + id + " is the champion");
-      if (done) window.location.reload();
+      if (!window.confirm(question)) return;
+      if (await act(() => api("POST", url), done)) window.location.reload();
     });
+  }
+  for (const button of document.querySelectorAll("button.promote")) {
+    const id = button.dataset.version;
+    confirmed(button, "Promote v" + id + " to champion? It serves every request from now on.",
+      "/v1/versions/" + id + "/promote", "v" + id + " is the champion");
   }
   const rollback = document.getElementById("rollback");
   if (rollback) {
-    rollback.addEventListener("click", async () => {
-      if (!window.confirm("Roll back to v" + rollback.dataset.to + "? The current champion is marked rejected.")) return;
-      const done = await act(() => api("POST", "/v1/rollback"), "rolled back");
-      if (done) window.location.reload();
-    });
+    confirmed(rollback, "Roll back to v" + rollback.dataset.to + "? The current champion is marked rejected.",
+      "/v1/rollback", "rolled back");
   }
 };
 
