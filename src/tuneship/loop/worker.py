@@ -225,9 +225,9 @@ def _publish(loop: Loop, version_id: int, both: bool) -> None:
     if version is None:
         raise RegistryError(f"no version {version_id}; see `tuneship loop versions`")
     tagged, latest = ollama_names(loop, version_id)
-    lines = publish_to_ollama(
-        loop.version_config(version), Path(version.run_dir), [tagged, latest] if both else [latest]
-    )
+    version_cfg = loop.version_config(version)
+    version_cfg.deploy.host = loop.cfg.deploy.host  # where this loop's Ollama is, whatever the run used
+    lines = publish_to_ollama(version_cfg, Path(version.run_dir), [tagged, latest] if both else [latest])
     loop.store.add_event("published", "tuneship", "; ".join(lines), {"names": [tagged, latest]}, version_id)
 
 

@@ -2,8 +2,9 @@
 
 `app.state.loop` is the Loop (config, base run, store: see tuneship.loop.registry / tuneship.loop.store),
 `app.state.router` the model Router (backends.py), `app.state.cycles` the CycleLauncher that starts a cycle in
-its own process. The web pages (serve/web/) are mounted over the runs folder beside the base run. Errors are JSON `{"error": {"message", "type", "param"}}` with a 4xx for anything the client
-can fix (the field named in `param`), never a 500 for bad input. Bodies over `serve.max_body_bytes` get 413.
+its own process. The web pages (serve/web/) are mounted over the runs folder beside the base run.
+Errors are JSON `{"error": {"message", "type", "param"}}` with a 4xx for anything the client can fix (the
+field named in `param`), never a 500 for bad input. Bodies over `serve.max_body_bytes` get 413.
 """
 
 from __future__ import annotations
