@@ -67,7 +67,7 @@ def cycle(
     result = run_cycle(_open(target, overrides), console, actor, reason, live_url)
     console.print(f"v{result.version_id}: {result.status}")
     for line in result.reasons:
-        console.print(f"  {escape(line)}", highlight=False)
+        console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
     if result.status != "promoted":
         raise typer.Exit(4)
 
@@ -153,6 +153,6 @@ def feedback_import(
     result = import_feedback(_open(target, overrides).store, file)
     console.print(f"imported {result.imported}, already there {result.already}, invalid {len(result.invalid)}")
     for line in result.invalid:
-        console.print(f"  {escape(line)}", highlight=False)
+        console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
     if result.invalid:
         raise typer.Exit(1)

@@ -125,6 +125,8 @@ class Trigger(threading.Thread):
                 self.tick()
             except TuneshipError as exc:
                 log.warning("loop trigger: %s", exc)
+            except Exception:  # the thread must outlive one bad tick; the traceback goes to the log
+                log.exception("loop trigger failed")
 
     def tick(self) -> bool:
         from tuneship.loop.signals import harvest
