@@ -93,14 +93,18 @@ def test_kl_columns_from_the_quant_check_appear_when_present(browser, exported_r
     shutil.copytree(run_dir / "reports", copy / "reports")
     shutil.copy(run_dir / "manifest.json", copy / "manifest.json")
     report = json.loads((copy / "reports" / "eval.json").read_text())
-    report["models"]["gguf-Q8_0"]["summary"].update(kl_vs_f16=0.0123, top1_agree=0.97)
+    # the keys the export's quant faithfulness check writes, and one no page knows yet
+    report["models"]["gguf-Q8_0"]["summary"].update(kl_vs_f16=0.0123, top1_agreement=0.97, new_kl_metric=0.5)
     (copy / "reports" / "eval.json").write_text(json.dumps(report))
     with serving(runs_app(tmp_path / "runs")) as url:
         browser.get(url + "/runs/tiny")
         kl = browser.find_element(By.CSS_SELECTOR, "#eval tr[data-metric='kl_vs_f16']")
         assert kl.find_element(By.TAG_NAME, "th").text == "KL vs f16"
         assert [c.text for c in kl.find_elements(By.TAG_NAME, "td")][-2:] == ["–", "0.0123"]
-        assert browser.find_element(By.CSS_SELECTOR, "#eval tr[data-metric='top1_agree'] th").text == "top-1 agree"
+        top1 = browser.find_element(By.CSS_SELECTOR, "#eval tr[data-metric='top1_agreement']")
+        assert top1.find_element(By.TAG_NAME, "th").text == "top-1 agreement with f16"
+        assert [c.text for c in top1.find_elements(By.TAG_NAME, "td")] == ["–", "–", "–", "–", "97%"]
+        assert browser.find_element(By.CSS_SELECTOR, "#eval tr[data-metric='new_kl_metric'] th").text == "new KL metric"
 
 
 def test_a_broken_manifest_is_a_problem_line_an_unknown_run_a_404_and_store_pages_need_a_loop(browser, tmp_path):

@@ -10,7 +10,18 @@ from typing import Any
 from tuneship.evaluate.report import ordered_models
 
 STAGE_ORDER = ("data", "train", "eval", "export", "template", "deploy")
-METRIC_ORDER = ("prompts", "stop_rate", "exact_match", "f1", "non_empty_rate", "loops", "leaks", "passed")
+METRIC_ORDER = (
+    "prompts",
+    "stop_rate",
+    "exact_match",
+    "f1",
+    "non_empty_rate",
+    "loops",
+    "leaks",
+    "passed",
+    "kl_vs_f16",
+    "top1_agreement",
+)
 METRIC_LABELS = {
     "prompts": "prompts",
     "stop_rate": "stop rate",
@@ -21,8 +32,11 @@ METRIC_LABELS = {
     "leaks": "leaks",
     "passed": "passed all checks",
     "prompt_token_mismatches": "prompt token mismatches",
+    "kl_vs_f16": "KL vs f16",
+    "top1_agreement": "top-1 agreement with f16",
+    "kl_positions": "KL positions (tokens)",
 }
-PERCENT_METRICS = {"stop_rate", "exact_match", "non_empty_rate"}
+PERCENT_METRICS = {"stop_rate", "exact_match", "non_empty_rate", "top1_agreement"}
 
 
 @dataclass
