@@ -292,11 +292,11 @@ def list_events(request: Request, limit: int = 100) -> dict:
 
 
 @router.post("/v1/versions/{version_id}/promote", tags=["versions"], dependencies=[Depends(require_key)])
-def promote_version(version_id: int, request: Request) -> dict:
-    from tuneship.loop.registry import promote
+def post_promote(version_id: int, request: Request) -> dict:
+    from tuneship.loop.worker import promote_version
 
     try:
-        version = promote(request.app.state.loop, version_id, "api", "promoted through the API")
+        version = promote_version(request.app.state.loop, version_id, "api", "promoted through the API")
     except TuneshipError as exc:
         raise ApiError(404 if "no version" in str(exc) else 409, str(exc), param="version_id") from None
     return version_json(version)
@@ -304,10 +304,10 @@ def promote_version(version_id: int, request: Request) -> dict:
 
 @router.post("/v1/rollback", tags=["versions"], dependencies=[Depends(require_key)])
 def post_rollback(request: Request) -> dict:
-    from tuneship.loop.registry import rollback
+    from tuneship.loop.worker import restore_previous
 
     try:
-        version = rollback(request.app.state.loop, "api", "rolled back through the API")
+        version = restore_previous(request.app.state.loop, "api", "rolled back through the API")
     except TuneshipError as exc:
         raise ApiError(409, str(exc), "conflict") from None
     return version_json(version)
