@@ -25,11 +25,13 @@ class RegistryError(TuneshipError):
 
 @dataclass
 class Loop:
-    """The loop of one base run: `cfg` is the base run's config, `base_run` its directory."""
+    """The loop of one base run: `cfg` is the base run's config, `base_run` its directory, `target` what it was
+    opened from (the run directory or the config file; a cycle in another process opens the same)."""
 
     cfg: Config
     base_run: Path
     store: Store
+    target: Path
 
     @property
     def name(self) -> str:
@@ -48,7 +50,7 @@ def open_loop(target: str | Path, overrides: list[str] | None = None, store: Sto
     path = Path(target)
     cfg = load_config(path / "config.yaml" if path.is_dir() else path, overrides)
     base_run = (path if path.is_dir() else cfg.run_dir).resolve()
-    loop = Loop(cfg, base_run, store or open_store(default_database_url(cfg)))
+    loop = Loop(cfg, base_run, store or open_store(default_database_url(cfg)), path.resolve())
     if not loop.store.versions():
         register_base_run(loop)
     return loop
@@ -107,6 +109,16 @@ def import_golden_file(store: Store, path: Path, cfg: Config) -> int:
     """loop.golden: any training format, audited; what the audit keeps becomes golden examples."""
     kept = audit_file(path, cfg, Path(cfg.run.dir) / f"{cfg.run.name}-loop" / "golden-audit")
     return import_conversations(store, kept, "golden")
+
+
+def require_servable(version: Version) -> None:
+    """A version the loop can serve and train from: an exported GGUF and the run's adapter with its ChatFormat."""
+    run_dir = Path(version.run_dir)
+    if not version.gguf or not Path(version.gguf).is_file() or not (run_dir / "adapter" / "chat_format.json").is_file():
+        raise RegistryError(
+            f"v{version.id} ({version.name}) has no exported GGUF or adapter in {run_dir}; "
+            f"run `tuneship run` (or `tuneship export {run_dir}`) first"
+        )
 
 
 def promote(loop: Loop, version_id: int, actor: str, reason: str) -> Version:

@@ -26,7 +26,7 @@ from tuneship.data.conversation import write_jsonl
 from tuneship.errors import TuneshipError
 from tuneship.loop.cycle import challenger_config, publish_to_ollama, train_challenger, version_gguf
 from tuneship.loop.gate import prompts_from, run_gate
-from tuneship.loop.registry import Loop, RegistryError, promote, rollback
+from tuneship.loop.registry import Loop, RegistryError, promote, require_servable, rollback
 from tuneship.loop.signals import harvest
 from tuneship.loop.trigger import CYCLE_LEASE, waiting_examples
 
@@ -68,6 +68,7 @@ class Heartbeat(threading.Thread):
 
 
 def run_cycle(loop: Loop, console, actor: str = "cli", reason: str = "by hand", live_url: str | None = None):
+    require_servable(loop.store.champion())
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not loop.store.acquire_lease(CYCLE_LEASE, holder, loop.cfg.loop.lease_seconds, stage="starting"):
         lease = loop.store.lease(CYCLE_LEASE)

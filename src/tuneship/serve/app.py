@@ -22,12 +22,9 @@ from tuneship.errors import TuneshipError
 log = logging.getLogger("tuneship.serve")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: 413 when the body is larger than `max_bytes` (by Content-Length or as it streams in)."""
+    """ASGI middleware: 413 when the body is larger than `max_bytes`, by its Content-Length or, for a chunked
+    body, as it streams in. The body (bounded, so small) is read here and handed to the app as received."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -39,20 +36,20 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        messages, received = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise BodyTooLarge
-            return message
+                return await self._reject(send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await self._reject(send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send) -> None:
         body = json.dumps(
@@ -180,7 +177,7 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
     )
     app.state.loop = loop
     app.state.router = router or Router(loop)
-    app.state.cycles = cycles or CycleLauncher(str(loop.base_run), [], None)
+    app.state.cycles = cycles or CycleLauncher(str(loop.target), [], None)
     install_error_handlers(app)
     app.include_router(api_router)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)

@@ -45,7 +45,7 @@ def serve(
             "(or TUNESHIP_API_KEY) so feedback and admin endpoints need `Authorization: Bearer <key>`"
         )
     live_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    cycles = CycleLauncher(str(loop.base_run), list(overrides or []), live_url)
+    cycles = CycleLauncher(str(loop.target), list(overrides or []), live_url)
     app = create_app(loop, cycles=cycles, trigger=True)
     typer.echo(f"serving {loop.name} (champion v{loop.store.champion().id}) on {live_url}; store {loop.store.url}")
     uvicorn.run(app, host=host, port=port, log_level="warning")
