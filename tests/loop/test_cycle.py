@@ -85,3 +85,22 @@ def test_a_second_cycle_is_refused_while_one_holds_the_lease(fresh_loop_dir):  #
     loop.store.acquire_lease("cycle", "other-host:1", 60, stage="train")
     with pytest.raises(CycleBusy, match="other-host:1"):
         run_cycle(loop, QUIET)
+
+
+def test_a_cycle_that_breaks_is_recorded_so_the_trigger_backs_off(fresh_loop_dir):  # noqa: F811
+    from tuneship.errors import DataError
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.signals import harvest
+    from tuneship.loop.trigger import trigger_decision
+    from tuneship.loop.worker import run_cycle
+
+    loop = open_loop(fresh_loop_dir, ["loop.min_examples=1", "train.max_seq_len=16"])
+    correct(loop, [("What is the code word?", "Answer number 99.")])
+    harvest(loop.store, loop.cfg)  # without the token check: the run's own audit then drops it (max_seq_len 16)
+    with pytest.raises(DataError, match="no usable training examples"):
+        run_cycle(loop, QUIET, "trigger", "due")
+    [failed] = loop.store.events(kind="cycle_failed")
+    assert failed.actor == "trigger" and "no usable training examples" in failed.reason
+    assert "backing off" in trigger_decision(loop.store, loop.cfg.loop).reason
+    assert loop.store.version(2).status == "failed"
+    assert loop.store.lease("cycle") is None

@@ -115,3 +115,21 @@ def test_the_ollama_backend_serves_name_vN_and_promotion_moves_latest(fresh_loop
     assert reply.choices[0].message.content == "ollama says hi to Question number 1?"
     latest, tagged = ollama.models["tiny:latest"], ollama.models["tiny:v2"]
     assert latest["files"] == tagged["files"] and latest["template"] == tagged["template"]
+
+
+def test_a_primary_slower_than_the_timeout_falls_through(fresh_loop_dir, tmp_path):
+    import time
+
+    with FakeOllama(tmp_path) as ollama:
+        ollama.models["slow"] = {}  # present, so /api/chat answers, but late
+        ollama.reply = lambda messages: (time.sleep(3), ("too late", "stop"))[1]
+        overrides = [
+            f"deploy.host={ollama.url}",
+            "serve.timeout=1",
+            'serve.routes={"a": {"primary": "ollama:slow", "fallbacks": ["champion"]}}',
+        ]
+        _, server = serve_loop(fresh_loop_dir, overrides)
+        with server:
+            ask(server.url, model="tiny")  # the champion's GGUF is loaded before the clock matters
+            reply = ask(server.url, model="a")
+    assert reply.tuneship["tried"] == ["ollama:slow", "champion"] and reply.tuneship["version"] == 1

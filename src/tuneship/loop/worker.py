@@ -77,6 +77,15 @@ def run_cycle(loop: Loop, console, actor: str = "cli", reason: str = "by hand", 
     heartbeat.start()
     try:
         return _cycle(loop, console, heartbeat, actor, reason, live_url)
+    except NothingToTrain:
+        raise
+    except Exception as exc:  # any failure is recorded, so the trigger backs off instead of retrying at once
+        lease = loop.store.lease(CYCLE_LEASE)
+        version_id = lease.version_id if lease else None
+        if version_id is not None:
+            loop.store.update_version(version_id, status="failed")
+        loop.store.add_event("cycle_failed", actor, f"{type(exc).__name__}: {exc}", {}, version_id)
+        raise
     finally:
         heartbeat.stopped.set()
         loop.store.release_lease(CYCLE_LEASE, holder)
