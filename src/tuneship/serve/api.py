@@ -47,7 +47,7 @@ def install_error_handlers(app) -> None:
         return JSONResponse(error_body("; ".join(problems), "invalid_request_error", first), status_code=422)
 
 
-def require_key(authorization: str | None = Header(None), request: Request = None) -> None:  # noqa: B008
+def require_key(request: Request, authorization: str | None = Header(None)) -> None:
     key = request.app.state.loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")
     if not key:
         return
