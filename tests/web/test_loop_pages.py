@@ -274,3 +274,20 @@ def test_review_api_refuses_bad_input_with_the_field_named(loop_site):
     assert bad_action.status_code == 422 and bad_action.json()["error"]["param"] == "action"
     empty = httpx.post(url + "/v1/review/x/edit", json={"correction": "   "}, headers=auth)
     assert empty.status_code == 422 and empty.json()["error"]["param"] == "correction"
+
+
+def test_every_visible_control_on_every_page_has_an_accessible_name(browser, loop_site):
+    from selenium.webdriver.common.by import By
+
+    url, _, _ = loop_site
+    unnamed = []
+    for page in ("/", "/playground", "/review", "/versions", "/loop"):
+        browser.get(url + page)
+        controls = browser.find_elements(By.CSS_SELECTOR, "a, button, input, select, textarea, progress, img")
+        assert len(controls) > 5, page
+        unnamed += [
+            f"{page}: <{c.tag_name} id={c.get_attribute('id')!r} class={c.get_attribute('class')!r}>"
+            for c in controls
+            if c.is_displayed() and not c.accessible_name.strip()
+        ]
+    assert not unnamed
