@@ -9,6 +9,17 @@ from tuneship.evaluate.checks import AnswerCheck, summarize
 
 COLUMN_ORDER = ["base", "adapter", "merged"]
 MD_ANSWER_WIDTH = 60
+# the rows of the metric table, in order (eval.md and the web page's Runs)
+SUMMARY_METRICS = (
+    "prompts",
+    "stop_rate",
+    "exact_match",
+    "f1",
+    "non_empty_rate",
+    "loops",
+    "leaks",
+    "prompt_token_mismatches",
+)
 
 
 def load_report(reports: Path, prompts) -> dict:
@@ -50,18 +61,8 @@ def markdown(report: dict) -> str:
             f"({report['eval_tokens']} supervised tokens).",
             "",
         ]
-    metrics = [
-        "prompts",
-        "stop_rate",
-        "exact_match",
-        "f1",
-        "non_empty_rate",
-        "loops",
-        "leaks",
-        "prompt_token_mismatches",
-    ]
     lines += ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
-    for metric in metrics:
+    for metric in SUMMARY_METRICS:
         values = [report["models"][m]["summary"].get(metric) for m in models]
         if any(v is not None for v in values):
             lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")

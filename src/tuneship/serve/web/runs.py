@@ -7,21 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneship.evaluate.report import ordered_models
+from tuneship.evaluate.report import SUMMARY_METRICS, ordered_models
 
 STAGE_ORDER = ("data", "train", "eval", "export", "template", "deploy")
-METRIC_ORDER = (
-    "prompts",
-    "stop_rate",
-    "exact_match",
-    "f1",
-    "non_empty_rate",
-    "loops",
-    "leaks",
-    "passed",
-    "kl_vs_f16",
-    "top1_agreement",
-)
+METRIC_ORDER = (*SUMMARY_METRICS, "passed", "kl_vs_f16", "top1_agreement")
 METRIC_LABELS = {
     "prompts": "prompts",
     "stop_rate": "stop rate",
