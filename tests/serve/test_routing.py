@@ -133,3 +133,22 @@ def test_a_primary_slower_than_the_timeout_falls_through(fresh_loop_dir, tmp_pat
             ask(server.url, model="tiny")  # the champion's GGUF is loaded before the clock matters
             reply = ask(server.url, model="a")
     assert reply.tuneship["tried"] == ["ollama:slow", "champion"] and reply.tuneship["version"] == 1
+
+
+def test_the_champion_is_loaded_before_the_first_request(fresh_loop_dir):
+    loop, server = serve_loop(fresh_loop_dir)
+    with server:
+        assert set(server.server.config.app.state.router.pool.models) == {1}
+
+
+def test_a_backend_that_breaks_falls_through_instead_of_a_500(fresh_loop_dir):
+    from pathlib import Path
+
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(fresh_loop_dir)
+    Path(add_copy_as_version(loop).gguf).write_bytes(b"GGUF but not really")  # llama.cpp raises ValueError
+    _, server = serve_loop(fresh_loop_dir, ['serve.routes={"a": {"primary": "v2", "fallbacks": ["champion"]}}'])
+    with server:
+        reply = ask(server.url, model="a")
+    assert reply.tuneship["tried"] == ["v2", "champion"] and reply.tuneship["version"] == 1

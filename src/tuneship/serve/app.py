@@ -160,6 +160,7 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
 
     @asynccontextmanager
     async def lifespan(app):
+        app.state.router.warm_up()
         thread = Trigger(app) if trigger and loop.cfg.serve.trigger_every > 0 else None
         if thread:
             thread.start()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ from pathlib import Path
 
 from tuneship.data.conversation import Conversation, Message, SourceRef
 from tuneship.errors import TuneshipError
+
+
+log = logging.getLogger("tuneship.serve")
 
 
 class BackendError(TuneshipError):
@@ -172,6 +176,21 @@ class Router:
         self.pool = pool or ModelPool(self.serve.n_ctx)
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="generate")
 
+    def warm_up(self) -> None:
+        """Load the champion's GGUF and ChatFormat before the first request (and before any other thread
+        imports transformers: its lazy imports are not safe to race)."""
+        champion = self.loop.store.champion()
+        if (
+            self.serve.backend != "llamacpp"
+            or champion is None
+            or not champion.gguf
+            or not Path(champion.gguf).is_file()
+        ):
+            return
+        self.pool.keep_only(self._wanted_versions())
+        with self.pool.use(champion):
+            pass
+
     def model_names(self) -> list[str]:
         names = list(self.serve.routes) or [self.loop.name]
         return names + [v.name for v in self.loop.store.versions() if v.status not in ("training", "failed")]
@@ -236,7 +255,8 @@ class Router:
             except FutureTimeout:
                 errors.append(f"{target}: no answer within serve.timeout={self.serve.timeout:g} s")
                 continue
-            except (TuneshipError, OSError) as exc:
+            except Exception as exc:  # a backend that breaks is a backend that failed: the next target answers
+                log.warning("target %s failed: %r", target, exc)
                 errors.append(f"{target}: {exc}")
                 continue
             reply.tried = tried
@@ -264,9 +284,10 @@ class Router:
                         started = True
                         yield piece
                 return
-            except (TuneshipError, OSError) as exc:
+            except Exception as exc:  # as in complete(): fall through, but only before the first piece
                 if started:
                     raise
+                log.warning("target %s failed: %r", target, exc)
                 errors.append(f"{target}: {exc}")
         raise BackendError("no backend answered: " + "; ".join(errors))
 
