@@ -48,7 +48,12 @@ def base_run(tmp_path_factory):
     config["eval"].update(train_prompts=8, max_new_tokens=32, min_exact_match=None)
     config["deploy"] = {"target": "none"}
     config["serve"] = {"trigger_every": 2}
-    config["loop"] = {"min_examples": 3, "golden_ratio": 0.0, "golden": str(folder / "golden.jsonl")}
+    config["loop"] = {
+        "min_examples": 3,
+        "golden_ratio": 0.0,
+        "golden": str(folder / "golden.jsonl"),
+        "max_regression": 0.05,
+    }
     (folder / "facts.yaml").write_text(yaml.safe_dump(config))
     cfg = load_config(folder / "facts.yaml")
     summary = run_pipeline(cfg, Console(file=io.StringIO()))

@@ -90,3 +90,26 @@ def test_approve_releases_examples_held_for_review(config_file, capsys):
     code, out = run_cli(["loop", "approve", str(config_file)], capsys)
     assert "approved 4 of 4 pending examples" in out.out
     assert {e.status for e in loop.store.examples()} == {"accepted"}
+
+
+def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_replayed(tmp_path):
+    from tests.conftest import qa
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.worker import _replay_sample
+
+    run_dir = tmp_path / "runs" / "shop"
+    facts = [qa(f"Question {i}?", f"Answer {i}.") for i in range(4)]
+    write_jsonl(
+        run_dir / "data" / "train.jsonl", [{**f, "source": {"file": "f", "line": i}} for i, f in enumerate(facts)]
+    )
+    write_jsonl(tmp_path / "golden.jsonl", facts[:2])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{golden: {tmp_path / 'golden.jsonl'}}}\n")
+    loop = open_loop(config)
+    assert loop.store.events(kind="registered")[0].data["golden_examples"] == 2
+    assert len(loop.store.examples(split="golden")) == 2 and len(loop.store.examples(split="train")) == 4
+    replayed = _replay_sample(loop, set(), seed=1)
+    trained = {e.id: e.conversation["messages"][0]["content"] for e in loop.store.examples(split="train")}
+    assert sorted(trained[i] for i in replayed) == []  # replay_ratio x 0 new examples
+    loop.cfg.loop.replay_ratio = 10.0
+    assert sorted(trained[i] for i in _replay_sample(loop, {"x"}, seed=1)) == ["Question 2?", "Question 3?"]

@@ -85,15 +85,17 @@ def register_base_run(loop: Loop) -> Version:
 
 
 def import_conversations(store: Store, path: Path, split: str, used_in: list[int] | None = None) -> int:
-    """A run's data file (Conversation JSONL) -> accepted SFT examples."""
+    """A run's data file (Conversation JSONL) -> accepted SFT examples. A golden example gets its own id even
+    when a training example has the same content, so it is never lost to the dedupe by content."""
     if not path.is_file():
         return 0
     examples = []
     for conversation in read_conversations(path):
         record = conversation.to_json()
+        content_id = example_id("sft", record)
         examples.append(
             Example(
-                id=example_id("sft", record),
+                id=f"golden-{content_id}" if split == "golden" else content_id,  # a golden twin of a train example
                 kind="sft",
                 conversation=record,
                 provenance={"file": str(path), "line": conversation.source.line, "source": str(conversation.source)},

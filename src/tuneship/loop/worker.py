@@ -173,7 +173,8 @@ def _resume_or_new_version(loop: Loop, champion):
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
     pool = sorted(e.id for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == "sft")
-    pool = [i for i in pool if i not in new]
+    golden = {e.id for e in loop.store.examples(split="golden")}
+    pool = [i for i in pool if i not in new and f"golden-{i}" not in golden]  # golden facts are not replayed
     count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
     return sorted(random.Random(seed).sample(pool, count))
 
