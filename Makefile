@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= train,export,hub,parquet,s3,dev
+EXTRAS ?= train,export,hub,parquet,s3,serve,dev
 # llama-cpp-python is built from source; portable CPU build (set CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
@@ -15,12 +15,26 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup: $(VENV)/.installed tools
 
 # Go renders the Ollama TEMPLATE exactly as Ollama does (tuneship template check and its tests).
+# Chromium + chromedriver (Debian's) drive the web pages' browser tests (they skip without it).
+# PostgreSQL: the loop's store tests run on it too (a fixture starts a throwaway server; they skip without it).
 tools:
 	@command -v go >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; \
 	  else \
 	    echo "note: Go not found; install golang-go for 'tuneship template check' (its tests skip without it)"; \
+	  fi; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "note: chromium not found; install chromium and chromium-driver for the web page tests (they skip without it)"; \
+	  fi; }
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "note: PostgreSQL not found; install postgresql to run the loop's store tests on it too"; \
 	  fi; }
 
 $(VENV)/.installed: pyproject.toml Makefile

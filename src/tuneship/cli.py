@@ -15,6 +15,8 @@ from rich.markup import escape
 
 from tuneship.errors import TuneshipError
 from tuneship.extras import missing_extra
+from tuneship.loop import cli as _loop_cli
+from tuneship.serve import cli as _serve_cli
 
 app = typer.Typer(
     add_completion=False,
@@ -30,6 +32,9 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(data_app, name="data")
 app.add_typer(format_app, name="format")
 app.add_typer(template_app, name="template")
+app.add_typer(_loop_cli.loop_app, name="loop")
+app.add_typer(_loop_cli.feedback_app, name="feedback")
+app.command("serve")(_serve_cli.serve)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -165,6 +165,42 @@ class DeploySection(Section):
     lmstudio_dir: Path | None = Field(None, description="LM Studio models folder (default: ~/.lmstudio/models)")
 
 
+class RouteSection(Section):
+    primary: str = Field(..., description="champion, v<N> (a loop version) or ollama:<model>")
+    fallbacks: list[str] = Field(default_factory=list, description="tried in order when the primary fails")
+
+
+class ServeSection(Section):
+    api_key: str | None = Field(None, description="bearer token for feedback and admin endpoints; env TUNESHIP_API_KEY")
+    backend: Literal["llamacpp", "ollama"] = Field("llamacpp", description="what answers for the champion")
+    routes: dict[str, RouteSection] = Field(
+        default_factory=dict, description="model name -> {primary, fallbacks}; default: run.name -> champion"
+    )
+    timeout: float = Field(120.0, gt=0, description="seconds a backend may take before the next one is tried")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_messages: int = Field(64, ge=1, description="most messages in one chat request")
+    max_tokens: int = Field(512, ge=1, description="upper bound (and default) for a request's max_tokens")
+    n_ctx: int = Field(2048, ge=256, description="llama.cpp context length")
+    trigger_every: float = Field(30.0, ge=0, description="seconds between trigger checks while serving (0: off)")
+
+
+class LoopSection(Section):
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<run.dir>/tuneship.db")
+    min_examples: int = Field(50, ge=1, description="new accepted examples that trigger a cycle")
+    window: str | None = Field(
+        None, pattern=r"^\d\d:\d\d-\d\d:\d\d$", description='automatic cycles only inside "HH:MM-HH:MM" (UTC)'
+    )
+    review: Literal["auto", "required"] = Field("auto", description="required: new examples wait for approval")
+    replay_ratio: float = Field(1.0, ge=0.0, description="earlier examples replayed per new example")
+    golden_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of new examples kept out as the golden set")
+    golden: Path | None = Field(None, description="JSONL of extra golden examples, never trained on")
+    max_regression: float = Field(0.0, ge=0.0, le=1.0, description="golden exact/F1 drop allowed vs the champion")
+    objective: Literal["sft"] = Field("sft", description="training objective of a cycle")
+    lease_seconds: float = Field(300.0, gt=0, description="a cycle's lease; a crashed worker loses it after this")
+    backoff_seconds: float = Field(900.0, ge=0, description="no automatic cycle this long after a failed one")
+    smoke_prompts: int = Field(3, ge=1, description="golden prompts the live endpoint must answer after a promotion")
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -175,6 +211,8 @@ class Config(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     export: ExportSection = Field(default_factory=ExportSection)
     deploy: DeploySection = Field(default_factory=DeploySection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    loop: LoopSection = Field(default_factory=LoopSection)
 
     @property
     def run_dir(self) -> Path:
@@ -241,7 +279,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("sources"), list):
         data["sources"] = [resolve(s) if isinstance(s, str) else s for s in data["sources"]]
-    for section, key in (("run", "dir"), ("eval", "prompts"), ("model", "adapter_from")):
+    for section, key in (("run", "dir"), ("eval", "prompts"), ("model", "adapter_from"), ("loop", "golden")):
         block = raw.get(section)
         if isinstance(block, dict) and isinstance(block.get(key), str):
             block[key] = resolve(block[key])

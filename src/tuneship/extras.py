@@ -28,6 +28,13 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "botocore": "s3",
     "pyarrow": "parquet",
     "bitsandbytes": "qlora",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "sqlalchemy": "serve",
+    "alembic": "serve",
+    "psycopg": "serve",
+    "httpx": "serve",
+    "jinja2": "serve",
 }
 
 

@@ -9,7 +9,8 @@ from tuneship.evaluate.checks import AnswerCheck, summarize
 
 COLUMN_ORDER = ["base", "adapter", "merged"]
 MD_ANSWER_WIDTH = 60
-METRICS = [
+# the rows of the metric table, in order (eval.md, the model card and the web page's Runs)
+SUMMARY_METRICS = (
     "prompts",
     "stop_rate",
     "exact_match",
@@ -19,7 +20,7 @@ METRICS = [
     "loops",
     "leaks",
     "prompt_token_mismatches",
-]
+)
 
 
 def load_report(path: Path, prompts) -> dict:
@@ -81,7 +82,7 @@ def summary_markdown(report: dict) -> list[str]:
             "",
         ]
     lines += ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
-    for metric in METRICS:
+    for metric in SUMMARY_METRICS:
         values = [report["models"][m]["summary"].get(metric) for m in models]
         if any(v is not None for v in values):
             lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")

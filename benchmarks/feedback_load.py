@@ -1,0 +1,157 @@
+"""Feedback under load: N POST /v1/feedback from C concurrent clients against `tuneship serve` (a real uvicorn
+in its own process) on SQLite and on PostgreSQL; prints requests/s, p50/p99 latency, errors and rows stored.
+
+Usage: python benchmarks/feedback_load.py [N=1000] [C=50]
+PostgreSQL comes from tests/postgres.py (a throwaway server on loopback); without it that row is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    errors: int
+    rows: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(config: Path, database_url: str, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "tuneship.cli", "serve", str(config), "--port", str(port)]
+    command += ["--set", f"loop.database_url={database_url}", "--set", "serve.trigger_every=0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNESHIP_API_KEY": "bench"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/loop/status", timeout=2).read()
+            return server
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"tuneship serve exited: {server.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("tuneship serve did not start within 60 s")
+
+
+def seed_generations(store, count: int) -> list[str]:
+    ids = [f"chatcmpl-bench-{i}" for i in range(count)]
+    for generation_id in ids:
+        store.add_generation(
+            id=generation_id,
+            model="bench",
+            version_id=1,
+            backend="bench",
+            messages=[{"role": "user", "content": f"question {generation_id}"}],
+            answer="an answer",
+            finish_reason="stop",
+            latency_ms=1.0,
+            prompt_tokens=5,
+            completion_tokens=3,
+        )
+    return ids
+
+
+async def post_feedback(url: str, generation_ids: list[str], total: int, concurrency: int):
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for index in range(total):
+        queue.put_nowait(index)
+
+    async def client_loop():
+        nonlocal errors
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer bench"}, timeout=60) as client:
+            while not queue.empty():
+                index = queue.get_nowait()
+                body = {"generation_id": generation_ids[index % len(generation_ids)], "rating": 1 + index % 5}
+                started = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/v1/feedback", json=body, headers={"Idempotency-Key": f"bench-{index}"}
+                    )
+                    errors += response.status_code != 201
+                except httpx.HTTPError:
+                    errors += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started
+
+
+def run_load(database_url: str, total: int, concurrency: int) -> LoadResult:
+    """Start `tuneship serve` on `database_url`, post `total` feedback from `concurrency` clients."""
+    from tuneship.loop.store import open_store
+
+    folder = Path(tempfile.mkdtemp(prefix="tuneship-load-"))
+    config = folder / "bench.yaml"
+    config.write_text(f"run: {{name: bench, dir: {folder / 'runs'}}}\n")
+    store = open_store(database_url)
+    generation_ids = seed_generations(store, 100)
+    port = free_port()
+    server = start_server(config, database_url, port)
+    try:
+        latencies, errors, seconds = asyncio.run(
+            post_feedback(f"http://127.0.0.1:{port}", generation_ids, total, concurrency)
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rows = store.feedback_count()
+    store.close()
+    return LoadResult(total, errors, rows, seconds, latencies)
+
+
+def main() -> None:
+    from tests.postgres import postgres_url
+
+    total = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    concurrency = int(sys.argv[2]) if len(sys.argv) > 2 else 50
+    print(f"{total} POST /v1/feedback from {concurrency} concurrent clients, tuneship serve on loopback")
+    print(f"{'database':<12}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'rows':>8}")
+    with tempfile.TemporaryDirectory() as folder, postgres_url() as pg_url:
+        for name, url in (("sqlite", f"sqlite:///{folder}/bench.db"), ("postgresql", pg_url)):
+            if url is None:
+                print(f"{name:<12}skipped: PostgreSQL not installed")
+                continue
+            result = run_load(url, total, concurrency)
+            print(
+                f"{name:<12}{result.per_second:>10.1f}{result.percentile(0.5):>10.1f}"
+                f"{result.percentile(0.99):>10.1f}{result.errors:>8}{result.rows:>8}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The learning loop: store, feedback -> examples, trigger + lease, cycle, gate, registry."""

@@ -1,0 +1,158 @@
+"""`tuneship loop ...` and `tuneship feedback import`: thin commands over the loop's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+loop_app = typer.Typer(no_args_is_help=True, help="The learning loop: status, cycles, versions, rollback.")
+feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected outside `tuneship serve`.")
+console = Console()
+
+TargetArgument = typer.Argument(..., help="the base run directory (or its config file)")
+SetOption = typer.Option(None, "--set", help="override a config key (repeatable)")
+
+
+def _open(target: str, overrides: Optional[list[str]]):
+    from tuneship.loop.registry import open_loop
+
+    return open_loop(target, overrides)
+
+
+@loop_app.command("status")
+def status(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
+    """Champion, examples waiting / threshold, the running cycle and its stage, the last cycle."""
+    from tuneship.loop.trigger import loop_status
+
+    info = loop_status(_open(target, overrides))
+    champion = info["champion"]
+    console.print(
+        f"champion: v{champion['id']} {champion['name']}  ({champion['gguf']})" if champion else "champion: none"
+    )
+    console.print(
+        f"examples waiting: {info['examples_waiting']} / {info['threshold']}  "
+        f"(pending review: {info['examples_pending_review']})"
+    )
+    running = info["cycle_running"]
+    console.print(
+        f"cycle running: {running['stage']} v{running['version']} ({running['holder']})"
+        if running
+        else "cycle running: no"
+    )
+    last = info["last_cycle"]
+    console.print(
+        f"last cycle: {last['kind']} v{last['version']} at {last['at']}: {escape(last['reason'])}"
+        if last
+        else "last cycle: none"
+    )
+    console.print(f"trigger: {'due' if info['trigger']['is_due'] else 'not due'} ({escape(info['trigger']['reason'])})")
+
+
+@loop_app.command("cycle")
+def cycle(
+    target: str = TargetArgument,
+    overrides: Optional[list[str]] = SetOption,
+    actor: str = typer.Option("cli", "--actor", help="who started it (recorded in the events)"),
+    reason: str = typer.Option("by hand", "--reason", help="why (recorded in the events)"),
+    live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test the promotion on this running server"),
+) -> None:
+    """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
+    from tuneship.loop.worker import run_cycle
+
+    result = run_cycle(_open(target, overrides), console, actor, reason, live_url)
+    console.print(f"v{result.version_id}: {result.status}")
+    for line in result.reasons:
+        console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+    if result.status != "promoted":
+        raise typer.Exit(4)
+
+
+@loop_app.command("versions")
+def versions(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
+    """The registry: every version, its parent, status and gate numbers."""
+    table = Table("version", "name", "status", "parent", "golden F1", "new F1", "GGUF")
+    for v in _open(target, overrides).store.versions():
+        gate = v.metrics.get("gate", {}).get("challenger", {})
+        table.add_row(
+            f"v{v.id}",
+            v.name,
+            v.status,
+            f"v{v.parent_id}" if v.parent_id else "",
+            _metric(gate.get("golden"), "f1"),
+            _metric(gate.get("new"), "f1"),
+            v.gguf or "",
+        )
+    console.print(table)
+
+
+def _metric(summary: dict | None, key: str) -> str:
+    return f"{summary[key]:.3f}" if summary and key in summary else ""
+
+
+@loop_app.command("history")
+def history(
+    target: str = TargetArgument,
+    overrides: Optional[list[str]] = SetOption,
+    limit: int = typer.Option(50, "--limit", help="how many events"),
+) -> None:
+    """Events, newest first: cycles, gate decisions, promotions and rollbacks, with who and why."""
+    table = Table("at (UTC)", "event", "version", "who", "why")
+    for event in _open(target, overrides).store.events(limit=limit):
+        table.add_row(
+            event.at.strftime("%Y-%m-%d %H:%M:%S"),
+            event.kind,
+            f"v{event.version_id}" if event.version_id else "",
+            event.actor,
+            escape(event.reason),
+        )
+    console.print(table)
+
+
+@loop_app.command("rollback")
+def rollback(
+    target: str = TargetArgument,
+    overrides: Optional[list[str]] = SetOption,
+    reason: str = typer.Option("by hand", "--reason", help="why (recorded in the events)"),
+) -> None:
+    """Restore the previous champion."""
+    from tuneship.loop.worker import restore_previous
+
+    restored = restore_previous(_open(target, overrides), "cli", reason)
+    console.print(f"champion is now v{restored.id} ({restored.name})")
+
+
+@loop_app.command("approve")
+def approve(
+    target: str = TargetArgument,
+    overrides: Optional[list[str]] = SetOption,
+    ids: Optional[list[str]] = typer.Option(None, "--id", help="example ids to approve (default: all pending)"),
+) -> None:
+    """With loop.review: required, release examples waiting for review into the next cycle."""
+    loop = _open(target, overrides)
+    pending = [e.id for e in loop.store.examples(status="pending_review")]
+    chosen = [i for i in pending if not ids or i in ids]
+    count = loop.store.set_example_status(chosen, "accepted")
+    loop.store.add_event("approved", "cli", f"{count} examples approved", {"ids": chosen})
+    console.print(f"approved {count} of {len(pending)} pending examples")
+
+
+@feedback_app.command("import")
+def feedback_import(
+    file: Path = typer.Argument(..., help="JSONL or CSV: generation_id, rating, correction, comment"),
+    target: str = typer.Option(..., "--run", help="the base run directory (or its config file)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Import feedback records; the same file imported twice counts once; invalid records exit 1."""
+    from tuneship.loop.feedback_import import import_feedback
+
+    result = import_feedback(_open(target, overrides).store, file)
+    console.print(f"imported {result.imported}, already there {result.already}, invalid {len(result.invalid)}")
+    for line in result.invalid:
+        console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+    if result.invalid:
+        raise typer.Exit(1)

@@ -1,0 +1,100 @@
+"""The gate: challenger vs champion, both in llama.cpp on the quantized GGUF that would ship, greedy, each
+with its own ChatFormat, on three sets:
+
+- golden: never trained on; exact match and F1 may not drop more than `loop.max_regression`;
+- replay: earlier examples; the same rule (old facts must still hold);
+- new: this cycle's new examples; the challenger's F1 must be strictly better than the champion's.
+
+And the challenger must stop on every prompt (stop rate 100%). Every number goes into the decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tuneship.data.conversation import Conversation
+
+SETS = ("golden", "replay", "new")
+
+
+@dataclass
+class GateDecision:
+    is_promoted: bool
+    reasons: list[str]
+    metrics: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def prompts_from(examples) -> list:
+    from tuneship.evaluate.prompts import EvalPrompt
+
+    prompts = []
+    for example in examples:
+        conversation = Conversation.from_json(example.conversation)
+        prompts.append(EvalPrompt(example.id, "loop", conversation, conversation.messages[-1].content))
+    return prompts
+
+
+def measure(gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, n_ctx: int) -> dict:
+    """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF."""
+    from tuneship.chat.format import ChatFormat
+    from tuneship.evaluate.backends import gguf_answers
+    from tuneship.evaluate.checks import check_answer, summarize
+
+    chat_format = ChatFormat.load(chat_format_dir)
+    markers = chat_format.special_tokens()
+    results = {}
+    for name, prompts in sets.items():
+        if not prompts:
+            continue
+        answers, _ = gguf_answers(gguf, chat_format, prompts, max_new_tokens, n_ctx)
+        checks = [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
+        results[name] = {**summarize(checks), "answers": [c.answer for c in checks]}
+    return results
+
+
+def decide(champion: dict, challenger: dict, max_regression: float) -> GateDecision:
+    reasons, passed = [], True
+    for name in SETS:
+        if name not in challenger:
+            continue
+        ours, theirs = challenger[name], champion.get(name, {})
+        if ours["stop_rate"] < 1.0:
+            passed = False
+            reasons.append(f"{name}: stop rate {ours['stop_rate']:.0%} < 100%")
+        for metric in ("exact_match", "f1"):
+            if metric not in ours or metric not in theirs:
+                continue
+            delta = ours[metric] - theirs[metric]
+            if name == "new" and metric == "f1" and delta <= 0:
+                passed = False
+                reasons.append(f"new: F1 {ours['f1']:.3f} is not better than the champion's {theirs['f1']:.3f}")
+            elif name != "new" and delta < -max_regression:
+                passed = False
+                reasons.append(
+                    f"{name}: {metric} {ours[metric]:.3f} fell {-delta:.3f} below the champion's {theirs[metric]:.3f} "
+                    f"(loop.max_regression={max_regression:g})"
+                )
+    if passed:
+        reasons.append("stops on every prompt, no regression on golden/replay, better on the new examples")
+    metrics = {
+        "champion": {k: _numbers(v) for k, v in champion.items()},
+        "challenger": {k: _numbers(v) for k, v in challenger.items()},
+    }
+    return GateDecision(passed, reasons, metrics)
+
+
+def _numbers(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "answers"}
+
+
+def run_gate(champion, challenger, sets: dict[str, list], cfg) -> GateDecision:
+    """champion/challenger: registry versions (their GGUF and run dir)."""
+    n_ctx = cfg.serve.n_ctx
+    tokens = cfg.eval.max_new_tokens
+    old = measure(Path(champion.gguf), Path(champion.run_dir) / "adapter", sets, tokens, n_ctx)
+    new = measure(Path(challenger.gguf), Path(challenger.run_dir) / "adapter", sets, tokens, n_ctx)
+    return decide(old, new, cfg.loop.max_regression)

@@ -1,0 +1,116 @@
+"""The loop's tables (SQLAlchemy 2 declarative). The schema itself is created by the Alembic migrations in
+`migrations/versions/`; these classes must match them (a test compares them).
+
+- generations: every answer served (version, messages, answer, finish reason, latency, tokens).
+- feedback: a rating / correction of one generation, with its Idempotency-Key and what became of it.
+- examples: training data made from feedback (and the base run's data): a stable id, the Conversation, kind
+  (sft / kto / dpo), provenance, split (train / golden), status, and the versions that trained on it.
+- versions: the registry: run dir, parent, GGUF, metrics, status candidate/champion/retired/rejected/failed.
+- events: every cycle, gate decision, promotion and rollback, with who and why.
+- leases: named locks with an expiry (one row "cycle": never two cycles at once; a crashed worker loses it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+VersionStatus = Literal["training", "candidate", "champion", "retired", "rejected", "failed"]
+ExampleStatus = Literal["pending_review", "accepted", "rejected"]
+ExampleKind = Literal["sft", "kto", "dpo"]
+Split = Literal["train", "golden"]
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite keeps no time zone, so every timestamp in the store is naive UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime()}
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    model: Mapped[str] = mapped_column(String(200))
+    version_id: Mapped[int | None] = mapped_column(Integer)
+    backend: Mapped[str] = mapped_column(String(200))
+    messages: Mapped[list[Any]]
+    answer: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(20))
+    latency_ms: Mapped[float] = mapped_column(Float)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id"), index=True)
+    rating: Mapped[str | None] = mapped_column(String(8))
+    correction: Mapped[str | None] = mapped_column(Text)
+    comment: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(500), default="api")
+    outcome: Mapped[str | None] = mapped_column(String(200))
+
+
+class Example(Base):
+    __tablename__ = "examples"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(8))
+    conversation: Mapped[dict[str, Any]]
+    rejected_answer: Mapped[str | None] = mapped_column(Text)
+    label: Mapped[bool | None]
+    provenance: Mapped[dict[str, Any]]
+    split: Mapped[str] = mapped_column(String(8), default="train")
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    used_in: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class Version(Base):
+    __tablename__ = "versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    name: Mapped[str] = mapped_column(String(200))
+    parent_id: Mapped[int | None] = mapped_column(Integer)
+    run_dir: Mapped[str] = mapped_column(Text)
+    gguf: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    example_ids: Mapped[list[Any]] = mapped_column(default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    promoted_at: Mapped[datetime | None]
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    version_id: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Lease(Base):
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime]
+    stage: Mapped[str | None] = mapped_column(String(40))
+    version_id: Mapped[int | None] = mapped_column(Integer)

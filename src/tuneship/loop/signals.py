@@ -1,0 +1,208 @@
+"""Feedback -> examples, by the rules of the loop, then the same data audit as any dataset.
+
+- a correction: SFT (prompt, correction), a DPO pair (chosen correction, rejected original) and a KTO pair
+  (correction desirable, original undesirable);
+- thumbs up or a score >= 4: SFT (prompt, original) and KTO positive;
+- thumbs down or a score <= 2 without a correction: KTO negative only, never SFT;
+- a score of 3 without a correction: no signal;
+- conflicting feedback on one generation (up and down, or two different corrections): dropped, and the
+  reason is written on every feedback row involved (`feedback.outcome`), so it is counted, never lost.
+
+New examples then pass the data audit (duplicates of earlier examples, empty answers, truncation, ...);
+those it drops are kept in the store as status "rejected" with the audit's reasons. With `loop.review:
+required` accepted examples wait as "pending_review" until approved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tuneship.loop.models import Example, Feedback, Generation
+
+Signal = Literal["correction", "positive", "negative", "neutral"]
+UP = {"up", "4", "5"}
+DOWN = {"down", "1", "2"}
+
+
+@dataclass
+class Harvest:
+    """What one pass over new feedback produced, counted."""
+
+    feedback: int = 0
+    examples: Counter = field(default_factory=Counter)
+    rejected_by_audit: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict:
+        return {
+            "feedback": self.feedback,
+            "examples": dict(self.examples),
+            "rejected_by_audit": self.rejected_by_audit,
+            "dropped": dict(self.dropped),
+        }
+
+
+def normalize_rating(rating) -> str | None:
+    """ "up"/"down"/1..5 (or "1".."5") -> the stored text; anything else is a ValueError naming the field."""
+    if rating is None or rating in ("up", "down", "1", "2", "3", "4", "5"):
+        return rating
+    if isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5:
+        raise ValueError(f'rating: expected "up", "down" or an integer 1..5, got {rating!r}')
+    return str(rating)
+
+
+def check_feedback(rating, correction: str | None) -> tuple[str | None, str | None]:
+    """(rating, correction) validated: one of them is needed; an empty correction is an error."""
+    rating = normalize_rating(rating)
+    if correction is not None and not correction.strip():
+        raise ValueError("correction: empty; send the corrected answer, or null with a rating")
+    if rating is None and correction is None:
+        raise ValueError("rating: a rating or a correction is required")
+    return rating, correction
+
+
+def signal_of(feedback: Feedback) -> Signal:
+    if feedback.correction is not None:
+        return "correction"
+    if feedback.rating in UP:
+        return "positive"
+    if feedback.rating in DOWN:
+        return "negative"
+    return "neutral"
+
+
+def conflict_reason(feedback: list[Feedback]) -> str | None:
+    signals = {signal_of(f) for f in feedback}
+    if "positive" in signals and signals & {"negative", "correction"}:
+        return "conflict: positive and negative feedback on one generation"
+    corrections = {f.correction.strip() for f in feedback if f.correction is not None}
+    if len(corrections) > 1:
+        return "conflict: different corrections of one generation"
+    return None
+
+
+def examples_for(generation: Generation, feedback: list[Feedback]) -> list[Example]:
+    """The examples one generation's (non-conflicting) feedback makes."""
+    prompt = list(generation.messages)
+    provenance = {"generation": generation.id, "feedback": [f.id for f in feedback], "version": generation.version_id}
+    signals = {signal_of(f) for f in feedback}
+    correction = next((f.correction for f in feedback if f.correction is not None), None)
+    if correction is not None:
+        return [
+            _example("sft", prompt, correction, provenance),
+            _example("dpo", prompt, correction, provenance, rejected=generation.answer),
+            _example("kto", prompt, correction, provenance, label=True),
+            _example("kto", prompt, generation.answer, provenance, label=False),
+        ]
+    if "positive" in signals:
+        return [
+            _example("sft", prompt, generation.answer, provenance),
+            _example("kto", prompt, generation.answer, provenance, label=True),
+        ]
+    if "negative" in signals:
+        return [_example("kto", prompt, generation.answer, provenance, label=False)]
+    return []
+
+
+def _example(
+    kind: str, prompt: list[dict], answer: str, provenance: dict, rejected: str | None = None, label: bool | None = None
+) -> Example:
+    system = next((m["content"] for m in prompt if m["role"] == "system"), None)
+    turns = [m for m in prompt if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
+    conversation = {"system": system, "messages": turns, "source": {"file": provenance["generation"], "line": 0}}
+    return Example(
+        id=example_id(kind, conversation, rejected, label),
+        kind=kind,
+        conversation=conversation,
+        rejected_answer=rejected,
+        label=label,
+        provenance=provenance,
+        split="train",
+        status="accepted",
+        used_in=[],
+    )
+
+
+def example_id(kind: str, conversation: dict, rejected: str | None = None, label: bool | None = None) -> str:
+    """Stable: the same content always gets the same id, so an example is never stored (or counted) twice."""
+    canonical = [kind, conversation.get("system"), conversation["messages"], rejected, label]
+    return "ex-" + hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def is_golden(example_id_: str, golden_ratio: float) -> bool:
+    """A deterministic share of new examples is held out as golden (never trained on)."""
+    return int(hashlib.sha256(example_id_.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < golden_ratio
+
+
+def harvest(store, cfg, measure=None) -> Harvest:
+    """Turn every unprocessed feedback row into examples (or a counted drop), audit them, store them."""
+    by_generation: dict[str, list[Feedback]] = defaultdict(list)
+    for row in store.unprocessed_feedback():
+        by_generation[row.generation_id].append(row)
+    result = Harvest()
+    new: list[Example] = []
+    for generation_id, rows in by_generation.items():
+        result.feedback += len(rows)
+        outcome = _harvest_generation(store, generation_id, rows, new)
+        store.set_feedback_outcome([r.id for r in rows], outcome)
+        if outcome.startswith("dropped"):
+            result.dropped[outcome.removeprefix("dropped: ")] += len(rows)
+    for example in new:
+        if is_golden(example.id, cfg.loop.golden_ratio) and example.kind == "sft":
+            example.split = "golden"
+        if cfg.loop.review == "required":
+            example.status = "pending_review"
+    rejected = audit_new_examples(store, cfg, new, measure)
+    result.rejected_by_audit = len(rejected)
+    store.add_examples(new)
+    for example in new:
+        if example.id not in rejected:
+            result.examples[example.kind] += 1
+    return result
+
+
+def _harvest_generation(store, generation_id: str, rows: list[Feedback], new: list[Example]) -> str:
+    everything = store.feedback_for(generation_id)
+    reason = conflict_reason(everything)
+    if reason:
+        return f"dropped: {reason}"
+    made = examples_for(store.generation(generation_id), everything)
+    if not made:
+        return "no signal (score 3 without a correction)"
+    new.extend(made)
+    return "examples: " + ", ".join(sorted({e.kind for e in made}))
+
+
+def audit_new_examples(store, cfg, new: list[Example], measure=None) -> dict[str, str]:
+    """Run the data audit over earlier examples + the new ones of each kind; the new ones it drops are marked
+    rejected (with the audit's reasons) and returned as {id: reason}."""
+    from tuneship.data.audit import audit
+    from tuneship.data.sources import RawRecord
+    from tuneship.loop.cycle import audit_settings_for
+
+    settings = audit_settings_for(cfg, measure)
+    rejected: dict[str, str] = {}
+    for kind in sorted({e.kind for e in new}):
+        earlier = [e for e in store.examples() if e.kind == kind]
+        fresh = [e for e in new if e.kind == kind]
+        records = [
+            RawRecord(f"example:{e.id}", index, _audit_record(e)) for index, e in enumerate([*earlier, *fresh], 1)
+        ]
+        result = audit(records, settings)
+        for dropped in result.dropped:
+            example_id_ = dropped["source"]["file"].removeprefix("example:")
+            rejected[example_id_] = "; ".join(dropped["reasons"])
+    for example in new:
+        if example.id in rejected:
+            example.status, example.reason = "rejected", rejected[example.id]
+    return rejected
+
+
+def _audit_record(example: Example) -> dict:
+    conversation = example.conversation
+    head = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") is not None else []
+    return {"messages": head + conversation["messages"]}

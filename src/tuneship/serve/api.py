@@ -1,0 +1,313 @@
+"""The HTTP API: OpenAI-compatible chat (/v1/chat/completions, /v1/models), feedback, loop and versions.
+
+Write and admin endpoints (feedback, cycle, promote, rollback) need `Authorization: Bearer <key>` when
+`serve.api_key` or TUNESHIP_API_KEY is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tuneship.errors import TuneshipError
+from tuneship.serve.app import error_body
+
+router = APIRouter()
+MAX_TEXT = 100_000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def install_error_handlers(app) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        problems, first = [], None
+        for error in exc.errors():
+            loc = [str(p) for p in error["loc"] if p not in ("body", "query", "path", "header")]
+            field = ".".join(loc) or "body"
+            first = first or field
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(message if message.startswith(f"{field}:") else f"{field}: {message}")
+        return JSONResponse(error_body("; ".join(problems), "invalid_request_error", first), status_code=422)
+
+
+def require_key(request: Request, authorization: str | None = Header(None)) -> None:
+    key = request.app.state.loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")
+    if not key:
+        return
+    sent = (authorization or "").removeprefix("Bearer ").strip()
+    if not authorization or not hmac.compare_digest(sent.encode(), key.encode()):
+        raise ApiError(
+            401,
+            "Authorization: missing or wrong bearer token; send `Authorization: Bearer <serve.api_key>`",
+            "authentication_error",
+            "Authorization",
+        )
+
+
+# chat ---------------------------------------------------------------------------------------
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=MAX_TEXT)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(..., max_length=200)
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+
+
+def _check_chat(request: ChatRequest, serve_cfg) -> int:
+    if len(request.messages) > serve_cfg.max_messages:
+        raise ApiError(
+            422,
+            f"messages: {len(request.messages)} messages, more than serve.max_messages={serve_cfg.max_messages}",
+            param="messages",
+        )
+    if request.messages[-1].role != "user":
+        raise ApiError(422, "messages: the last message must be from the user", param="messages")
+    if any(m.role == "system" for m in request.messages[1:]):
+        raise ApiError(422, "messages: a system message may only come first", param="messages")
+    if request.max_tokens is not None and request.max_tokens > serve_cfg.max_tokens:
+        raise ApiError(422, f"max_tokens: at most serve.max_tokens={serve_cfg.max_tokens}", param="max_tokens")
+    return request.max_tokens or serve_cfg.max_tokens
+
+
+@router.get("/v1/models", tags=["chat"])
+def list_models(request: Request) -> dict:
+    names = dict.fromkeys(request.app.state.router.model_names())
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tuneship"} for n in names],
+    }
+
+
+@router.post("/v1/chat/completions", tags=["chat"])
+def chat_completions(body: ChatRequest, request: Request):
+    """OpenAI-compatible; the reply's `id` is the generation id to send feedback on."""
+    from tuneship.loop.store import new_id
+    from tuneship.serve.backends import BackendError, Reply, UnknownModel
+
+    app = request.app
+    max_tokens = _check_chat(body, app.state.loop.cfg.serve)
+    messages = [m.model_dump() for m in body.messages]
+    generation_id = new_id("chatcmpl")
+    started = time.monotonic()
+    try:
+        if body.stream:
+            reply = Reply("", "stop", None, None)
+            pieces = app.state.router.stream(body.model, messages, max_tokens, body.temperature, reply)
+            first = next(pieces, None)
+            return StreamingResponse(
+                _sse(app, body, generation_id, reply, first, pieces, started), media_type="text/event-stream"
+            )
+        reply = app.state.router.complete(body.model, messages, max_tokens, body.temperature)
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), "model_not_found", "model") from None
+    except BackendError as exc:
+        raise ApiError(503, str(exc), "backend_unavailable") from None
+    _record(app, body, generation_id, reply, started)
+    return {
+        "id": generation_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": reply.answered_by,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": reply.finish_reason}
+        ],
+        "usage": _usage(reply),
+        "tuneship": {"version": reply.version_id, "backend": reply.answered_by, "tried": reply.tried},
+    }
+
+
+def _sse(app, body, generation_id, reply, first, pieces, started):
+    def chunk(delta: dict, finish: str | None) -> str:
+        payload = {
+            "id": generation_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": reply.answered_by,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "tuneship": {"version": reply.version_id, "backend": reply.answered_by},
+        }
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    if first is not None:
+        yield chunk({"content": first}, None)
+    for piece in pieces:
+        yield chunk({"content": piece}, None)
+    _record(app, body, generation_id, reply, started)
+    yield chunk({}, reply.finish_reason)
+    yield "data: [DONE]\n\n"
+
+
+def _usage(reply) -> dict:
+    prompt, completion = reply.prompt_tokens or 0, reply.completion_tokens or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _record(app, body: ChatRequest, generation_id: str, reply, started: float) -> None:
+    from tuneship.serve.backends import elapsed_ms
+
+    app.state.loop.store.add_generation(
+        id=generation_id,
+        model=body.model,
+        version_id=reply.version_id,
+        backend=reply.answered_by,
+        messages=[m.model_dump() for m in body.messages],
+        answer=reply.text,
+        finish_reason=reply.finish_reason,
+        latency_ms=elapsed_ms(started),
+        prompt_tokens=reply.prompt_tokens,
+        completion_tokens=reply.completion_tokens,
+    )
+
+
+# feedback -----------------------------------------------------------------------------------
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generation_id: str = Field(..., min_length=1, max_length=64)
+    rating: str | int | None = Field(None, description='"up", "down" or a score 1..5')
+    correction: str | None = Field(None, max_length=MAX_TEXT)
+    comment: str | None = Field(None, max_length=MAX_TEXT)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _known_rating(cls, value):
+        from tuneship.loop.signals import normalize_rating
+
+        return normalize_rating(value)
+
+
+@router.post("/v1/feedback", status_code=201, tags=["loop"], dependencies=[Depends(require_key)])
+def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str | None = Header(None)):
+    """Rate or correct a generation. With an `Idempotency-Key` header a retry counts once."""
+    from tuneship.loop.signals import check_feedback
+    from tuneship.loop.store import UnknownGeneration
+
+    try:
+        rating, correction = check_feedback(body.rating, body.correction)
+    except ValueError as exc:
+        raise ApiError(422, str(exc), param=str(exc).split(":")[0]) from None
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
+        raise ApiError(422, "Idempotency-Key: 1 to 200 characters", param="Idempotency-Key")
+    try:
+        row, is_new = request.app.state.loop.store.add_feedback(
+            body.generation_id, rating, correction, body.comment, idempotency_key
+        )
+    except UnknownGeneration as exc:
+        raise ApiError(404, str(exc), "not_found", "generation_id") from None
+    return JSONResponse(
+        {"id": row.id, "generation_id": row.generation_id, "replayed": not is_new},
+        status_code=201,
+        headers={"Idempotent-Replayed": "true"} if not is_new else None,
+    )
+
+
+# loop and versions --------------------------------------------------------------------------
+
+
+@router.get("/v1/loop/status", tags=["loop"])
+def loop_status(request: Request) -> dict:
+    """Champion, examples waiting, threshold, the running cycle and its stage, the last cycle."""
+    from tuneship.loop.trigger import loop_status as status
+
+    return status(request.app.state.loop)
+
+
+@router.post("/v1/loop/cycle", status_code=202, tags=["loop"], dependencies=[Depends(require_key)])
+def start_cycle(request: Request) -> dict:
+    """Start a cycle now, in its own process; 409 while one runs."""
+    from tuneship.loop.trigger import CYCLE_LEASE
+
+    loop, cycles = request.app.state.loop, request.app.state.cycles
+    lease = loop.store.lease(CYCLE_LEASE)
+    if lease is not None or cycles.running():
+        raise ApiError(409, f"a cycle is already running ({lease.stage if lease else 'starting'})", "conflict")
+    pid = cycles.start("api", "started through POST /v1/loop/cycle", loop.base_run.parent / f"{loop.name}-loop")
+    return {"started": True, "pid": pid}
+
+
+def version_json(version) -> dict:
+    return {
+        "id": version.id,
+        "name": version.name,
+        "status": version.status,
+        "parent": version.parent_id,
+        "run_dir": version.run_dir,
+        "gguf": version.gguf,
+        "created_at": version.created_at.isoformat(),
+        "promoted_at": version.promoted_at.isoformat() if version.promoted_at else None,
+        "metrics": {k: v for k, v in version.metrics.items() if not k.endswith("_examples")},
+    }
+
+
+@router.get("/v1/versions", tags=["versions"])
+def list_versions(request: Request) -> dict:
+    return {"data": [version_json(v) for v in request.app.state.loop.store.versions()]}
+
+
+@router.get("/v1/loop/events", tags=["loop"])
+def list_events(request: Request, limit: int = 100) -> dict:
+    events = request.app.state.loop.store.events(limit=max(1, min(limit, 1000)))
+    return {
+        "data": [
+            {
+                "id": e.id,
+                "at": e.at.isoformat(),
+                "kind": e.kind,
+                "version": e.version_id,
+                "actor": e.actor,
+                "reason": e.reason,
+                "data": e.data,
+            }
+            for e in events
+        ]
+    }
+
+
+@router.post("/v1/versions/{version_id}/promote", tags=["versions"], dependencies=[Depends(require_key)])
+def post_promote(version_id: int, request: Request) -> dict:
+    from tuneship.loop.worker import promote_version
+
+    try:
+        version = promote_version(request.app.state.loop, version_id, "api", "promoted through the API")
+    except TuneshipError as exc:
+        raise ApiError(404 if "no version" in str(exc) else 409, str(exc), param="version_id") from None
+    return version_json(version)
+
+
+@router.post("/v1/rollback", tags=["versions"], dependencies=[Depends(require_key)])
+def post_rollback(request: Request) -> dict:
+    from tuneship.loop.worker import restore_previous
+
+    try:
+        version = restore_previous(request.app.state.loop, "api", "rolled back through the API")
+    except TuneshipError as exc:
+        raise ApiError(409, str(exc), "conflict") from None
+    return version_json(version)

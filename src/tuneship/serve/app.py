@@ -1,0 +1,186 @@
+"""The FastAPI app of `tuneship serve`: `create_app(loop, ...)`.
+
+`app.state.loop` is the Loop (config, base run, store: see tuneship.loop.registry / tuneship.loop.store),
+`app.state.router` the model Router (backends.py), `app.state.cycles` the CycleLauncher that starts a cycle in
+its own process. The web pages (serve/web/) are mounted over the runs folder beside the base run.
+Errors are JSON `{"error": {"message", "type", "param"}}` with a 4xx for anything the client can fix (the
+field named in `param`), never a 500 for bad input. Bodies over `serve.max_body_bytes` get 413.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+
+log = logging.getLogger("tuneship.serve")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 when the body is larger than `max_bytes`, by its Content-Length or, for a chunked
+    body, as it streams in. The body (bounded, so small) is read here and handed to the app as received."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        messages, received = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return await self._reject(send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send) -> None:
+        body = json.dumps(
+            error_body(
+                f"request body: larger than serve.max_body_bytes={self.max_bytes}; send a smaller body",
+                "request_too_large",
+                "body",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param}}
+
+
+class CycleLauncher:
+    """Starts `tuneship loop cycle` in its own process, so serving goes on while it trains."""
+
+    def __init__(self, target: str, overrides: list[str], live_url: str | None):
+        self.target = target
+        self.overrides = overrides
+        self.live_url = live_url
+        self.processes: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+
+    def command(self, actor: str, reason: str) -> list[str]:
+        command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", self.target, "--actor", actor]
+        command += ["--reason", reason]
+        for override in self.overrides:
+            command += ["--set", override]
+        if self.live_url:
+            command += ["--live-url", self.live_url]
+        return command
+
+    def start(self, actor: str, reason: str, log_dir: Path) -> int:
+        with self.lock:
+            self.processes = [p for p in self.processes if p.poll() is None]
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_dir / "cycle.log", "ab") as out:
+                process = subprocess.Popen(
+                    self.command(actor, reason), stdout=out, stderr=subprocess.STDOUT, env={**os.environ}
+                )
+            self.processes.append(process)
+            return process.pid
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.processes)
+
+
+class Trigger(threading.Thread):
+    """Every serve.trigger_every seconds: harvest new feedback into examples, and start a cycle when due."""
+
+    def __init__(self, app):
+        super().__init__(daemon=True, name="loop-trigger")
+        self.app = app
+        self.stopped = threading.Event()
+        self.measure = None
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.app.state.loop.cfg.serve.trigger_every):
+            try:
+                self.tick()
+            except TuneshipError as exc:
+                log.warning("loop trigger: %s", exc)
+            except Exception:  # the thread must outlive one bad tick; the traceback goes to the log
+                log.exception("loop trigger failed")
+
+    def tick(self) -> bool:
+        from tuneship.loop.signals import harvest
+        from tuneship.loop.trigger import CYCLE_LEASE, trigger_decision
+
+        loop, cycles = self.app.state.loop, self.app.state.cycles
+        if loop.store.lease(CYCLE_LEASE) is not None or cycles.running():
+            return False
+        harvest(loop.store, loop.cfg, self._measure())
+        decision = trigger_decision(loop.store, loop.cfg.loop)
+        if decision.is_due:
+            cycles.start("trigger", decision.reason, loop.base_run.parent / f"{loop.name}-loop")
+        return decision.is_due
+
+    def _measure(self):
+        if self.measure is None:
+            from tuneship.chat.format import ChatFormat
+
+            champion = self.app.state.loop.store.champion()
+            self.measure = ChatFormat.load(Path(champion.run_dir) / "adapter").measure
+        return self.measure
+
+
+def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigger: bool = False):
+    """The app over one Loop. `router` defaults to a Router over the loop's registry; `cycles` to a launcher
+    for `tuneship loop cycle <base run>`; `trigger` starts the background trigger thread with the app."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    from tuneship.serve.api import install_error_handlers, router as api_router
+    from tuneship.serve.backends import Router
+    from tuneship.serve.web import mount_web
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.router.warm_up()
+        thread = Trigger(app) if trigger and loop.cfg.serve.trigger_every > 0 else None
+        if thread:
+            thread.start()
+        app.state.trigger = thread
+        yield
+        if thread:
+            thread.stopped.set()
+        app.state.router.close()
+
+    app = FastAPI(
+        title="tuneship serve",
+        version="1",
+        description="OpenAI-compatible chat API over the loop's champion, feedback, and the learning loop.",
+        lifespan=lifespan,
+    )
+    app.state.loop = loop
+    app.state.router = router or Router(loop)
+    app.state.cycles = cycles or CycleLauncher(str(loop.target), [], None)
+    install_error_handlers(app)
+    app.include_router(api_router)
+    mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
+    app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
+    return app

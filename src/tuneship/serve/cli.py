@@ -1,0 +1,51 @@
+"""`tuneship serve RUN|CONFIG`: the app under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Optional
+
+import typer
+
+from tuneship.errors import TuneshipError
+
+
+class UnsafeServe(TuneshipError):
+    """Serving beyond this machine without an API key."""
+
+    exit_code = 2
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    target: str = typer.Argument(..., help="a run directory (or its config file): its GGUF is v1, the champion"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (non-loopback needs an API key)"),
+    port: int = typer.Option(8000, "--port", help="port"),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="override a config key (repeatable)"),
+) -> None:
+    """Serve the loop: OpenAI-compatible chat, feedback, loop and version endpoints (docs at /docs)."""
+    import uvicorn
+
+    from tuneship.loop.registry import open_loop
+    from tuneship.serve.app import CycleLauncher, create_app
+
+    loop = open_loop(target, overrides)
+    if not is_loopback(host) and not (loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")):
+        raise UnsafeServe(
+            f"--host {host} is reachable from other machines and no API key is set; set serve.api_key "
+            "(or TUNESHIP_API_KEY) so feedback and admin endpoints need `Authorization: Bearer <key>`"
+        )
+    live_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    cycles = CycleLauncher(str(loop.target), list(overrides or []), live_url)
+    app = create_app(loop, cycles=cycles, trigger=True)
+    typer.echo(f"serving {loop.name} (champion v{loop.store.champion().id}) on {live_url}; store {loop.store.url}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

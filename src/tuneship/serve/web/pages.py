@@ -1,0 +1,93 @@
+"""The pages router: Runs (from run directories) and the loop's pages (from the store of `app.state.loop`)."""
+
+import os
+from pathlib import Path
+
+WEB_DIR = Path(__file__).parent
+NAV = [
+    ("/", "Runs"),
+    ("/playground", "Playground"),
+    ("/review", "Review"),
+    ("/versions", "Versions"),
+    ("/loop", "Loop"),
+]
+
+
+def mount_web(app, runs_dir: Path) -> None:
+    """Serve the pages at / and their static files at /static/web on `app`; with a loop (`app.state.loop`,
+    as `tuneship serve` makes) also the review API."""
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static/web", StaticFiles(directory=WEB_DIR / "static"), name="web-static")
+    app.include_router(pages_router(Path(runs_dir)))
+    if getattr(app.state, "loop", None) is not None:
+        from tuneship.serve.web.review import router as review_router
+
+        app.include_router(review_router)
+
+
+def key_required(app) -> bool:
+    loop = getattr(app.state, "loop", None)
+    return bool(loop and (loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")))
+
+
+def pages_router(runs_dir: Path):
+    from fastapi import APIRouter, HTTPException, Request
+    from fastapi.responses import FileResponse, HTMLResponse
+    from fastapi.templating import Jinja2Templates
+
+    from tuneship.serve.web import loop_views
+    from tuneship.serve.web.runs import read_run, run_names, run_path
+
+    templates = Jinja2Templates(directory=WEB_DIR / "templates")
+    router = APIRouter(include_in_schema=False)
+
+    def render(request: Request, template: str, title: str, **context) -> HTMLResponse:
+        loop = getattr(request.app.state, "loop", None)
+        base = {"title": title, "nav": NAV, "key_required": key_required(request.app), "served": loop}
+        return templates.TemplateResponse(request, template, {**base, **context})
+
+    def runs_page(request: Request, name: str | None) -> HTMLResponse:
+        names = run_names(runs_dir)
+        selected = name or (names[0] if names else None)
+        run = read_run(runs_dir / selected) if selected else None
+        return render(request, "runs.html", "Runs", runs=names, run=run, runs_dir=runs_dir)
+
+    @router.get("/", response_class=HTMLResponse, name="web-runs")
+    def runs_index(request: Request):
+        return runs_page(request, None)
+
+    @router.get("/runs/{name}", response_class=HTMLResponse, name="web-run")
+    def run_detail(request: Request, name: str):
+        if run_path(runs_dir, name) is None:
+            raise HTTPException(404, f"no run called {name!r} under {runs_dir}")
+        return runs_page(request, name)
+
+    @router.get("/runs/{name}/loss.png", name="web-loss-plot")
+    def loss_plot(name: str):
+        path = run_path(runs_dir, name)
+        if path is None or not (path / "reports" / "loss.png").is_file():
+            raise HTTPException(404, f"no loss plot for run {name!r}")
+        return FileResponse(path / "reports" / "loss.png", media_type="image/png")
+
+    def loop_page(name: str, title: str, context):
+        """A page over the store; without a loop (a bare app) it says how to get one."""
+
+        def page(request: Request) -> HTMLResponse:
+            loop = getattr(request.app.state, "loop", None)
+            return render(request, f"{name}.html", title, **(context(loop, request.app) if loop else {}))
+
+        return page
+
+    loop_pages = [
+        ("playground", "Playground", loop_views.playground_context),
+        ("review", "Review", loop_views.review_context),
+        ("versions", "Versions", loop_views.versions_context),
+        ("loop", "Loop", loop_views.loop_context),
+    ]
+    for name, title, context in loop_pages:
+        router.add_api_route(
+            f"/{name}", loop_page(name, title, context), response_class=HTMLResponse, name=f"web-{name}"
+        )
+
+    return router

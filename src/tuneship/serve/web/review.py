@@ -1,0 +1,86 @@
+"""The review queue's API (`loop.review: required`): approve, reject or edit the examples one generation's
+feedback made. The Review page calls it from the browser with the API key, like any client would.
+
+An edit never rewrites an example in place (an example's id is its content): the edited correction makes new
+examples, which pass the data audit like any other; the pending ones it replaces are rejected with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneship.serve.api import MAX_TEXT, ApiError, require_key
+
+router = APIRouter(tags=["review"], dependencies=[Depends(require_key)])
+MAX_BULK = 1000
+
+
+class ReviewDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generation_ids: list[str] = Field(..., min_length=1, max_length=MAX_BULK)
+    action: Literal["approve", "reject"]
+    reason: str | None = Field(None, max_length=1000)
+
+
+class ReviewEdit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    correction: str = Field(..., min_length=1, max_length=MAX_TEXT)
+
+
+@router.post("/v1/review")
+def decide(body: ReviewDecision, request: Request) -> dict:
+    """Approve (accepted: they count toward the trigger) or reject the pending examples of these generations."""
+    store = request.app.state.loop.store
+    ids = [e.id for generation_id in body.generation_ids for e in _pending(store, generation_id)]
+    status = "accepted" if body.action == "approve" else "rejected"
+    reason = body.reason or f"{body.action}d in review"
+    return {"updated": store.set_example_status(ids, status, reason), "status": status}
+
+
+@router.post("/v1/review/{generation_id}/edit")
+def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
+    """Replace the pending examples of a generation by those its edited correction makes (audited)."""
+    from tuneship.loop.models import Feedback
+    from tuneship.loop.signals import audit_new_examples, examples_for, is_golden
+
+    if not body.correction.strip():
+        raise ApiError(422, "correction: empty; send the corrected answer", param="correction")
+    loop = request.app.state.loop
+    old = _pending(loop.store, generation_id)
+    made = examples_for(loop.store.generation(generation_id), [Feedback(correction=body.correction, rating=None)])
+    old_ids = {e.id for e in old}
+    fresh = [e for e in made if e.id not in old_ids]
+    for example in fresh:
+        if example.kind == "sft" and is_golden(example.id, loop.cfg.loop.golden_ratio):
+            example.split = "golden"
+    rejected = audit_new_examples(loop.store, loop.cfg, fresh, _measure(request.app))
+    loop.store.add_examples(fresh)
+    kept = [e.id for e in made if e.id in old_ids]
+    loop.store.set_example_status(kept, "accepted", "approved in review (edited)")
+    loop.store.set_example_status(list(old_ids - set(kept)), "rejected", "replaced by an edit in review")
+    return {"accepted": [e.id for e in fresh if e.id not in rejected] + kept, "rejected_by_audit": rejected}
+
+
+def _pending(store, generation_id: str) -> list:
+    pending = [
+        e for e in store.examples(status="pending_review") if (e.provenance or {}).get("generation") == generation_id
+    ]
+    if not pending:
+        message = f"generation_ids: nothing pending review for {generation_id!r}"
+        raise ApiError(404, message, "not_found", "generation_id")
+    return pending
+
+
+def _measure(app):
+    """The champion's token counter, for the audit's truncation check (loaded once)."""
+    from pathlib import Path
+
+    from tuneship.chat.format import ChatFormat
+
+    if getattr(app.state, "review_measure", None) is None:
+        champion = app.state.loop.store.champion()
+        app.state.review_measure = ChatFormat.load(Path(champion.run_dir) / "adapter").measure
+    return app.state.review_measure

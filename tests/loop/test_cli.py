@@ -1,0 +1,115 @@
+"""The loop's commands: feedback import, status/versions/history, and serve's refusal to listen unprotected."""
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tests.loop.test_store import add_generation
+from tuneship.cli import main
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{min_examples: 2}}\n")
+    return path
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr()
+
+
+def test_serve_refuses_a_non_loopback_host_without_a_key(config_file, capsys, monkeypatch):
+    monkeypatch.delenv("TUNESHIP_API_KEY", raising=False)
+    code, out = run_cli(["serve", str(config_file), "--host", "0.0.0.0"], capsys)
+    assert code == 2 and "no API key is set; set serve.api_key" in out.err
+
+
+def test_feedback_import_counts_a_reimport_once_and_names_bad_lines(config_file, tmp_path, capsys):
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(config_file)
+    add_generation(loop.store, "gen-1")
+    add_generation(loop.store, "gen-2")
+    records = write_jsonl(
+        tmp_path / "feedback.jsonl",
+        [
+            {"generation_id": "gen-1", "rating": "up"},
+            {"generation_id": "gen-2", "rating": 2, "correction": "Paris.", "comment": "city"},
+            {"generation_id": "gen-9", "rating": "up"},
+            {"generation_id": "gen-1", "rating": "sideways"},
+            "{not json",
+        ],
+    )
+    code, out = run_cli(["feedback", "import", str(records), "--run", str(config_file)], capsys)
+    assert code == 1 and "imported 2, already there 0, invalid 3" in out.out
+    assert "feedback.jsonl:3: generation_id: no generation 'gen-9'" in out.out
+    assert "feedback.jsonl:4: rating: expected" in out.out
+    code, out = run_cli(["feedback", "import", str(records), "--run", str(config_file)], capsys)
+    assert "imported 0, already there 2, invalid 3" in out.out
+    assert loop.store.feedback_count() == 2
+    assert {f.source for f in loop.store.feedback_for("gen-2")} == {f"import:{records}:2"}
+
+
+def test_feedback_import_reads_csv(config_file, tmp_path, capsys):
+    from tuneship.loop.registry import open_loop
+
+    add_generation(open_loop(config_file).store, "gen-1")
+    path = tmp_path / "feedback.csv"
+    path.write_text("generation_id,rating,correction,comment\ngen-1,4,,nice\n")
+    code, out = run_cli(["feedback", "import", str(path), "--run", str(config_file)], capsys)
+    assert code in (0, None) and "imported 1" in out.out
+    [row] = open_loop(config_file).store.feedback_for("gen-1")
+    assert (row.rating, row.correction, row.comment) == ("4", None, "nice")
+
+
+def test_status_versions_and_history_show_the_registry(config_file, capsys):
+    code, out = run_cli(["loop", "status", str(config_file)], capsys)
+    assert "champion: v1 shop" in out.out and "examples waiting: 0 / 2" in out.out
+    assert "trigger: not due (0/2 new examples)" in out.out
+    code, out = run_cli(["loop", "versions", str(config_file)], capsys)
+    assert "v1" in out.out and "champion" in out.out
+    code, out = run_cli(["loop", "history", str(config_file)], capsys)
+    assert "registered" in out.out
+
+
+def test_rollback_without_an_earlier_champion_is_a_clear_error(config_file, capsys):
+    code, out = run_cli(["loop", "rollback", str(config_file)], capsys)
+    assert code == 1 and "nothing to roll back to" in out.err
+
+
+def test_approve_releases_examples_held_for_review(config_file, capsys):
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.signals import harvest
+
+    loop = open_loop(config_file, ["loop.review=required", "loop.golden_ratio=0"])
+    add_generation(loop.store, "gen-1")
+    loop.store.add_feedback("gen-1", None, "Paris, France.", None)
+    harvest(loop.store, loop.cfg)
+    code, out = run_cli(["loop", "approve", str(config_file)], capsys)
+    assert "approved 4 of 4 pending examples" in out.out
+    assert {e.status for e in loop.store.examples()} == {"accepted"}
+
+
+def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_replayed(tmp_path):
+    from tests.conftest import qa
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.worker import _replay_sample
+
+    run_dir = tmp_path / "runs" / "shop"
+    facts = [qa(f"Question {i}?", f"Answer {i}.") for i in range(4)]
+    write_jsonl(
+        run_dir / "data" / "train.jsonl", [{**f, "source": {"file": "f", "line": i}} for i, f in enumerate(facts)]
+    )
+    write_jsonl(tmp_path / "golden.jsonl", facts[:2])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{golden: {tmp_path / 'golden.jsonl'}}}\n")
+    loop = open_loop(config)
+    assert loop.store.events(kind="registered")[0].data["golden_examples"] == 2
+    assert len(loop.store.examples(split="golden")) == 2 and len(loop.store.examples(split="train")) == 4
+    replayed = _replay_sample(loop, set(), seed=1)
+    trained = {e.id: e.conversation["messages"][0]["content"] for e in loop.store.examples(split="train")}
+    assert sorted(trained[i] for i in replayed) == []  # replay_ratio x 0 new examples
+    loop.cfg.loop.replay_ratio = 10.0
+    assert sorted(trained[i] for i in _replay_sample(loop, {"x"}, seed=1)) == ["Question 2?", "Question 3?"]

@@ -1,0 +1,64 @@
+"""`kill -9` of the cycle process mid-training: the lease expires, the next cycle resumes the same version
+from its last checkpoint, and no example is lost or counted twice."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tests.conftest import REPO
+from tests.loop.test_cycle import correct
+from tests.loop_fixtures import fresh_loop_dir, tiny_base_run  # noqa: F401
+
+OVERRIDES = ["train.max_steps=24", "train.save_steps=2", "loop.lease_seconds=3"]
+
+
+def wait_for(condition, what: str, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_killed_cycle_loses_its_lease_and_the_next_one_resumes_without_losing_examples(fresh_loop_dir):  # noqa: F811
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.worker import run_cycle
+
+    loop = open_loop(fresh_loop_dir, OVERRIDES)
+    correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
+    command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", str(fresh_loop_dir)]
+    for override in OVERRIDES:
+        command += ["--set", override]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = fresh_loop_dir.parent / "tiny-v2" / "checkpoints"
+    try:
+        wait_for(lambda: any(checkpoints.glob("checkpoint-*/trainer_state.json")), "a checkpoint")
+        lease = loop.store.lease("cycle")
+        assert lease is not None and lease.stage == "train" and lease.version_id == 2
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert loop.store.version(2).status == "training"
+    wait_for(lambda: loop.store.lease("cycle") is None, "the dead worker's lease to expire", seconds=10)
+
+    output = io.StringIO()
+    result = run_cycle(open_loop(fresh_loop_dir, OVERRIDES), Console(file=output, width=200), "test", "again")
+
+    assert result.version_id == 2 and [v.id for v in loop.store.versions()] == [1, 2]
+    assert "resuming from" in output.getvalue()
+    experiment = json.loads((Path(loop.store.version(2).run_dir) / "reports" / "experiment.json").read_text())
+    assert experiment["resumed_from"] and experiment["steps"] == 24
+    new = [e for e in loop.store.examples() if e.kind == "sft" and e.provenance.get("generation")]
+    assert sorted(e.conversation["messages"][-1]["content"] for e in new) == ["Answer number 98.", "Answer number 99."]
+    assert [e.used_in for e in new] == [[2], [2]]
+    assert len(loop.store.examples()) == len({e.id for e in loop.store.examples()})
+    assert [e.kind for e in loop.store.events(kind="cycle_resumed")] == ["cycle_resumed"]

@@ -1,0 +1,106 @@
+"""A cycle on the tiny model: challenger run through the ordinary pipeline, gate in llama.cpp, registry."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tests.loop_fixtures import fresh_loop_dir, tiny_base_run  # noqa: F401
+
+QUIET = Console(file=io.StringIO())
+
+
+def correct(loop, pairs):
+    """A served generation per question, each corrected (as POST /v1/feedback would store them)."""
+    for index, (question, correction) in enumerate(pairs):
+        generation_id = f"gen-{index}"
+        loop.store.add_generation(
+            id=generation_id,
+            model=loop.name,
+            version_id=1,
+            backend="llamacpp:tiny",
+            messages=[{"role": "user", "content": question}],
+            answer="something else",
+            finish_reason="stop",
+            latency_ms=1.0,
+            prompt_tokens=None,
+            completion_tokens=None,
+        )
+        loop.store.add_feedback(generation_id, "down", correction, None)
+
+
+def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_loop_dir):  # noqa: F811
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.worker import run_cycle
+
+    loop = open_loop(fresh_loop_dir)
+    correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
+    result = run_cycle(loop, QUIET, "test", "by hand")
+
+    version = loop.store.version(2)
+    run_dir = Path(version.run_dir)
+    assert version.name == "tiny-v2" and version.parent_id == 1 and run_dir.name == "tiny-v2"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {s: manifest[s]["status"] for s in ("data", "train", "eval", "export", "template")} == dict.fromkeys(
+        ("data", "train", "eval", "export", "template"), "done"
+    )
+    config = (run_dir / "config.yaml").read_text()
+    assert f"adapter_from: {fresh_loop_dir}" in config
+    assert Path(version.gguf) == run_dir / "gguf" / "tiny-v2-Q8_0.gguf" and Path(version.gguf).is_file()
+
+    trained = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
+    answers = [c["messages"][-1]["content"] for c in trained]
+    assert {"Answer number 99.", "Answer number 98."} <= set(answers) and len(answers) == 4  # 2 new + 2 replayed
+    golden = {e.conversation["messages"][-1]["content"] for e in loop.store.examples(split="golden")}
+    assert golden and not golden & set(answers)
+
+    new = [e for e in loop.store.examples() if e.kind == "sft" and e.provenance.get("generation")]
+    assert [e.used_in for e in new] == [[2], [2]]
+    kinds = [e.kind for e in reversed(loop.store.events())]
+    assert kinds[:3] == ["registered", "cycle_started", "gated"] and kinds[-1] == "cycle_finished"
+    gated = loop.store.events(kind="gated")[0]
+    assert set(gated.data["challenger"]) == {"golden", "replay", "new"}
+    assert result.status in ("promoted", "rejected")
+    assert loop.store.version(2).status == ("champion" if result.status == "promoted" else "rejected")
+    assert loop.store.lease("cycle") is None
+
+
+def test_a_cycle_without_new_examples_says_what_to_do(fresh_loop_dir):  # noqa: F811
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.worker import NothingToTrain, run_cycle
+
+    loop = open_loop(fresh_loop_dir)
+    with pytest.raises(NothingToTrain, match="post feedback"):
+        run_cycle(loop, QUIET)
+    assert loop.store.lease("cycle") is None
+
+
+def test_a_second_cycle_is_refused_while_one_holds_the_lease(fresh_loop_dir):  # noqa: F811
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.worker import CycleBusy, run_cycle
+
+    loop = open_loop(fresh_loop_dir)
+    loop.store.acquire_lease("cycle", "other-host:1", 60, stage="train")
+    with pytest.raises(CycleBusy, match="other-host:1"):
+        run_cycle(loop, QUIET)
+
+
+def test_a_cycle_that_breaks_is_recorded_so_the_trigger_backs_off(fresh_loop_dir):  # noqa: F811
+    from tuneship.errors import DataError
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.signals import harvest
+    from tuneship.loop.trigger import trigger_decision
+    from tuneship.loop.worker import run_cycle
+
+    loop = open_loop(fresh_loop_dir, ["loop.min_examples=1", "train.max_seq_len=16"])
+    correct(loop, [("What is the code word?", "Answer number 99.")])
+    harvest(loop.store, loop.cfg)  # without the token check: the run's own audit then drops it (max_seq_len 16)
+    with pytest.raises(DataError, match="no usable training examples"):
+        run_cycle(loop, QUIET, "trigger", "due")
+    [failed] = loop.store.events(kind="cycle_failed")
+    assert failed.actor == "trigger" and "no usable training examples" in failed.reason
+    assert "backing off" in trigger_decision(loop.store, loop.cfg.loop).reason
+    assert loop.store.version(2).status == "failed"
+    assert loop.store.lease("cycle") is None
