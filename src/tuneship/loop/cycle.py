@@ -50,15 +50,16 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, train_fil
 
 def train_challenger(cfg: Config, console) -> str | None:
     """The whole pipeline for the challenger's run (resumes an interrupted one from its last checkpoint).
-    Returns None when every stage passed, else "<stage>: <why>" of the stage that stopped it."""
-    from tuneship.errors import TuneshipError
+    Returns None when every stage passed, else "<stage>: <why>" when the challenger failed a quality gate or the
+    template contract (a rejected challenger, an ordinary outcome); any other error is raised."""
+    from tuneship.errors import ContractBroken, GateFailed
     from tuneship.run import Run, run_pipeline
 
     try:
         run_pipeline(cfg, console, fresh=False)
-    except TuneshipError as exc:
-        unfinished = [name for name, entry in Run.of(cfg).manifest().items() if entry.status != "done"]
-        return f"{unfinished[-1] if unfinished else 'data'}: {exc}"
+    except (GateFailed, ContractBroken) as exc:
+        failed = [name for name, entry in Run.of(cfg).manifest().items() if entry.status == "failed"]
+        return f"{failed[-1] if failed else 'pipeline'}: {exc}"
     return None
 
 
