@@ -14,9 +14,12 @@ from tuneship.export.stage import run_export
 
 @pytest.fixture(scope="module")
 def exported(tiny_run):
+    """The tiny run exported with a KL limit no quant can meet, so the export gate's failure is seen too."""
     cfg, run_dir = tiny_run
-    result = run_export(cfg, run_dir, Console(file=io.StringIO()))
-    return cfg, run_dir, result
+    strict = cfg.model_copy(deep=True)
+    strict.export.max_kl_divergence = 1e-9
+    result = run_export(strict, run_dir, Console(file=io.StringIO()))
+    return strict, run_dir, result
 
 
 def test_export_writes_validated_ggufs_and_report_columns(exported):
@@ -38,7 +41,22 @@ def test_export_writes_validated_ggufs_and_report_columns(exported):
     assert report["models"]["gguf-f16"]["summary"]["prompt_token_mismatches"] == 0
     q8 = next(info for info in result.ggufs if info["kind"] == "Q8_0")
     assert q8["tensor_types"].get("q8_0", 0) > 0 and q8["eos_token_id"] == 2
-    assert set(result.timings) == {"merge", "convert", "quantize Q8_0"}
+    assert set(result.timings) == {"merge", "convert", "quantize Q8_0", "faithfulness"}
+
+
+def test_export_reports_kl_vs_f16_and_fails_a_quant_over_the_limit(exported):
+    _, run_dir, result = exported
+    q8 = result.faithfulness["Q8_0"]
+    assert 0.0 < q8.kl_divergence and q8.positions > 0
+    assert result.gate_failures == [
+        f"gguf-Q8_0: KL vs f16 {q8.kl_divergence:.4f} > export.max_kl_divergence 1e-09 (top-1 agreement "
+        f"{q8.top1_agreement:.3f}); use a larger quant (Q5_K_M, Q8_0) or raise the limit"
+    ]
+    summary = json.loads((run_dir / "reports" / "eval.json").read_text())["models"]["gguf-Q8_0"]["summary"]
+    assert summary["kl_vs_f16"] == q8.kl_divergence and summary["top1_agreement"] == q8.top1_agreement
+    markdown = (run_dir / "reports" / "eval.md").read_text()
+    assert "| quant | KL vs f16 | top-1 agree | positions |" in markdown
+    assert f"| gguf-Q8_0 | {q8.kl_divergence:.5f} | {q8.top1_agreement:.3f} | {q8.positions} |" in markdown
 
 
 def test_tokenizer_whose_eos_differs_from_the_stop_token_fails_validation(exported, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tuneship.evaluate.report import add_model, load_report, write_report
 from tuneship.evaluate.stage import check_all, gate_failures
+from tuneship.export.faithfulness import Faithfulness, kl_gate_failures, measure_quants
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ExportResult:
     summaries: dict[str, dict]
     timings: dict[str, float]
     gate_failures: list[str] = field(default_factory=list)
+    faithfulness: dict[str, Faithfulness] = field(default_factory=dict)
 
 
 def gguf_name(run_name: str, kind: str) -> str:
@@ -65,10 +67,16 @@ def run_export(cfg, run_path: Path, console, *, merge: bool = True) -> ExportRes
         )
         summaries[f"gguf-{kind}"] = _check_gguf(path, f"gguf-{kind}", chat_format, prompts, report, cfg)
         infos.append(asdict(info) | {"chat_template": None})
+    measured = _timed(
+        timings, "faithfulness", lambda: measure_quants(files, chat_format, prompts, cfg.eval.max_new_tokens)
+    )
+    for kind, figures in measured.items():
+        summaries[f"gguf-{kind}"].update(figures.to_summary())
     write_report(reports, report)
     (run_path / "gguf" / "export.json").write_text(json.dumps({"files": infos, "timings": timings}, indent=2))
     failures = [f for name, s in summaries.items() for f in gate_failures(name, s, cfg.eval)]
-    return ExportResult(str(merged_dir), infos, summaries, timings, failures)
+    failures += kl_gate_failures(measured, cfg.export.max_kl_divergence)
+    return ExportResult(str(merged_dir), infos, summaries, timings, failures, measured)
 
 
 def _timed(timings: dict, name: str, action):
