@@ -81,7 +81,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}")
     print(f"model: {model_dir}; {len(prompts)} prompts, greedy f16 answers up to {max_new_tokens} tokens")
-    print(f"measured in {seconds:.1f} s (f16 answers + every quant scored)")
+    print(f"measured in {seconds:.1f} s: f16 greedy answers, then f16 and every quant scored on them")
     print(f"{'file':<8} {'MB':>7} {'KL vs f16':>10} {'top-1 agree':>12} {'positions':>10}")
     print(f"{'f16':<8} {sizes['f16']:>7.1f} {'-':>10} {'-':>12} {'-':>10}")
     for quant, figures in measured.items():

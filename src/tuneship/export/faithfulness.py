@@ -1,11 +1,13 @@
 """How faithful each quantized GGUF is to the unquantized export, measured on llama.cpp's logits.
 
-Which positions count: the unquantized GGUF (f16 by default) answers every eval prompt greedily, from the
-prompt rendered by the run's ChatFormat; the prompt followed by that answer (its stop token included) is then
+Which positions count: each eval prompt, rendered and tokenized by the run's ChatFormat, is followed by the
+unquantized GGUF's (f16 by default) own greedy answer to it in llama.cpp, stop token included. That sequence is
 scored by the unquantized GGUF and by each quant. Only the positions that predict an answer token count:
-position len(prompt) - 1 predicts the first answer token, the last counted position predicts the last answer
-token (the stop token when the answer stopped). Prompt positions are the same text for every model and are
-not what a person reads; the answer positions are where a quant's damage shows (including whether it stops).
+position len(prompt) - 1 predicts the first answer token, the last counted position predicts the last one (the
+stop token when the answer stopped). Prompt positions are the same text for every model and not what a person
+reads; the answer positions are where a quant's damage shows, including whether it still stops. (The answers
+are generated again, as token ids: the export's answer check keeps only the text, stripped, which does not give
+the tokens back.)
 
 Per counted position: KL(f16 || quant) of the two softmax distributions over the whole vocabulary, in float64,
 and whether the two most likely tokens are the same (top-1 agreement). Both are means over all positions.
@@ -42,7 +44,7 @@ class Faithfulness:
 
 @dataclass
 class ScoredSequence:
-    """A rendered prompt followed by the reference model's greedy answer."""
+    """A rendered prompt followed by the reference model's greedy answer; positions = answer tokens."""
 
     tokens: list[int]
     answer_start: int
@@ -52,30 +54,35 @@ class ScoredSequence:
         return len(self.tokens) - self.answer_start
 
 
+def greedy_sequences(reference: Path, chat_format, prompts, max_new_tokens: int) -> list[ScoredSequence]:
+    """Each prompt through the ChatFormat, followed by the reference GGUF's greedy answer and its stop token."""
+    prompt_tokens = [chat_format.encode(chat_format.generation_prompt(p.conversation)) for p in prompts]
+    stop_token_ids = set(chat_format.spec.stop_token_ids)
+    with _llama(reference, max(len(t) for t in prompt_tokens) + max_new_tokens) as llm:
+        return [_with_greedy_answer(llm, tokens, stop_token_ids, max_new_tokens) for tokens in prompt_tokens]
+
+
 def measure_quants(files: list[tuple[str, Path]], chat_format, prompts, max_new_tokens: int) -> dict[str, Faithfulness]:
-    """Every file after the first (the quants) against the first (the unquantized export), on the eval prompts."""
+    """Every file after the first (the quants) against the first (the unquantized export)."""
     (_, reference), *quants = files
     if not quants:
         return {}
-    prompt_tokens = [chat_format.encode(chat_format.generation_prompt(p.conversation)) for p in prompts]
-    return measure_faithfulness(reference, dict(quants), prompt_tokens, chat_format.spec.stop_token_ids, max_new_tokens)
+    return measure_faithfulness(
+        reference, dict(quants), greedy_sequences(reference, chat_format, prompts, max_new_tokens)
+    )
 
 
 def measure_faithfulness(
     reference: Path,
     quants: dict[str, Path],
-    prompt_tokens: list[list[int]],
-    stop_token_ids: list[int],
-    max_new_tokens: int,
+    sequences: list[ScoredSequence],
     memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
 ) -> dict[str, Faithfulness]:
-    longest_prompt = max(len(tokens) for tokens in prompt_tokens)
-    with _llama(reference, longest_prompt + max_new_tokens) as llm:
-        sequences = [_with_greedy_answer(llm, tokens, stop_token_ids, max_new_tokens) for tokens in prompt_tokens]
-        vocab_size = llm.n_vocab()
     n_ctx = max(len(s.tokens) for s in sequences)
+    with _llama(reference, n_ctx) as llm:
+        bytes_per_position = 8 * llm.n_vocab()
     totals = {name: _Totals() for name in quants}
-    for chunk in _chunks(sequences, vocab_size * 8, memory_budget_bytes):
+    for chunk in _chunks(sequences, bytes_per_position, memory_budget_bytes):
         with _llama(reference, n_ctx) as llm:
             reference_rows = [_answer_log_probs(llm, sequence) for sequence in chunk]
         for name, path in quants.items():
@@ -116,7 +123,7 @@ class _Totals:
         return Faithfulness(self.kl / count, self.agreeing / count, self.positions)
 
 
-def _with_greedy_answer(llm, prompt_tokens: list[int], stop_token_ids: list[int], max_new_tokens: int):
+def _with_greedy_answer(llm, prompt_tokens: list[int], stop_token_ids: set[int], max_new_tokens: int):
     answer: list[int] = []
     for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
         answer.append(token)
