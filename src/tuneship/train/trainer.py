@@ -12,7 +12,13 @@ from pathlib import Path
 
 from tuneship.errors import TuneshipError
 from tuneship.train.batches import ExampleDataset, PadCollator, TokenCounter
-from tuneship.train.device import detect_device, estimate_memory, memory_verdict
+from tuneship.train.device import (
+    check_memory,
+    detect_device,
+    estimate_for_run,
+    measured_peak_memory,
+    reset_peak_memory,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKERS = ("trainer_state.json", "adapter_model.safetensors")
@@ -63,11 +69,14 @@ def train_adapter(
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
+    from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
     from tuneship.train.model import load_for_training, trainable_bytes
 
     device = detect_device(cfg.train.device, cfg.train.precision)
-    _check_memory(base_dir, cfg, device, console)
+    estimate = estimate_for_run(base_dir, cfg, device)
+    check_memory(estimate, console)
+    fetch_weights(base_dir)
     checkpoints = run_path / "checkpoints"
     resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, console)
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
@@ -105,6 +114,7 @@ def train_adapter(
     trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
     started = time.monotonic()
     status = "failed"
+    reset_peak_memory(device.kind)
     try:
         if resume:
             console.print(f"resuming from {resume} (use --fresh to start over)")
@@ -120,7 +130,7 @@ def train_adapter(
     finally:
         progress.stop()
         seconds = time.monotonic() - started
-        _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume)
+        _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume, estimate)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         str(adapter_dir),
@@ -165,23 +175,6 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
     )
 
 
-def _check_memory(base_dir: str, cfg, device, console) -> None:
-    estimate = estimate_memory(
-        base_dir,
-        device.precision,
-        lora_r=cfg.lora.r,
-        batch_size=cfg.train.batch_size,
-        seq_len=cfg.train.max_seq_len,
-        is_qlora=cfg.lora.qlora,
-        device=device.kind,
-    )
-    verdict = memory_verdict(estimate)
-    if verdict and verdict[0] == "error":
-        raise TuneshipError(f"the run will not fit in memory: {verdict[1]}")
-    if verdict:
-        console.print(f"[yellow]warning:[/] {verdict[1]}")
-
-
 def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, console) -> Path | None:
     """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs."""
     marker = checkpoints / "inputs.json"
@@ -198,7 +191,7 @@ def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, conso
     return resume
 
 
-def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, status, resume) -> None:
+def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, status, resume, estimate) -> None:
     reports = run_path / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     history = trainer.state.log_history
@@ -213,6 +206,7 @@ def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, statu
         "seconds": round(seconds, 2),
         "tokens": counter.tokens,
         "supervised_tokens": counter.supervised,
+        "memory": {"estimate": estimate.to_json(), "peak": measured_peak_memory(device.kind)},
         "metrics": history,
     }
     (reports / "experiment.json").write_text(json.dumps(experiment, indent=2, default=str), encoding="utf-8")
