@@ -119,7 +119,7 @@ class ExportSection(Section):
     quants: list[Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"]] = Field(default_factory=lambda: ["Q4_K_M"])
     outtype: Literal["f16", "bf16", "f32"] = "f16"
     max_kl_divergence: float | None = Field(
-        0.1,
+        0.2,
         gt=0.0,
         le=10.0,
         description="gate: mean KL divergence of each quant's next-token distributions from the f16 GGUF's, "
