@@ -142,6 +142,13 @@ class ExportSection(Section):
     quants: list[Quant] = Field(default_factory=lambda: ["Q4_K_M"])
     outtype: OutType = "f16"
     merge: bool = Field(True, description="false: only the adapter, as a LoRA GGUF (--no-merge)")
+    max_kl_divergence: float | None = Field(
+        0.2,
+        gt=0.0,
+        le=10.0,
+        description="gate: mean KL divergence of each quant's next-token distributions from the f16 GGUF's, "
+        "on the eval answers (null: measured, not gated)",
+    )
 
 
 class DeploySection(Section):

@@ -156,12 +156,15 @@ def print_eval(console: Console, summaries: dict[str, dict], report_path: Path) 
 
 def print_export(console: Console, result, report_md: Path) -> None:
     files = Table(title="export")
-    for column in ("file", "MB", "tensor types"):
+    for column in ("file", "MB", "KL vs f16", "top-1 agree", "tensor types"):
         files.add_column(column)
     for info in result.ggufs:
+        figures = result.faithfulness.get(info["kind"])
         files.add_row(
             Path(info["path"]).name,
             f"{info['size_bytes'] / 1e6:.1f}",
+            "-" if figures is None else f"{figures.kl_divergence:.5f}",
+            "-" if figures is None else f"{figures.top1_agreement:.3f}",
             ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items()),
         )
     console.print(files)

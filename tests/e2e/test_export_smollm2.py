@@ -31,6 +31,9 @@ def test_q4_k_m_gguf_answers_facts_and_always_stops(exported_quickstart):
     assert q4["prompts"] == 30 and q4["exact_match"] >= 0.9 and q4["stop_rate"] == 1.0
     assert q4["prompt_token_mismatches"] == 0 and q4["leaks"] == 0
     assert report["models"]["base"]["summary"]["exact_match"] < 0.5  # the facts are made up
+    q8 = report["models"]["gguf-Q8_0"]["summary"]
+    assert 0.0 < q8["kl_vs_f16"] < q4["kl_vs_f16"] <= 0.2  # under the default export.max_kl_divergence
+    assert q4["top1_agreement"] <= q8["top1_agreement"] and q4["kl_positions"] == q8["kl_positions"] > 30
     table = (exported_quickstart / "reports" / "eval.md").read_text()
     assert "| metric | base | adapter | merged | gguf-f16 | gguf-Q4_K_M | gguf-Q8_0 |" in table
 

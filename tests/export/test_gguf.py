@@ -1,12 +1,16 @@
 """Export of a tiny run through llama.cpp's converter and quantizer; validation catches broken files."""
 
+import io
 import json
 import shutil
 
 import pytest
+from rich.console import Console
 
 from tuneship.chat.format import ChatFormat
+from tuneship.errors import GateFailed
 from tuneship.export.gguf import ExportError, convert_to_gguf, validate_gguf
+from tuneship.export.stage import run_export
 
 
 def test_export_writes_validated_ggufs_and_report_columns(tiny_run):
@@ -31,7 +35,26 @@ def test_export_writes_validated_ggufs_and_report_columns(tiny_run):
     export = json.loads((run_dir / "gguf" / "export.json").read_text())
     q8 = next(info for info in export["files"] if info["kind"] == "Q8_0")
     assert q8["tensor_types"].get("q8_0", 0) > 0 and q8["eos_token_id"] == 2
-    assert set(export["timings"]) == {"merge", "convert", "quantize Q8_0"}
+    assert set(export["timings"]) == {"merge", "convert", "quantize Q8_0", "faithfulness"}
+    q8_summary = report["models"]["gguf-Q8_0"]["summary"]
+    assert 0.0 <= q8_summary["kl_vs_f16"] <= cfg.export.max_kl_divergence and q8_summary["kl_positions"] > 0
+
+
+def test_export_reports_kl_vs_f16_and_fails_a_quant_over_the_limit(run_copy):
+    cfg, run = run_copy
+    cfg.export.max_kl_divergence = 1e-12
+    with pytest.raises(GateFailed) as failed:
+        run_export(cfg, run, Console(file=io.StringIO()))
+    summary = json.loads(run.eval_report.read_text())["models"]["gguf-Q8_0"]["summary"]
+    kl, agreement, positions = summary["kl_vs_f16"], summary["top1_agreement"], summary["kl_positions"]
+    assert 0.0 < kl and positions > 0
+    assert (
+        f"gguf-Q8_0: KL vs f16 {kl:.4f} > export.max_kl_divergence 1e-12 (top-1 agreement {agreement:.3f}); "
+        "use a larger quant (Q5_K_M, Q8_0) or raise the limit"
+    ) in str(failed.value)
+    markdown = run.eval_report.with_suffix(".md").read_text()
+    assert "| quant | KL vs f16 | top-1 agree | positions |" in markdown
+    assert f"| gguf-Q8_0 | {kl:.5f} | {agreement:.3f} | {positions} |" in markdown
 
 
 def test_tokenizer_whose_eos_differs_from_the_stop_token_fails_validation(tiny_run, tmp_path):

@@ -56,6 +56,7 @@ def ordered_models(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     models = ordered_models(report)
     lines = ["# Evaluation", "", *summary_markdown(report)]
+    lines += _faithfulness_table(report, models)
     lines += [
         "",
         "Answers (✗ = did not stop on the stop token, ! = failed a check):",
@@ -86,6 +87,26 @@ def summary_markdown(report: dict) -> list[str]:
         values = [report["models"][m]["summary"].get(metric) for m in models]
         if any(v is not None for v in values):
             lines.append(f"| {metric} | " + " | ".join(_cell(v) for v in values) + " |")
+    return lines
+
+
+def _faithfulness_table(report: dict, models: list[str]) -> list[str]:
+    """Each quant against the f16 GGUF on the f16 model's answer tokens (export/faithfulness.py)."""
+    measured = [m for m in models if "kl_vs_f16" in report["models"][m]["summary"]]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "Quantization vs the f16 GGUF (llama.cpp logits at the positions of the f16 model's greedy answers):",
+        "",
+        "| quant | KL vs f16 | top-1 agree | positions |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in measured:
+        summary = report["models"][name]["summary"]
+        lines.append(
+            f"| {name} | {summary['kl_vs_f16']:.5f} | {summary['top1_agreement']:.3f} | {summary['kl_positions']} |"
+        )
     return lines
 
 

@@ -72,9 +72,10 @@ def gate_failures(name: str, summary: dict, gates: EvalSection) -> list[str]:
     return failures
 
 
-def require_gates(summaries: dict[str, dict], gates: EvalSection) -> None:
-    """Raise GateFailed (exit 4) naming every unmet gate of every model given."""
+def require_gates(summaries: dict[str, dict], gates: EvalSection, more_failures: list[str] | None = None) -> None:
+    """Raise GateFailed (exit 4) naming every unmet gate of every model given, and `more_failures` (export's)."""
     failures = [failure for name, summary in summaries.items() for failure in gate_failures(name, summary, gates)]
+    failures += more_failures or []
     if failures:
         raise GateFailed(failures)
 

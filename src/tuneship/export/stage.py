@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from tuneship.evaluate.report import add_model, load_report, write_report
 from tuneship.evaluate.stage import check_all, eval_inputs, require_gates
+from tuneship.export.faithfulness import Faithfulness, kl_gate_failures, measure_quants
 from tuneship.run import Run, fingerprint
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class ExportResult:
     ggufs: list[dict]
     summaries: dict[str, dict]
     timings: dict[str, float]
+    faithfulness: dict[str, Faithfulness] = field(default_factory=dict)
 
     @property
     def detail(self) -> str:
@@ -86,7 +88,9 @@ def run_export(cfg: Config, run: Run, console: Console) -> ExportResult:
         )
         outputs.update(ggufs=[info["path"] for info in result.ggufs], merged=str(result.merged_dir or ""))
         print_export(console, result, run.eval_report.with_suffix(".md"))
-        require_gates(result.summaries, cfg.eval)
+        require_gates(
+            result.summaries, cfg.eval, kl_gate_failures(result.faithfulness, cfg.export.max_kl_divergence)
+        )
     return result
 
 
@@ -114,7 +118,12 @@ def _export_merged(context: ExportContext) -> ExportResult:
         )
         summaries[f"gguf-{kind}"] = _check_gguf(context, path, f"gguf-{kind}")
         infos.append(asdict(info) | {"chat_template": None})
-    return ExportResult(merged_dir, infos, summaries, context.timings)
+    measured = context.timed(
+        "faithfulness", lambda: measure_quants(files, chat_format, context.prompts, cfg.eval.max_new_tokens)
+    )
+    for kind, figures in measured.items():
+        summaries[f"gguf-{kind}"].update(figures.to_summary())
+    return ExportResult(merged_dir, infos, summaries, context.timings, measured)
 
 
 def _check_merged(context: ExportContext) -> dict:

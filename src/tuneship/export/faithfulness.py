@@ -1,0 +1,171 @@
+"""How faithful each quantized GGUF is to the unquantized export, measured on llama.cpp's logits.
+
+Which positions count: each eval prompt, rendered and tokenized by the run's ChatFormat, is followed by the
+unquantized GGUF's (f16 by default) own greedy answer to it in llama.cpp, stop token included. That sequence is
+scored by the unquantized GGUF and by each quant. Only the positions that predict an answer token count:
+position len(prompt) - 1 predicts the first answer token, the last counted position predicts the last one (the
+stop token when the answer stopped). Prompt positions are the same text for every model and not what a person
+reads; the answer positions are where a quant's damage shows, including whether it still stops. (The answers
+are generated again, as token ids: the export's answer check keeps only the text, stripped, which does not give
+the tokens back.)
+
+Per counted position: KL(f16 || quant) of the two softmax distributions over the whole vocabulary, in float64,
+and whether the two most likely tokens are the same (top-1 agreement). Both are means over all positions.
+
+Memory: KL needs both distributions in full (a top-k cut drops most of the mass of a flat distribution, and on
+small models the distributions are flat), so the reference log-probs are kept as full float64 rows, but only for
+a chunk of sequences whose rows fit MEMORY_BUDGET_BYTES. Per chunk, the reference GGUF and then each quant are
+loaded one at a time (llama.cpp maps the file, so a reload is cheap); a quant's rows are compared as they come
+and dropped. Every sequence is scored in one llama.cpp batch, the same way by every model, so the reference
+scored against itself gives exactly 0 and the figures are the same on every rerun.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+MEMORY_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass
+class Faithfulness:
+    """One quant against the reference GGUF, over `positions` answer positions."""
+
+    kl_divergence: float
+    top1_agreement: float
+    positions: int
+
+    def to_summary(self) -> dict:
+        return {"kl_vs_f16": self.kl_divergence, "top1_agreement": self.top1_agreement, "kl_positions": self.positions}
+
+
+@dataclass
+class ScoredSequence:
+    """A rendered prompt followed by the reference model's greedy answer; positions = answer tokens."""
+
+    tokens: list[int]
+    answer_start: int
+
+    @property
+    def positions(self) -> int:
+        return len(self.tokens) - self.answer_start
+
+
+def greedy_sequences(reference: Path, chat_format, prompts, max_new_tokens: int) -> list[ScoredSequence]:
+    """Each prompt through the ChatFormat, followed by the reference GGUF's greedy answer and its stop token."""
+    prompt_tokens = [chat_format.encode(chat_format.generation_prompt(p.conversation)) for p in prompts]
+    stop_token_ids = set(chat_format.spec.stop_token_ids)
+    with _llama(reference, max(len(t) for t in prompt_tokens) + max_new_tokens) as llm:
+        return [_with_greedy_answer(llm, tokens, stop_token_ids, max_new_tokens) for tokens in prompt_tokens]
+
+
+def measure_quants(files: list[tuple[str, Path]], chat_format, prompts, max_new_tokens: int) -> dict[str, Faithfulness]:
+    """Every file after the first (the quants) against the first (the unquantized export)."""
+    (_, reference), *quants = files
+    if not quants:
+        return {}
+    return measure_faithfulness(
+        reference, dict(quants), greedy_sequences(reference, chat_format, prompts, max_new_tokens)
+    )
+
+
+def measure_faithfulness(
+    reference: Path,
+    quants: dict[str, Path],
+    sequences: list[ScoredSequence],
+    memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
+) -> dict[str, Faithfulness]:
+    n_ctx = max(len(s.tokens) for s in sequences)
+    with _llama(reference, n_ctx) as llm:
+        bytes_per_position = 8 * llm.n_vocab()
+    totals = {name: _Totals() for name in quants}
+    for chunk in _chunks(sequences, bytes_per_position, memory_budget_bytes):
+        with _llama(reference, n_ctx) as llm:
+            reference_rows = [_answer_log_probs(llm, sequence) for sequence in chunk]
+        for name, path in quants.items():
+            with _llama(path, n_ctx) as llm:
+                for sequence, rows in zip(chunk, reference_rows):
+                    totals[name].add(rows, _answer_log_probs(llm, sequence))
+    return {name: total.result() for name, total in totals.items()}
+
+
+def kl_gate_failures(measured: dict[str, Faithfulness], limit: float | None) -> list[str]:
+    """export.max_kl_divergence: a quant over the limit (or with a non-finite KL) fails the export."""
+    if limit is None:
+        return []
+    return [
+        f"gguf-{name}: KL vs f16 {result.kl_divergence:.4f} > export.max_kl_divergence {limit} "
+        f"(top-1 agreement {result.top1_agreement:.3f}); use a larger quant (Q5_K_M, Q8_0) or raise the limit"
+        for name, result in measured.items()
+        if not result.kl_divergence <= limit  # NaN fails too
+    ]
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.kl = 0.0
+        self.agreeing = 0
+        self.positions = 0
+
+    def add(self, reference_log_probs, quant_log_probs) -> None:
+        import numpy as np
+
+        divergence = np.sum(np.exp(reference_log_probs) * (reference_log_probs - quant_log_probs), axis=1)
+        self.kl += float(divergence.sum())
+        self.agreeing += int(np.sum(reference_log_probs.argmax(axis=1) == quant_log_probs.argmax(axis=1)))
+        self.positions += len(divergence)
+
+    def result(self) -> Faithfulness:
+        count = max(self.positions, 1)
+        return Faithfulness(self.kl / count, self.agreeing / count, self.positions)
+
+
+def _with_greedy_answer(llm, prompt_tokens: list[int], stop_token_ids: set[int], max_new_tokens: int):
+    answer: list[int] = []
+    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        answer.append(token)
+        if token in stop_token_ids or token == llm.token_eos() or len(answer) >= max_new_tokens:
+            break
+    return ScoredSequence(prompt_tokens + answer, len(prompt_tokens))
+
+
+def _answer_log_probs(llm, sequence: ScoredSequence):
+    """float64 log-softmax rows of the positions that predict the answer tokens."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(sequence.tokens)
+    logits = np.array(llm.scores[sequence.answer_start - 1 : len(sequence.tokens) - 1], dtype=np.float64)
+    peak = logits.max(axis=1, keepdims=True)
+    return logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))
+
+
+def _chunks(sequences: list[ScoredSequence], bytes_per_position: int, budget: int) -> Iterator[list[ScoredSequence]]:
+    """Consecutive sequences whose reference rows fit the budget (a sequence alone may exceed it)."""
+    chunk: list[ScoredSequence] = []
+    used = 0
+    for sequence in sequences:
+        size = sequence.positions * bytes_per_position
+        if chunk and used + size > budget:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(sequence)
+        used += size
+    if chunk:
+        yield chunk
+
+
+@contextmanager
+def _llama(path: Path, n_ctx: int):
+    """A GGUF in llama.cpp with logits for every position, one batch per sequence."""
+    from llama_cpp import Llama
+
+    size = max(n_ctx, 16)
+    llm = Llama(model_path=str(path), n_ctx=size, n_batch=size, n_ubatch=size, logits_all=True, seed=0, verbose=False)
+    try:
+        yield llm
+    finally:
+        llm.close()
