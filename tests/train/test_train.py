@@ -65,13 +65,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ti
     from transformers import TrainerCallback
 
     def poison(module, inputs, output):
-        output["loss"] = output["loss"] * float("nan")
-        return output
+        return output * float("nan")
 
     class PoisonLossAtStep(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 5:
-                model.register_forward_hook(poison)
+                model.get_base_model().model.norm.register_forward_hook(poison)
 
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir, max_steps=10))
     with pytest.raises(TrainingStopped, match=r"loss is nan at step 6; try a lower train.learning_rate"):

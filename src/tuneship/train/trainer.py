@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tuneship.errors import TuneshipError
-from tuneship.train.batches import ExampleDataset, PadCollator, TokenCounter
+from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
 from tuneship.train.device import detect_device, estimate_memory, memory_verdict
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -66,11 +66,17 @@ def train_adapter(
     from tuneship.train import callbacks as cb
     from tuneship.train.model import load_for_training, trainable_bytes
 
+    from tuneship.train.precision import set_compute_threads
+
     device = detect_device(cfg.train.device, cfg.train.precision)
+    if device.kind == "cpu":
+        set_compute_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    _check_kernels(cfg.train.kernels, device)
     _check_memory(base_dir, cfg, device, console)
     checkpoints = run_path / "checkpoints"
     resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, console)
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
+    model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter)
     disk_guard = cb.DiskGuard(
@@ -89,17 +95,25 @@ def train_adapter(
         )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_path / "reports" / "tensorboard")
 
+    is_supervised_logits = cfg.train.supervised_logits and cfg.train.kernels != "liger"
+
     class GuardedTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             cb.check_loss(loss, self.state.global_step + 1)
             return loss
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not is_supervised_logits or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
+
+    collator = PackCollator(counter) if cfg.train.packing else PadCollator(chat_format.spec.pad_token_id, counter)
     trainer = GuardedTrainer(
         model=model,
         args=_training_arguments(TrainingArguments, cfg, device, checkpoints),
         train_dataset=ExampleDataset(train_set),
-        data_collator=PadCollator(chat_format.spec.pad_token_id, counter),
+        data_collator=collator,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
@@ -136,6 +150,34 @@ def train_adapter(
     )
 
 
+def _supervised_mean_loss(trainer, model, inputs, num_items_in_batch):
+    """The loss the HF Trainer expects from a model that takes `num_items_in_batch`: summed over this
+    micro-batch, divided by the supervised tokens of the whole step (all accumulation steps, all processes),
+    times the process count (DDP averages gradients over processes)."""
+    from tuneship.train.loss import supervised_loss_sum
+
+    total, count = supervised_loss_sum(model, inputs)
+    if num_items_in_batch is None:
+        return total / max(count, 1)
+    loss = total / num_items_in_batch
+    if trainer.args.average_tokens_across_devices:
+        loss = loss * trainer.accelerator.num_processes
+    return loss
+
+
+def _check_kernels(kernels: str, device) -> None:
+    if kernels != "liger":
+        return
+    if device.kind != "cuda":
+        raise TuneshipError(
+            f"train.kernels=liger needs a CUDA GPU (this run is on {device.kind}); use train.kernels=torch"
+        )
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        raise TuneshipError("train.kernels=liger needs liger-kernel: pip install liger-kernel") from None
+
+
 def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
     train = cfg.train
     return TrainingArguments(
@@ -161,8 +203,15 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
         report_to=list(train.report_to),
         remove_unused_columns=False,
         dataloader_pin_memory=device.kind == "cuda",
+        use_liger_kernel=train.kernels == "liger",
+        ddp_backend="gloo" if device.kind == "cpu" and _world_size() > 1 else None,
         disable_tqdm=True,
     )
+
+
+def _world_size() -> int:
+    """Processes in this training run (torchrun and accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_memory(base_dir: str, cfg, device, console) -> None:
