@@ -103,13 +103,20 @@ def train(
     overrides: Optional[list[str]] = SetOption,
     fresh: bool = typer.Option(False, help="start over instead of resuming from the latest checkpoint"),
     dry_run: bool = typer.Option(False, help="prepare data and the chat format, run the pre-flight checks, stop"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="training processes on this machine (DDP via torchrun)"),
 ) -> None:
     """Fine-tune a LoRA adapter; resumes from the latest checkpoint automatically."""
     from tuneship.report import print_format, print_train
     from tuneship.run import run_train
+    from tuneship.train.distributed import is_main_process, launch, world_size
 
     cfg = _load(config, overrides)
+    if nproc > 1 and world_size() == 1 and not dry_run:
+        args = ["train", str(config), *[f"--set={o}" for o in overrides or []], *(["--fresh"] if fresh else [])]
+        raise typer.Exit(launch(args, nproc))
     result = run_train(cfg, console, fresh=fresh, dry_run=dry_run)
+    if not is_main_process():
+        return
     if dry_run:
         print_format(console, result.chat_format, result.data.train[:1])
         console.print(

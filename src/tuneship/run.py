@@ -117,10 +117,13 @@ def prepare_training(cfg: Config) -> PreparedRun:
     from tuneship.chat.format import ChatFormat
     from tuneship.train.preflight import preflight
 
-    run = Run.create(cfg)
+    from tuneship.train.distributed import is_main_process
+
+    is_writer = is_main_process()  # under DDP every process prepares the same data; rank 0 writes it
+    run = Run.create(cfg) if is_writer else Run(cfg.run_dir)
     base_dir = resolve_base_model(cfg.model.base)
     chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
-    data = run_data_stage(cfg, run, chat_format)
+    data = run_data_stage(cfg, run, chat_format) if is_writer else _prepare_data(cfg, chat_format.measure)
     if not data.is_usable:
         raise DataError(
             f"no usable training examples: {data.audit.records_read} read, all dropped or in eval; "
@@ -128,7 +131,8 @@ def prepare_training(cfg: Config) -> PreparedRun:
         )
     rendered = [chat_format.render(c) for c in data.train]
     preflight(chat_format, data.train, rendered, cfg.train.max_seq_len)
-    chat_format.save(run.subdir("chat"))
+    if is_writer:
+        chat_format.save(run.subdir("chat"))
     return PreparedRun(run, base_dir, chat_format, data, rendered)
 
 
@@ -159,7 +163,10 @@ def train_prepared(cfg: Config, prepared: PreparedRun, console, *, fresh: bool =
         fresh=fresh,
         extra_callbacks=extra_callbacks,
     )
-    prepared.run.record("train", "done", inputs_hash, {"adapter": result.adapter_dir}, time.monotonic() - started)
+    from tuneship.train.distributed import is_main_process
+
+    if is_main_process():
+        prepared.run.record("train", "done", inputs_hash, {"adapter": result.adapter_dir}, time.monotonic() - started)
     return result
 
 

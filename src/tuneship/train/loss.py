@@ -16,12 +16,12 @@ LOSS_CHUNK_TOKENS = 2048
 
 
 def predicting_positions(labels):
-    """Boolean (batch, seq): True where the next label is supervised, i.e. the logits the loss needs."""
-    import torch
+    """Positions (1-D) whose next label is supervised in some row of the batch: the logits the loss needs.
 
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
+    A packed batch is one row, so these are exactly its supervised predictions; a padded batch keeps the
+    union over its rows, and the ignored labels there add nothing to the loss.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
 
 
 def supervised_loss_sum(model, batch: dict):
@@ -30,12 +30,14 @@ def supervised_loss_sum(model, batch: dict):
     import torch.nn.functional as F
 
     labels = batch["labels"]
-    keep = predicting_positions(labels)
+    positions = predicting_positions(labels)
     inputs = {name: value for name, value in batch.items() if name != "labels"}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (supervised tokens, vocab)
-    targets = labels[:, 1:][keep[:, :-1]]
+    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits  # (batch, positions, vocab)
+    targets = labels[:, positions + 1]
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), LOSS_CHUNK_TOKENS):
+    for start in range(0, positions.numel(), LOSS_CHUNK_TOKENS):
         chunk = slice(start, start + LOSS_CHUNK_TOKENS)
-        total = total + F.cross_entropy(logits[chunk].float(), targets[chunk], reduction="sum")
-    return total, targets.numel()
+        total = total + F.cross_entropy(
+            logits[:, chunk].flatten(0, 1).float(), targets[:, chunk].flatten(), reduction="sum"
+        )
+    return total, int((targets != IGNORE_INDEX).sum())

@@ -13,6 +13,7 @@ from pathlib import Path
 from tuneship.errors import TuneshipError
 from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
 from tuneship.train.device import detect_device, estimate_memory, memory_verdict
+from tuneship.train.distributed import world_size
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKERS = ("trainer_state.json", "adapter_model.safetensors")
@@ -60,12 +61,12 @@ def train_adapter(
     fresh: bool = False,
     extra_callbacks=(),
 ) -> TrainResult:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from tuneship.train import callbacks as cb
+    from tuneship.train.distributed import global_sum, is_main_process
     from tuneship.train.model import load_for_training, trainable_bytes
-
     from tuneship.train.precision import set_compute_threads
 
     device = detect_device(cfg.train.device, cfg.train.precision)
@@ -74,16 +75,19 @@ def train_adapter(
     _check_kernels(cfg.train.kernels, device)
     _check_memory(base_dir, cfg, device, console)
     checkpoints = run_path / "checkpoints"
-    resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, console)
+    args = _training_arguments(TrainingArguments, cfg, device, checkpoints)
+    with args.main_process_first(desc="checkpoints"):  # rank 0 clears (--fresh) before the others look
+        resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, is_writer=is_main_process())
+    set_seed(cfg.train.seed)  # LoRA's initial weights: the same run twice, or on N processes, starts the same
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
     model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
-    progress = cb.ProgressDisplay(console, counter)
+    progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
     disk_guard = cb.DiskGuard(
         checkpoints, 4 * trainable_bytes(model) + 1_000_000, int(cfg.train.min_free_disk_gb * 1e9)
     )
     callbacks = [cb.NonFiniteGuard(), disk_guard, progress, *extra_callbacks]
-    if cfg.train.sample_every and cfg.train.sample_prompts:
+    if cfg.train.sample_every and cfg.train.sample_prompts and is_main_process():
         callbacks.append(
             cb.SampleGenerator(
                 chat_format,
@@ -111,7 +115,7 @@ def train_adapter(
     collator = PackCollator(counter) if cfg.train.packing else PadCollator(chat_format.spec.pad_token_id, counter)
     trainer = GuardedTrainer(
         model=model,
-        args=_training_arguments(TrainingArguments, cfg, device, checkpoints),
+        args=args,
         train_dataset=ExampleDataset(train_set),
         data_collator=collator,
         callbacks=callbacks,
@@ -120,13 +124,15 @@ def train_adapter(
     started = time.monotonic()
     status = "failed"
     try:
-        if resume:
+        if resume and is_main_process():
             console.print(f"resuming from {resume} (use --fresh to start over)")
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        disk_guard.check("the final adapter")
+        counter.tokens, counter.supervised = global_sum(counter.tokens), global_sum(counter.supervised)
         adapter_dir = run_path / "adapter"
-        model.save_pretrained(adapter_dir)
-        chat_format.save(adapter_dir)
+        if is_main_process():
+            disk_guard.check("the final adapter")
+            model.save_pretrained(adapter_dir)
+            chat_format.save(adapter_dir)
         status = "done"
     except TuneshipError as exc:
         status = f"stopped: {exc}"
@@ -134,7 +140,8 @@ def train_adapter(
     finally:
         progress.stop()
         seconds = time.monotonic() - started
-        _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume)
+        if is_main_process():
+            _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         str(adapter_dir),
@@ -204,14 +211,9 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
         remove_unused_columns=False,
         dataloader_pin_memory=device.kind == "cuda",
         use_liger_kernel=train.kernels == "liger",
-        ddp_backend="gloo" if device.kind == "cpu" and _world_size() > 1 else None,
+        ddp_backend="gloo" if device.kind == "cpu" and world_size() > 1 else None,
         disable_tqdm=True,
     )
-
-
-def _world_size() -> int:
-    """Processes in this training run (torchrun and accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _check_memory(base_dir: str, cfg, device, console) -> None:
@@ -231,10 +233,11 @@ def _check_memory(base_dir: str, cfg, device, console) -> None:
         console.print(f"[yellow]warning:[/] {verdict[1]}")
 
 
-def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, console) -> Path | None:
-    """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs."""
+def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, *, is_writer: bool) -> Path | None:
+    """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs.
+    Only the writer (rank 0) clears and marks; the other processes look after it."""
     marker = checkpoints / "inputs.json"
-    if fresh:
+    if fresh and is_writer:
         shutil.rmtree(checkpoints, ignore_errors=True)
     resume = latest_checkpoint(checkpoints)
     if resume and marker.is_file() and json.loads(marker.read_text())["inputs"] != inputs_hash:
@@ -242,8 +245,9 @@ def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, conso
             f"the checkpoints in {checkpoints} were made from other data or training settings; "
             "rerun with --fresh to start over, or restore the previous config"
         )
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"inputs": inputs_hash}))
+    if is_writer:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"inputs": inputs_hash}))
     return resume
 
 
@@ -260,6 +264,7 @@ def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, statu
         "versions": _versions(),
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 2),
+        "processes": world_size(),
         "tokens": counter.tokens,
         "supervised_tokens": counter.supervised,
         "metrics": history,
