@@ -185,11 +185,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     peak = measure_matmul_rates(PEAK_SHAPE, seconds=2.0)
     limit = peak.bf16 * 1e9 / flops_per_trained_token()
-    names = ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]
-    results = {name: measure(name, args.steps) for name in names}
     print(
         f"machine: {platform.machine()}, {physical_cores()} physical cores, python {platform.python_version()}; "
-        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+        f"load average {load_before:.1f} at the start; "
         f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, batch {BATCH}, {args.steps} steps"
     )
     print(
@@ -198,14 +196,18 @@ def main() -> None:
     )
     cores = physical_cores()
     header = f"{'row':<30}{'prec':>6}{'seconds':>9}{'tok/s':>8}{'% limit':>9}{'sup tok/s':>11}{'tok/core-s':>12}"
-    print(header + f"{'peak RSS MB':>13}{'final loss':>12}")
-    for name, r in results.items():
+    print(header + f"{'peak RSS MB':>13}{'final loss':>12}", flush=True)
+    results = {}
+    for name in ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]:
+        r = results[name] = measure(name, args.steps)
         rate = r["tokens"] / r["seconds"]
         print(
             f"{name:<30}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}{100 * rate / limit:>8.0f}%"
             f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
-            f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}"
+            f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
+            flush=True,
         )
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     ours, trl = results["ours: all (defaults)"], results["TRL"]
     print(
         f"ratio ours/TRL: non-pad tokens/s {ours['tokens'] / ours['seconds'] / (trl['tokens'] / trl['seconds']):.2f}, "

@@ -109,6 +109,19 @@ def tiny_config_file(tmp_path: Path, model_dir: str, **train) -> Path:
     return path
 
 
+def start_until_checkpoint(command: list[str], checkpoints: Path, timeout: float = 300):
+    """Start `command` (from the repo root) and return the process once a checkpoint is complete in `checkpoints`."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, cwd=REPO, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    return process
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """(config, run dir) of a trained tiny run: 2 steps of LoRA on the tiny model."""

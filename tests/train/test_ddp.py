@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny_config_file
+from tests.conftest import REPO, start_until_checkpoint, tiny_config_file
 
 # fp32 and no LoRA dropout, so the only difference between 1 and 2 processes is the order of float sums
 SETTINGS = ["--set", "train.precision=fp32", "--set", "lora.dropout=0.0", "--set", "data.eval_ratio=0.0"]
@@ -86,12 +85,8 @@ def rank_process(pid: int, rank: int) -> int | None:
 def test_kill_9_of_one_rank_stops_all_and_the_rerun_resumes(tmp_path, tiny_model_dir):
     config = tiny_config_file(tmp_path, tiny_model_dir, max_steps=200, batch_size=2, save_steps=5)
     command = train_command(config, "--nproc", "2")
-    launcher = subprocess.Popen(command, cwd=REPO, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read().decode()[-3000:]
-        time.sleep(0.1)
+    launcher = start_until_checkpoint(command, checkpoints)
     victim = rank_process(launcher.pid, 1)
     assert victim is not None
     workers = [p for p in descendants(launcher.pid) if p != victim]

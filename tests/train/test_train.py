@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from tests.conftest import REPO, tiny_config_file
+from tests.conftest import REPO, start_until_checkpoint, tiny_config_file
 from tuneship.cli import main
 from tuneship.config import load_config
 from tuneship.errors import PreflightError, TrainingStopped
@@ -95,12 +94,8 @@ def test_disk_guard_stops_before_the_first_save(tmp_path, tiny_model_dir, capsys
 def test_sigkill_mid_run_then_rerun_resumes_from_latest_checkpoint(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir, max_steps=400, save_steps=5, batch_size=2)
     command = [sys.executable, "-m", "tuneship.cli", "train", str(config)]
-    process = subprocess.Popen(command, cwd=REPO, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+    process = start_until_checkpoint(command, checkpoints)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = max(checkpoint_steps(tmp_path / "runs" / "tiny"))
