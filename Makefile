@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= train,parquet,s3,dev
+EXTRAS ?= train,export,hub,parquet,s3,dev
 # llama-cpp-python is built from source; portable CPU build (set CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship

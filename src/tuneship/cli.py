@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tuneship.errors import TuneshipError
+from tuneship.extras import missing_extra
 
 app = typer.Typer(
     add_completion=False,
@@ -118,7 +119,12 @@ def train(
     if not is_main_process():
         return
     if dry_run:
+        from tuneship.train.device import check_memory, detect_device, estimate_for_run
+
         print_format(console, result.chat_format, result.data.train[:1])
+        estimate = estimate_for_run(result.base_dir, cfg, detect_device(cfg.train.device, cfg.train.precision))
+        console.print(estimate.describe())
+        check_memory(estimate, console)
         console.print(
             f"[green]pre-flight passed[/] for {len(result.rendered)} examples; nothing was trained (--dry-run)"
         )
@@ -301,9 +307,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes are not the user's
     try:
         app(args=argv, prog_name="tuneship")
-    except TuneshipError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+    except (TuneshipError, ImportError) as exc:
+        error = exc if isinstance(exc, TuneshipError) else missing_extra(exc)  # a module an extra brings
+        if error is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class S3Section(Section):
     region: str | None = None
     local_dir: Path | None = Field(None, description="local mirror; default <cache>/s3/<bucket>/<key>")
     max_attempts: int = Field(5, ge=1, le=20)
+    timeout: float = Field(20.0, gt=0, le=600, description="seconds to wait for the endpoint to connect or answer")
 
 
 class DataSection(Section):

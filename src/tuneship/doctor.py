@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import platform
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from tuneship.extras import EXTRA_OF_MODULE
+
+# what each extra is for, in the order a run needs them; qlora is checked with CUDA
+EXTRA_PURPOSE = {
+    "train": "training, evaluation, merging",
+    "export": "GGUF quantization and llama.cpp checks",
+    "hub": "model.base as a hub id, tuneship hub",
+    "s3": "s3:// data sources",
+    "parquet": ".parquet data files",
+}
 
 
 @dataclass
@@ -40,12 +52,11 @@ def run_doctor() -> list[Check]:
             "" if is_new_enough else "tuneship needs Python 3.10 or newer",
         )
     ]
-    checks += _torch_checks()
-    llama = _version("llama-cpp-python")
-    checks.append(
-        _presence("llama-cpp-python", llama, "fail", "pip install 'tuneship[train]' (compiles llama.cpp, ~4 min)")
-    )
-    checks.append(_converter_check() if llama else Check("GGUF converter", "fail", "needs llama-cpp-python"))
+    checks += [_extra_check(extra, purpose) for extra, purpose in EXTRA_PURPOSE.items()]
+    if importlib.util.find_spec("torch"):
+        checks += _torch_checks()
+    if importlib.util.find_spec("llama_cpp"):
+        checks.append(_converter_check())
     go = shutil.which("go")
     checks.append(
         _presence("go (Ollama template check)", go, "warn", "apt-get install golang-go (for `tuneship template check`)")
@@ -63,18 +74,29 @@ def run_doctor() -> list[Check]:
     return checks
 
 
+def _extra_check(extra: str, purpose: str) -> Check:
+    """An extra is installed when every module it brings can be found (nothing is imported)."""
+    modules = sorted(m for m, e in EXTRA_OF_MODULE.items() if e == extra)
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    fix = f"pip install 'tuneship[{extra}]' for {purpose}"
+    if extra == "train":
+        fix += " (install torch first: pip install torch==2.13.0)"
+    if extra == "export":
+        fix += " (compiles llama.cpp, ~4 min)"
+    detail = f"missing {', '.join(missing)}" if missing else ", ".join(modules)
+    return Check(f"extra {extra}", "warn" if missing else "ok", detail, fix if missing else "")
+
+
 def _torch_checks() -> list[Check]:
-    try:
-        import torch
-    except ImportError:
-        return [Check("torch", "fail", "not installed", "pip install torch==2.13.0 (before anything else)")]
+    import torch
+
     checks = [Check("torch", "ok", torch.__version__)]
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp16 only"
         checks.append(Check("CUDA", "ok", f"{name} ({bf16})"))
         bnb = _version("bitsandbytes")
-        checks.append(_presence("bitsandbytes (QLoRA)", bnb, "warn", "pip install bitsandbytes for lora.qlora"))
+        checks.append(_presence("bitsandbytes (QLoRA)", bnb, "warn", "pip install 'tuneship[qlora]' for lora.qlora"))
     else:
         mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
         checks.append(

@@ -97,7 +97,7 @@ def load_chat_format(cfg: Config):
     from tuneship.base_model import resolve_base_model
     from tuneship.chat.format import ChatFormat
 
-    return ChatFormat.from_model_dir(resolve_base_model(cfg.model.base), cfg.chat)
+    return ChatFormat.from_model_dir(resolve_base_model(cfg.model.base, weights=False), cfg.chat)
 
 
 @dataclass
@@ -121,7 +121,7 @@ def prepare_training(cfg: Config) -> PreparedRun:
 
     is_writer = is_main_process()  # under DDP every process prepares the same data; rank 0 writes it
     run = Run.create(cfg) if is_writer else Run(cfg.run_dir)
-    base_dir = resolve_base_model(cfg.model.base)
+    base_dir = resolve_base_model(cfg.model.base, weights=False)  # the trainer fetches weights after its estimate
     chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
     data = run_data_stage(cfg, run, chat_format) if is_writer else _prepare_data(cfg, chat_format.measure)
     if not data.is_usable:

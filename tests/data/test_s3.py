@@ -36,7 +36,7 @@ def s3_server(monkeypatch, tmp_path):
 
 
 def settings(endpoint, tmp_path, **extra):
-    return S3Section(endpoint_url=endpoint, local_dir=tmp_path / "mirror", max_attempts=2, **extra)
+    return S3Section(**{"endpoint_url": endpoint, "local_dir": tmp_path / "mirror", "max_attempts": 2} | extra)
 
 
 def test_reads_an_object_and_remembers_its_uri(s3_server, tmp_path):
@@ -55,13 +55,55 @@ def test_prefix_lists_data_files_only(s3_server, tmp_path):
     assert len(result.audit.kept) == 4
 
 
-def test_local_copy_is_used_without_touching_the_bucket(s3_server, tmp_path):
+def test_mirror_is_revalidated_and_a_stale_copy_refreshed(s3_server, tmp_path):
     endpoint, client = s3_server
     uri = "s3://train-data/sets/v1/facts.jsonl"
+    mirror = tmp_path / "mirror" / "train-data" / "sets" / "v1" / "facts.jsonl"
     prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    first_copy = mirror.stat().st_mtime_ns
+    unchanged = prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    assert len(unchanged.audit.kept) == 3 and mirror.stat().st_mtime_ns == first_copy  # same ETag: not downloaded
+    client.put_object(Bucket="train-data", Key="sets/v1/facts.jsonl", Body=json.dumps(qa("New", "One")).encode())
+    refreshed = prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    assert [c.messages[0].content for c in refreshed.audit.kept] == ["New"]
     client.delete_object(Bucket="train-data", Key="sets/v1/facts.jsonl")
-    again = prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
-    assert len(again.audit.kept) == 3
+    with pytest.raises(SourceError, match="no object 'sets/v1/facts.jsonl'"):
+        prepare_data([uri], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A socket that accepts connections and never answers."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_an_endpoint_that_never_answers_is_a_source_error_naming_it(silent_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3 = settings(silent_endpoint, tmp_path, timeout=0.5, max_attempts=1)
+    for uri in ("s3://train-data/sets/v1/facts.jsonl", "s3://train-data/sets/"):
+        with pytest.raises(SourceError) as error:
+            prepare_data([uri], AuditSettings(), s3_settings=s3)
+        message = str(error.value)
+        assert f"cannot reach the S3 endpoint {silent_endpoint}" in message and "no answer within 0.5 s" in message
+        assert "data.s3.endpoint_url" in message and "data.s3.timeout" in message
+
+
+def test_offline_the_mirror_is_used_and_the_audit_says_so(s3_server, silent_endpoint, tmp_path):
+    endpoint, _ = s3_server
+    online = prepare_data(["s3://train-data/sets/"], AuditSettings(), s3_settings=settings(endpoint, tmp_path))
+    offline_settings = settings(silent_endpoint, tmp_path, timeout=0.5, max_attempts=1)
+    offline = prepare_data(["s3://train-data/sets/"], AuditSettings(), s3_settings=offline_settings)
+    assert offline.files == online.files and len(offline.audit.kept) == 4
+    assert {(f.code, f.severity) for f in offline.audit.findings} == {("offline-copy", "warning")}
+    assert [f.file for f in offline.audit.findings] == ["s3://train-data/sets/", *online.files]
+    assert silent_endpoint in offline.audit.findings[0].message and "local copy" in offline.audit.findings[0].message
+    assert offline.audit.counts == {"offline-copy": {"error": 0, "warning": 3}}
 
 
 @pytest.mark.parametrize(

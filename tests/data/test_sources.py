@@ -73,3 +73,72 @@ def test_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(qa("Q", "A")).encode() + b"\n")
     assert list(read_file(path))[0].data == qa("Q", "A")
+
+
+TRANSCRIPT = """### Human: What is the capital of France?
+### Assistant: Paris.
+
+### Human: Two paragraphs, please.
+### Assistant: First paragraph.
+
+Second paragraph, still the answer.
+### Human: And a follow-up?
+### Assistant: Same conversation.
+
+User: Plain markers work too.
+Assistant: Yes.
+---
+### Instruction:
+Add the numbers.
+
+### Input:
+2 and 3
+
+### Response:
+5
+"""
+
+
+def test_transcript_file_is_read_as_conversations_with_their_lines(tmp_path):
+    path = tmp_path / "seed.txt"
+    path.write_text(TRANSCRIPT, encoding="utf-8")
+    result = prepare_data([str(path)], AuditSettings())
+    assert result.audit.records_read == 4 and not result.audit.findings
+    kept = result.audit.kept
+    assert [c.source.line for c in kept] == [1, 4, 11, 14]
+    assert [[(m.role, m.content) for m in c.messages] for c in kept] == [
+        [("user", "What is the capital of France?"), ("assistant", "Paris.")],
+        [
+            ("user", "Two paragraphs, please."),
+            ("assistant", "First paragraph.\n\nSecond paragraph, still the answer."),
+            ("user", "And a follow-up?"),
+            ("assistant", "Same conversation."),
+        ],
+        [("user", "Plain markers work too."), ("assistant", "Yes.")],
+        [("user", "Add the numbers.\n\n2 and 3"), ("assistant", "5")],
+    ]
+
+
+def test_malformed_transcript_blocks_are_dropped_with_file_and_line(tmp_path):
+    path = tmp_path / "seed.md"
+    path.write_text(
+        "# Seed conversations\n\n"
+        "### Human: Fine?\n### Assistant: Fine.\n\n"
+        "### Human: Twice?\n### Assistant: Once.\n### Assistant: Twice.\n\n"
+        "### Human: Last one?\n### Assistant: Kept.\n",
+        encoding="utf-8",
+    )
+    result = prepare_data([str(path)], AuditSettings())
+    assert result.audit.records_read == 4
+    assert [c.source.line for c in result.audit.kept] == [3, 10]
+    assert [(f.code, f.line) for f in result.audit.findings] == [("role-order", 1), ("role-order", 6)]
+    assert "no speaker" in result.audit.findings[0].message
+    assert result.audit.findings[1].field == "turn 3"
+    assert [d["source"]["line"] for d in result.audit.dropped] == [1, 6]
+
+
+def test_folders_pick_up_transcripts_but_not_other_text_files(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "README.md").write_text("# About this data set\nNothing to train on.\n")
+    (tmp_path / "d" / "chat.txt").write_text("### Human: Hi\n### Assistant: Hello\n")
+    assert [f.rsplit("/", 1)[1] for f in expand_sources([str(tmp_path / "d")])] == ["chat.txt"]

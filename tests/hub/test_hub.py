@@ -5,7 +5,7 @@ import io
 import pytest
 from rich.console import Console
 
-from tests.hub.fake_hub import FakeHub
+from tests.hub.fake_hub import FakeHub, use_fake_hub
 from tuneship.hub.client import HubError, pull, search, stage_push_folder
 from tuneship.hub.gguf_files import RemoteFile, choose, group_ggufs
 
@@ -21,7 +21,7 @@ def exported(tiny_run):
 
 
 @pytest.fixture
-def hub(monkeypatch, exported):
+def hub(monkeypatch, exported, tmp_path):
     _, run_dir = exported
     q8 = (run_dir / "gguf" / "tiny-Q8_0.gguf").read_bytes()
     f16 = (run_dir / "gguf" / "tiny-f16.gguf").read_bytes()
@@ -36,12 +36,7 @@ def hub(monkeypatch, exported):
             },
             5,
         )
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        import huggingface_hub.constants as constants
-
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        use_fake_hub(monkeypatch, server, tmp_path / "hub-cache")
         yield server
 
 

@@ -20,6 +20,7 @@ CODES: dict[str, str] = {
     "near-duplicate": "almost the same text as another record (case, spaces, punctuation, few words)",
     "percent-scale": "a fraction printed as a percent, e.g. 0.6622% where 66.22% was meant",
     "truncated": "longer than train.max_seq_len: the end of the answer and its stop token would be cut",
+    "offline-copy": "an s3:// source read from the local mirror because the endpoint did not answer; may be stale",
 }
 
 

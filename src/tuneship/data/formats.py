@@ -5,7 +5,8 @@ Formats, detected per record (or fixed with `data.format`):
 - sharegpt: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}
 - alpaca: {"instruction", "input"?, "output"}
 - prompt_completion: {"prompt", "completion"|"response"} (or your columns via `data.columns`)
-- plain_text: {"text": "### Human: ... ### Assistant: ..."}
+- plain_text: {"text": "### Human: ... ### Assistant: ..."} (the speaker markers of `TRANSCRIPT_MARKER`); transcript
+  files (.txt, .md) become such records, one per conversation (see `transcript_blocks` in sources.py)
 """
 
 from __future__ import annotations
@@ -26,7 +27,25 @@ ROLE_ALIASES = {
     "bot": "assistant",
     "model": "assistant",
 }
-PLAIN_TEXT_TURN = re.compile(r"###\s*(Human|Assistant|System)\s*:", re.IGNORECASE)
+# `### Speaker:` anywhere (seed data often has a whole conversation on one line), bare `Speaker:` at a line start.
+TRANSCRIPT_MARKER = re.compile(
+    r"[ \t]*###[ \t]*(human|user|assistant|system|instruction|input|response)[ \t]*:"
+    r"|^[ \t]*(human|user|assistant|system)[ \t]*:",
+    re.IGNORECASE | re.MULTILINE,
+)
+NO_SPEAKER = (
+    "text that no speaker marker introduces (a turn with no speaker); start it with ### Human:, User:, "
+    "### Assistant:, ... or remove it"
+)
+MARKER_ROLES = {
+    "human": "user",
+    "user": "user",
+    "instruction": "user",
+    "input": "input",  # alpaca's input: appended to the instruction, as the alpaca format does
+    "assistant": "assistant",
+    "response": "assistant",
+    "system": "system",
+}
 
 
 def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
@@ -40,7 +59,7 @@ def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
         return "alpaca"
     if "prompt" in record and ("completion" in record or "response" in record):
         return "prompt_completion"
-    if isinstance(record.get("text"), str) and PLAIN_TEXT_TURN.search(record["text"]):
+    if isinstance(record.get("text"), str) and TRANSCRIPT_MARKER.search(record["text"]):
         return "plain_text"
     keys = ", ".join(sorted(record)[:8]) or "none"
     raise RecordError(
@@ -105,16 +124,34 @@ def _from_prompt_completion(record, columns):
     return _with_system(record, columns, messages), [prompt_key, response_key]
 
 
+def marker_label(match: re.Match) -> str:
+    return (match.group(1) or match.group(2)).lower()
+
+
+def transcript_turns(text: str) -> list[tuple[str, str]]:
+    """(label, content) of each speaker turn; `### Input:` joins the instruction before it."""
+    matches = list(TRANSCRIPT_MARKER.finditer(text))
+    before = text[: matches[0].start()] if matches else text
+    if before.strip():
+        raise RecordError("role-order", NO_SPEAKER, "text")
+    turns: list[tuple[str, str]] = []
+    ends = [m.start() for m in matches[1:]] + [len(text)]
+    for match, end in zip(matches, ends):
+        label, content = marker_label(match), text[match.end() : end].strip()
+        if MARKER_ROLES[label] == "input":
+            if not turns or MARKER_ROLES[turns[-1][0]] != "user":
+                raise RecordError("role-order", "### Input: must follow an ### Instruction:", f"turn {len(turns) + 1}")
+            previous_label, previous = turns[-1]
+            turns[-1] = (previous_label, f"{previous}\n\n{content}" if content else previous)
+            continue
+        turns.append((label, content))
+    return turns
+
+
 def _from_plain_text(record, columns):
-    text = _require_str(record, "text")
-    parts = PLAIN_TEXT_TURN.split(text)
-    if parts[0].strip():
-        raise RecordError("role-order", "text before the first ### Human:/### Assistant: marker", "text")
-    messages, raw_roles = [], []
-    for label, content in zip(parts[1::2], parts[2::2]):
-        raw_roles.append(label.lower())
-        messages.append((label.lower(), content.strip(), "text"))
-    return messages, raw_roles
+    turns = transcript_turns(_require_str(record, "text"))
+    messages = [(MARKER_ROLES[label], content, f"turn {n}") for n, (label, content) in enumerate(turns, start=1)]
+    return messages, [label for label, _ in turns]
 
 
 def _with_system(record, columns, messages):

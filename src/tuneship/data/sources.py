@@ -1,4 +1,4 @@
-"""Read records from local files (JSON, JSONL, CSV, Parquet) and S3-compatible buckets.
+"""Read records from local files (JSON, JSONL, CSV, Parquet, transcripts) and S3-compatible buckets.
 
 Reading is streamed record by record, and every record remembers its file and line, so that every
 finding later can say where it is. A line that cannot be read is not skipped: it comes out as a
@@ -12,17 +12,23 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneship.data.findings import RecordError
 from tuneship.data import s3
+from tuneship.data.findings import RecordError
+from tuneship.data.formats import MARKER_ROLES, NO_SPEAKER, TRANSCRIPT_MARKER, marker_label
 from tuneship.data.s3 import DATA_SUFFIXES
 from tuneship.errors import SourceError
+from tuneship.extras import import_extra
 
 MOJIBAKE_MARKERS = ("Ã©", "Ã¨", "Ã¢", "â€™", "â€œ", "â€\x9d", "Ã¶", "Ã¼", "Ã¤")
+TRANSCRIPT_SUFFIXES = (".txt", ".md")
+SEPARATOR_LINE = re.compile(r"^[ \t]*(-{3,}|\*{3,}|={3,})[ \t]*$")
+SNIFF_BYTES = 65536
 
 
 @dataclass
@@ -34,21 +40,21 @@ class RawRecord:
     raw_text: str | None = None
 
 
-def expand_sources(sources: list[str], s3_settings=None) -> list[str]:
+def expand_sources(sources: list[str], mirror: s3.S3Mirror | None = None) -> list[str]:
     """Paths, folders, globs and s3:// keys or prefixes -> the list of data files to read."""
     files: list[str] = []
     for source in sources:
         if source.startswith("s3://"):
-            files.extend(s3.expand(source, s3_settings))
+            files.extend((mirror or s3.S3Mirror()).expand(source))
         elif any(ch in source for ch in "*?["):
-            matches = sorted(p for p in glob.glob(source, recursive=True) if p.endswith(DATA_SUFFIXES))
+            matches = sorted(p for p in glob.glob(source, recursive=True) if _is_data_file(Path(p)))
             if not matches:
-                raise SourceError(f"{source}: the pattern matches no .jsonl/.json/.csv/.parquet file")
+                raise SourceError(f"{source}: the pattern matches no {KNOWN_FILES}")
             files.extend(matches)
         elif os.path.isdir(source):
-            found = sorted(str(p) for p in Path(source).rglob("*") if p.suffix.lower() in DATA_SUFFIXES)
+            found = sorted(str(p) for p in Path(source).rglob("*") if _is_data_file(p))
             if not found:
-                raise SourceError(f"{source}: the folder holds no .jsonl/.json/.csv/.parquet file")
+                raise SourceError(f"{source}: the folder holds no {KNOWN_FILES}")
             files.extend(found)
         elif os.path.isfile(source):
             files.append(source)
@@ -57,11 +63,23 @@ def expand_sources(sources: list[str], s3_settings=None) -> list[str]:
     return files
 
 
-def read_records(files: list[str], s3_settings=None) -> Iterator[RawRecord]:
+KNOWN_FILES = ".jsonl/.json/.csv/.parquet file, nor a .txt/.md transcript with ### Human:/### Assistant: turns"
+
+
+def _is_data_file(path: Path) -> bool:
+    """Data by suffix; a .txt/.md only when it holds a speaker marker (a folder's README.md is no data)."""
+    suffix = path.suffix.lower()
+    if suffix in TRANSCRIPT_SUFFIXES and path.is_file():
+        with open(path, "rb") as start:
+            return TRANSCRIPT_MARKER.search(start.read(SNIFF_BYTES).decode("utf-8", "replace")) is not None
+    return suffix in DATA_SUFFIXES
+
+
+def read_records(files: list[str], mirror: s3.S3Mirror | None = None) -> Iterator[RawRecord]:
     for name in files:
         path, label = Path(name), name
         if name.startswith("s3://"):
-            path = s3.fetch(name, s3_settings)
+            path = (mirror or s3.S3Mirror()).fetch(name)
         yield from read_file(path, label)
 
 
@@ -76,8 +94,13 @@ def read_file(path: Path, label: str | None = None) -> Iterator[RawRecord]:
         yield from _read_csv(path, label)
     elif suffix == ".parquet":
         yield from _read_parquet(path, label)
+    elif suffix in TRANSCRIPT_SUFFIXES:
+        yield from _read_transcript(path, label)
     else:
-        raise SourceError(f"{label}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+        raise SourceError(
+            f"{label}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet, "
+            "or a .txt/.md transcript of ### Human:/### Assistant: turns"
+        )
 
 
 def damaged_text(text: str) -> str | None:
@@ -182,12 +205,46 @@ def _read_csv(path: Path, label: str) -> Iterator[RawRecord]:
 
 
 def _read_parquet(path: Path, label: str) -> Iterator[RawRecord]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SourceError(f"{label}: reading Parquet needs pyarrow; pip install 'tuneship[parquet]'") from None
+    pq = import_extra("pyarrow.parquet", f"{label}: reading Parquet")
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
         for record in batch.to_pylist():
             row += 1
             yield RawRecord(label, row, data=record)
+
+
+def _read_transcript(path: Path, label: str) -> Iterator[RawRecord]:
+    """One plain_text record per conversation, at the line where it starts."""
+    for line, block in transcript_blocks(_decode_whole(path)):
+        if TRANSCRIPT_MARKER.search(block):
+            yield RawRecord(label, line, data={"text": block}, raw_text=block)
+        else:
+            yield RawRecord(label, line, error=RecordError("role-order", NO_SPEAKER), raw_text=block)
+
+
+def transcript_blocks(text: str) -> Iterator[tuple[int, str]]:
+    """(first line, text) of each conversation in a transcript.
+
+    A conversation ends at a separator line (`---`, `***`, `===`), or at a blank line followed by a user or
+    system marker once it has an answer (text with no marker before it is a block of its own). Turns of one
+    conversation follow each other without a blank line before a user turn; blank lines inside a turn
+    (paragraphs) stay in it.
+    """
+    start, lines, roles, after_blank = 0, [], set(), True
+    for number, line in enumerate(text.splitlines(), start=1):
+        first = TRANSCRIPT_MARKER.match(line)
+        starts_conversation = first is not None and MARKER_ROLES[marker_label(first)] in ("user", "system")
+        is_complete = "assistant" in roles or not roles
+        if SEPARATOR_LINE.match(line) or (starts_conversation and after_blank and is_complete):
+            if lines:
+                yield start, "\n".join(lines).strip()
+            lines, roles = [], set()
+        after_blank = not line.strip()
+        if SEPARATOR_LINE.match(line) or (after_blank and not lines):
+            continue
+        if not lines:
+            start = number
+        lines.append(line)
+        roles.update(MARKER_ROLES[marker_label(m)] for m in TRANSCRIPT_MARKER.finditer(line))
+    if lines:
+        yield start, "\n".join(lines).strip()

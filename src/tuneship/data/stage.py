@@ -9,6 +9,7 @@ from pathlib import Path
 from tuneship.data.audit import AuditResult, AuditSettings, audit
 from tuneship.data.conversation import Conversation, write_jsonl
 from tuneship.data.findings import CODES
+from tuneship.data.s3 import S3Mirror
 from tuneship.data.sources import expand_sources, read_records
 from tuneship.data.split import split
 from tuneship.errors import DataError
@@ -33,8 +34,10 @@ def prepare_data(
 ) -> DataResult:
     if not sources:
         raise DataError("no data sources: set data.sources in the config or pass files to `tuneship data check`")
-    files = expand_sources(sources, s3_settings)
-    result = audit(read_records(files, s3_settings), settings)
+    mirror = S3Mirror(s3_settings)
+    files = expand_sources(sources, mirror)
+    result = audit(read_records(files, mirror), settings)
+    result.findings[:0] = mirror.findings  # s3:// sources read from the local mirror because offline
     train, evaluation = split(result.kept, result.groups, eval_ratio, seed)
     return DataResult(result, train, evaluation, files)
 

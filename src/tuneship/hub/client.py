@@ -43,20 +43,40 @@ def _api():
 
 
 def _call(what: str, action):
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     try:
         return action()
+    except GatedRepoError:
+        raise HubError(
+            f"{what}: a gated repository; accept its conditions on the hub page, then set HF_TOKEN"
+        ) from None
     except RepositoryNotFoundError:
         raise HubError(f"{what}: no such repository on the hub (or it is private: set HF_TOKEN)") from None
     except OfflineModeIsEnabled as exc:
         raise HubError(f"{what}: offline mode is enabled ({exc}); unset HF_HUB_OFFLINE") from None
+    except HFValidationError as exc:
+        raise HubError(f"{what}: not a valid hub repository id ({exc})") from None
+    except LocalEntryNotFoundError as exc:
+        unreachable = f"the hub at {constants.ENDPOINT} cannot be reached"
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else unreachable
+        raise HubError(
+            f"{what}: {reason} and the hub cache ({constants.HF_HUB_CACHE}) has no complete copy "
+            f"({str(exc).splitlines()[0]}); check the network or HF_ENDPOINT, or download it once online"
+        ) from None
     except HfHubHTTPError as exc:
         raise HubError(f"{what}: the hub answered {exc}") from None
     except OSError as exc:
         raise HubError(
-            f"{what}: cannot reach the hub at {os.environ.get('HF_ENDPOINT', 'huggingface.co')} "
-            f"({exc}); check the network or HF_ENDPOINT"
+            f"{what}: cannot reach the hub at {constants.ENDPOINT} ({exc}); check the network or HF_ENDPOINT"
         ) from None
 
 
@@ -68,6 +88,18 @@ def remote_files(repo_id: str, revision: str = "main") -> list[RemoteFile]:
         sha = (lfs.sha256 if hasattr(lfs, "sha256") else lfs.get("sha256")) if lfs else None
         files.append(RemoteFile(sibling.rfilename, int(sibling.size or 0), sha))
     return files
+
+
+def snapshot(repo_id: str, patterns: list[str], revision: str | None = None, cache_dir: Path | None = None) -> Path:
+    """The repo's files that match `patterns`, in the hub cache (HF_HUB_CACHE), as huggingface_hub keeps them:
+    downloaded once per commit; offline (HF_HUB_OFFLINE) or unreachable, the cached snapshot."""
+    from huggingface_hub import snapshot_download
+
+    folder = _call(
+        repo_id,
+        lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir),
+    )
+    return Path(folder)
 
 
 def search(query: str, limit: int = 10) -> list[SearchHit]:

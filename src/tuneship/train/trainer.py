@@ -12,7 +12,13 @@ from pathlib import Path
 
 from tuneship.errors import TuneshipError
 from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
-from tuneship.train.device import detect_device, estimate_memory, memory_verdict
+from tuneship.train.device import (
+    check_memory,
+    detect_device,
+    estimate_for_run,
+    measured_peak_memory,
+    reset_peak_memory,
+)
 from tuneship.train.distributed import world_size
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -64,6 +70,7 @@ def train_adapter(
     from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
+    from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
     from tuneship.train.distributed import global_sum, is_main_process
     from tuneship.train.model import load_for_training, trainable_bytes
@@ -73,7 +80,9 @@ def train_adapter(
     if device.kind == "cpu":
         set_compute_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     _check_kernels(cfg.train.kernels, device)
-    _check_memory(base_dir, cfg, device, console)
+    estimate = estimate_for_run(base_dir, cfg, device)
+    check_memory(estimate, console)
+    fetch_weights(base_dir)
     checkpoints = run_path / "checkpoints"
     args = _training_arguments(TrainingArguments, cfg, device, checkpoints)
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears (--fresh) before the others look
@@ -123,6 +132,7 @@ def train_adapter(
     trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
     started = time.monotonic()
     status = "failed"
+    reset_peak_memory(device.kind)
     try:
         if resume and is_main_process():
             console.print(f"resuming from {resume} (use --fresh to start over)")
@@ -141,7 +151,7 @@ def train_adapter(
         progress.stop()
         seconds = time.monotonic() - started
         if is_main_process():
-            _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume)
+            _write_reports(run_path, cfg, trainer, device, counter, seconds, status, resume, estimate)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         str(adapter_dir),
@@ -216,23 +226,6 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
     )
 
 
-def _check_memory(base_dir: str, cfg, device, console) -> None:
-    estimate = estimate_memory(
-        base_dir,
-        device.precision,
-        lora_r=cfg.lora.r,
-        batch_size=cfg.train.batch_size,
-        seq_len=cfg.train.max_seq_len,
-        is_qlora=cfg.lora.qlora,
-        device=device.kind,
-    )
-    verdict = memory_verdict(estimate)
-    if verdict and verdict[0] == "error":
-        raise TuneshipError(f"the run will not fit in memory: {verdict[1]}")
-    if verdict:
-        console.print(f"[yellow]warning:[/] {verdict[1]}")
-
-
 def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, *, is_writer: bool) -> Path | None:
     """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs.
     Only the writer (rank 0) clears and marks; the other processes look after it."""
@@ -251,7 +244,7 @@ def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, *, is
     return resume
 
 
-def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, status, resume) -> None:
+def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, status, resume, estimate) -> None:
     reports = run_path / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     history = trainer.state.log_history
@@ -267,6 +260,7 @@ def _write_reports(run_path: Path, cfg, trainer, device, counter, seconds, statu
         "processes": world_size(),
         "tokens": counter.tokens,
         "supervised_tokens": counter.supervised,
+        "memory": {"estimate": estimate.to_json(), "peak": measured_peak_memory(device.kind)},
         "metrics": history,
     }
     (reports / "experiment.json").write_text(json.dumps(experiment, indent=2, default=str), encoding="utf-8")
