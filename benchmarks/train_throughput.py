@@ -1,16 +1,20 @@
-"""Training throughput: tuneship's trainer vs a plain TRL SFTTrainer, same model, data and steps.
+"""Training throughput: tuneship's trainer vs a plain TRL SFTTrainer, same model, data and steps, with an
+ablation of each speed-up and the machine's own limit.
 
-Usage: python benchmarks/train_throughput.py [--steps 20]
-Each trainer runs in its own subprocess (so peak RSS is its own). TRL runs with its defaults,
-except bf16=False / use_cpu on a CPU-only machine (its default bf16 fails there) and the same
-batch size, learning rate, LoRA and step count as ours. Printed: non-pad tokens/s, supervised
-tokens/s (the tokens that carry loss), seconds, peak RSS, and the ratio ours/TRL.
+Usage: python benchmarks/train_throughput.py [--steps 20] [--rows all|main]
+Each trainer runs in its own subprocess (so peak RSS is its own). TRL runs with its defaults, except
+bf16=False / use_cpu on a CPU-only machine (its default bf16 fails there) and the same batch size, learning
+rate, LoRA and step count as ours. The limit: the bf16 matmul peak this script measures (a 2048^3 product)
+divided by the model's FLOPs per trained token (4 x its linear-layer parameters: forward, and backward to the
+activations; LoRA's own weights are negligible). Printed per row: non-pad tokens/s, % of that limit, peak RSS,
+final loss; then the line `ratio ours/TRL: non-pad tokens/s X.XX`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -22,9 +26,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 BATCH, LEARNING_RATE, LORA_R, LORA_ALPHA = 8, 1e-3, 16, 32
+PEAK_SHAPE = (2048, 2048, 2048)
+
+# Each speed-up alone (over a baseline with all of them off) and all together (tuneship's defaults).
+ALL_OFF = ["train.precision=fp32", "train.packing=false", "train.supervised_logits=false"]
+ROWS: dict[str, list[str]] = {
+    "ours: none": ALL_OFF,
+    "ours: bf16 autocast only": ["train.precision=bf16", "train.packing=false", "train.supervised_logits=false"],
+    "ours: supervised logits only": ["train.precision=fp32", "train.packing=false"],
+    "ours: packing only": ["train.precision=fp32", "train.supervised_logits=false"],
+    "ours: all (defaults)": [],
+}
+MAIN_ROWS = ["ours: all (defaults)"]
 
 
-def run_ours(steps: int, workdir: Path) -> dict:
+def train_clock():
+    """A callback that times the training loop alone, in wall seconds and in this process's CPU seconds."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    return Clock()
+
+
+def run_ours(steps: int, workdir: Path, overrides: list[str]) -> dict:
     from rich.console import Console
 
     from tuneship.config import load_config
@@ -40,17 +70,22 @@ def run_ours(steps: int, workdir: Path) -> dict:
             "train.report_to=[]",
             f"train.batch_size={BATCH}",
             f"train.learning_rate={LEARNING_RATE}",
+            *overrides,
         ],
     )
-    result = run_train(cfg, Run.create(cfg), Console(file=open("/dev/null", "w")), fresh=True)
+    clock = train_clock()
+    result = run_train(cfg, Run.create(cfg), Console(file=open(os.devnull, "w")), fresh=True, extra_callbacks=[clock])
     return {
-        "seconds": result.seconds,
+        "seconds": clock.wall,
+        "cpu_seconds": clock.cpu,
         "tokens": result.tokens_per_second * result.seconds,
         "supervised": result.supervised_tokens_per_second * result.seconds,
+        "final_loss": result.final_loss,
+        "precision": result.precision,
     }
 
 
-def run_trl(steps: int, workdir: Path) -> dict:
+def run_trl(steps: int, workdir: Path, overrides: list[str]) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,7 +97,6 @@ def run_trl(steps: int, workdir: Path) -> dict:
     cfg = load_config(QUICKSTART)
     rows = [json.loads(line) for line in open(cfg.data.sources[0], encoding="utf-8")]
     model_dir = resolve_base_model(cfg.model.base)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = SFTConfig(
         output_dir=str(workdir / "trl"),
         max_steps=steps,
@@ -73,14 +107,15 @@ def run_trl(steps: int, workdir: Path) -> dict:
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
-        logging_steps=10,
+        logging_steps=1,
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,
         train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
         peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"),
+        callbacks=[clock := train_clock()],
     )
     counts = {"tokens": 0, "supervised": 0}
     collate = trainer.data_collator
@@ -94,55 +129,96 @@ def run_trl(steps: int, workdir: Path) -> dict:
         return batch
 
     trainer.data_collator = counting
-    started = time.perf_counter()
     trainer.train()
-    return {"seconds": time.perf_counter() - started, **counts}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "seconds": clock.wall,
+        "cpu_seconds": clock.cpu,
+        **counts,
+        "final_loss": losses[-1] if losses else None,
+        "precision": "fp32",
+    }
 
 
-def child(which: str, steps: int) -> None:
+def child(row: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        result = (run_ours if which == "ours" else run_trl)(steps, Path(tmp))
+        if row == "TRL":
+            result = run_trl(steps, Path(tmp), [])
+        else:
+            result = run_ours(steps, Path(tmp), ROWS[row])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
-def measure(which: str, steps: int) -> dict:
+def measure(row: str, steps: int) -> dict:
     output = subprocess.run(
-        [sys.executable, __file__, "--child", which, "--steps", str(steps)], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--child", row, "--steps", str(steps)], capture_output=True, text=True, check=False
     )
-    line = next((row for row in output.stdout.splitlines() if row.startswith("RESULT ")), None)
+    line = next((r for r in output.stdout.splitlines() if r.startswith("RESULT ")), None)
     if line is None:
-        raise SystemExit(f"{which} failed:\n{output.stderr[-3000:]}")
+        raise SystemExit(f"{row} failed:\n{output.stderr[-3000:]}")
     return json.loads(line[len("RESULT ") :])
+
+
+def flops_per_trained_token() -> float:
+    """4 x the linear-layer parameters (q, k, v, o, MLP, vocabulary projection) of the quickstart's model."""
+    from tuneship.base_model import resolve_base_model
+    from tuneship.config import load_config
+
+    config = json.loads((Path(resolve_base_model(load_config(QUICKSTART).model.base)) / "config.json").read_text())
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = hidden * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * inner
+    return 4.0 * (layers * per_layer + config["vocab_size"] * hidden)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--child", choices=["ours", "trl"])
+    parser.add_argument("--rows", choices=["all", "main"], default="all", help="main: TRL and ours only")
+    parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.steps)
         return
-    results = {which: measure(which, args.steps) for which in ("ours", "trl")}
+    from tuneship.train.precision import measure_matmul_rates, physical_cores
+
+    load_before = os.getloadavg()[0]
+    peak = measure_matmul_rates(PEAK_SHAPE, seconds=2.0)
+    limit = peak.bf16 * 1e9 / flops_per_trained_token()
     print(
-        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}; "
-        f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, batch {BATCH}, {args.steps} steps, fp32 CPU"
+        f"machine: {platform.machine()}, {physical_cores()} physical cores, python {platform.python_version()}; "
+        f"load average {load_before:.1f} at the start; "
+        f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, batch {BATCH}, {args.steps} steps"
     )
-    print(f"{'trainer':<10}{'seconds':>10}{'tok/s':>10}{'sup tok/s':>12}{'supervised':>12}{'peak RSS MB':>13}")
-    for which, r in results.items():
+    print(
+        f"measured matmul peak {peak.bf16:.0f} GFLOP/s bf16, {peak.fp32:.0f} fp32 ({PEAK_SHAPE[0]}^3); "
+        f"{flops_per_trained_token() / 1e9:.2f} GFLOP per trained token -> limit {limit:,.0f} tokens/s in bf16"
+    )
+    cores = physical_cores()
+    header = f"{'row':<30}{'prec':>6}{'seconds':>9}{'tok/s':>8}{'% limit':>9}{'sup tok/s':>11}{'tok/core-s':>12}"
+    print(header + f"{'peak RSS MB':>13}{'final loss':>12}", flush=True)
+    results = {}
+    for name in ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]:
+        r = results[name] = measure(name, args.steps)
+        rate = r["tokens"] / r["seconds"]
         print(
-            f"{which:<10}{r['seconds']:>10.1f}{r['tokens'] / r['seconds']:>10.0f}"
-            f"{r['supervised'] / r['seconds']:>12.0f}{r['supervised']:>12.0f}{r['peak_rss_mb']:>13.0f}"
+            f"{name:<30}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}{100 * rate / limit:>8.0f}%"
+            f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
+            f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
+            flush=True,
         )
-    ours, trl = results["ours"], results["trl"]
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    ours, trl = results["ours: all (defaults)"], results["TRL"]
     print(
         f"ratio ours/TRL: non-pad tokens/s {ours['tokens'] / ours['seconds'] / (trl['tokens'] / trl['seconds']):.2f}, "
         f"wall time {ours['seconds'] / trl['seconds']:.2f}"
     )
     print(
-        "note: TRL's defaults put loss on every token (prompt and system prompt too); "
-        "tuneship supervises only answers + stop token"
+        "note: TRL's defaults put loss on every token (prompt and system prompt too), so its final loss is not "
+        "comparable; tuneship supervises only answers + stop token. Threads: one per physical core in every row. "
+        "tok/core-s: tokens per CPU-second of the training loop x physical cores, the rate the process would reach "
+        "with the cores to itself (a check when the machine is shared; it counts threads' spin-waits as work)."
     )
 
 

@@ -113,6 +113,19 @@ def tiny_config_file(tmp_path: Path, model_dir: str, **train) -> Path:
     return path
 
 
+def start_until_checkpoint(command: list[str], checkpoints: Path, timeout: float = 300):
+    """Start `command` (from the repo root) and return the process once a checkpoint is complete in `checkpoints`."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, cwd=REPO, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    return process
+
+
 # A random 2-layer model answers garbage: its runs switch the quality gates off (tests of the gates don't).
 TINY_GATES_OFF = {
     "min_stop_rate": 0.0,

@@ -97,6 +97,9 @@ class TrainSection(Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    packing: bool = Field(True, description="padding-free batches: examples end to end, attention kept per example")
+    supervised_logits: bool = Field(True, description="logits and loss only where a supervised token is predicted")
+    kernels: Literal["torch", "liger"] = Field("torch", description="liger: Liger's Triton kernels (CUDA only)")
     min_free_disk_gb: float = Field(1.0, ge=0.0, description="disk guard: stop before a save would leave less")
     sample_every: int = Field(0, ge=0, description="generate sample answers every N steps (0: off)")
     sample_prompts: list[str] = Field(default_factory=list)

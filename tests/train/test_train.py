@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, quiet_console, tiny_config_file
+from tests.conftest import REPO, quiet_console, start_until_checkpoint, tiny_config_file
 from tuneship.config import load_config
 from tuneship.errors import PreflightError, TrainingStopped
 from tuneship.run import Run
@@ -52,13 +51,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ti
     from transformers import TrainerCallback
 
     def poison(module, inputs, output):
-        output["loss"] = output["loss"] * float("nan")
-        return output
+        return output * float("nan")
 
     class PoisonLossAtStep(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 5:
-                model.register_forward_hook(poison)
+                model.get_base_model().model.norm.register_forward_hook(poison)
 
     cfg = load_config(tiny_config(tmp_path, tiny_model_dir, max_steps=10))
     with pytest.raises(TrainingStopped, match=r"loss is nan at step 6; try a lower train.learning_rate"):
@@ -84,12 +82,8 @@ def test_disk_guard_stops_before_the_first_save(tmp_path, tiny_model_dir, cli):
 def test_sigkill_mid_run_then_rerun_resumes_from_latest_checkpoint(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir, max_steps=400, save_steps=5, batch_size=2)
     command = [sys.executable, "-m", "tuneship.cli", "train", str(config)]
-    process = subprocess.Popen(command, cwd=REPO, env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
+    process = start_until_checkpoint(command, checkpoints)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = max(checkpoint_steps(tmp_path / "runs" / "tiny"))

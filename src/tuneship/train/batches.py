@@ -1,4 +1,9 @@
-"""Batches for training: right padding, pads masked by position (never by token id)."""
+"""Batches for training: padding-free packing (the default) or right padding, pads masked by position.
+
+Packing puts a batch's examples end to end in one row with position ids that restart at 0 for each
+example; with no attention mask, transformers turns the restarts into a block-diagonal causal mask, so
+no example attends to another (tests/train/test_speed.py proves packed loss == padded loss).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,35 @@ class ExampleDataset:
         return self.examples[index]
 
 
+def _count(counter: TokenCounter, features: list[dict]) -> None:
+    for feature in features:
+        counter.tokens += len(feature["input_ids"])
+        counter.supervised += sum(1 for label in feature["labels"] if label != IGNORE_INDEX)
+
+
+class PackCollator:
+    """All examples of a batch in one row, no pad tokens; the first token of each example predicts nothing
+    from the example before it (its label is ignored, and position ids restart there)."""
+
+    def __init__(self, counter: TokenCounter | None = None):
+        self.counter = counter or TokenCounter()
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        input_ids, labels, positions = [], [], []
+        for feature in features:
+            input_ids += feature["input_ids"]
+            labels += [IGNORE_INDEX] + feature["labels"][1:]
+            positions += range(len(feature["input_ids"]))
+        _count(self.counter, features)
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }
+
+
 class PadCollator:
     def __init__(self, pad_token_id: int, counter: TokenCounter | None = None):
         self.pad_token_id = pad_token_id
@@ -42,8 +76,7 @@ class PadCollator:
             input_ids.append(feature["input_ids"] + [self.pad_token_id] * padding)
             labels.append(feature["labels"] + [IGNORE_INDEX] * padding)
             attention.append([1] * real + [0] * padding)
-            self.counter.tokens += real
-            self.counter.supervised += sum(1 for label in feature["labels"] if label != IGNORE_INDEX)
+        _count(self.counter, features)
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),

@@ -95,9 +95,10 @@ class SampleGenerator(TrainerCallback):
 class ProgressDisplay(TrainerCallback):
     """A rich progress bar with loss, tokens/s and ETA; also keeps timings for the experiment log."""
 
-    def __init__(self, console, counter: TokenCounter):
+    def __init__(self, console, counter: TokenCounter, *, is_shown: bool = True):
         self.console = console
         self.counter = counter
+        self.is_shown = is_shown
         self.progress = None
         self.task = None
         self.started = 0.0
@@ -107,6 +108,8 @@ class ProgressDisplay(TrainerCallback):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.started = time.monotonic()
+        if not self.is_shown:
+            return
         self.progress = Progress(
             TextColumn("train"),
             BarColumn(),
@@ -125,8 +128,13 @@ class ProgressDisplay(TrainerCallback):
             self.loss = logs["loss"]
 
     def on_step_end(self, args, state, control, **kwargs):
+        from tuneship.train.distributed import global_sum
+
+        tokens = global_sum(self.counter.tokens)  # every process calls it; all processes' tokens per second
+        if self.progress is None:
+            return
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        status = f"loss {self.loss:.4f}  {self.counter.tokens / elapsed:,.0f} tok/s"
+        status = f"loss {self.loss:.4f}  {tokens / elapsed:,.0f} tok/s"
         self.progress.update(self.task, completed=state.global_step, status=status)
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -35,14 +35,14 @@ def detect_device(preference: str = "auto", precision: str = "auto") -> DeviceCh
     kind = preference
     if preference == "auto":
         kind = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if kind == "cpu" and precision == "auto":
+        from tuneship.train.precision import cpu_auto_precision
+
+        chosen, why = cpu_auto_precision()
+        return DeviceChoice(kind, chosen, [why])
     choice = DeviceChoice(kind, _precision(kind, precision))
     if kind == "mps":
         choice.notes.append("MPS trains in fp32 (fp16 on MPS often gives NaN); the NaN guard is on")
-    if kind == "cpu" and choice.precision == "fp32":
-        choice.notes.append(
-            "CPU trains in fp32; bf16 autocast is opt-in (train.precision=bf16), "
-            "it is slower than fp32 on CPUs without AMX"
-        )
     return choice
 
 
@@ -59,8 +59,8 @@ def _precision(kind: str, requested: str) -> str:
             raise DeviceError(f"train.precision={requested} on MPS gives NaN losses; use fp32 or auto")
         return "fp32"
     if requested == "fp16":
-        raise DeviceError("train.precision=fp16 is not supported on CPU; use fp32 or bf16")
-    return "fp32" if requested == "auto" else requested
+        raise DeviceError("train.precision=fp16 is not supported on CPU; use fp32, bf16 or auto")
+    return requested
 
 
 @dataclass

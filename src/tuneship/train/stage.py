@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tuneship.data.stage import DataResult, run_data
+from tuneship.data.stage import DataResult, check_data, require_usable, run_data
 from tuneship.run import Run, file_fingerprint, fingerprint
 
 if TYPE_CHECKING:
@@ -43,17 +44,29 @@ def train_inputs(cfg: Config, run: Run) -> str:
 
 
 def prepare_training(cfg: Config, run: Run, data: DataResult) -> PreparedTraining:
-    """The ChatFormat (saved in <run>/chat), the rendered examples, and the pre-flight checks."""
+    """The ChatFormat (saved in <run>/chat by rank 0), the rendered examples, and the pre-flight checks."""
     from tuneship.base_model import resolve_base_model
     from tuneship.chat.format import ChatFormat
+    from tuneship.train.distributed import is_main_process
     from tuneship.train.preflight import preflight
 
     base_dir = resolve_base_model(cfg.model.base, weights=False)  # the trainer fetches weights after its estimate
     chat_format = ChatFormat.from_model_dir(base_dir, cfg.chat)
     rendered = [chat_format.render(c) for c in data.train]
     preflight(chat_format, data.train, rendered, cfg.train.max_seq_len)
-    chat_format.save(run.chat_dir)
+    if is_main_process():
+        chat_format.save(run.chat_dir)
     return PreparedTraining(base_dir, chat_format, data, rendered)
+
+
+def _data_in_memory(cfg: Config) -> DataResult:
+    """What the data stage makes, without writing or recording it: the data of a DDP process other than rank 0
+    (every process prepares the same data; rank 0 alone writes the run directory)."""
+    from tuneship.models import base_chat_format
+
+    result = check_data(cfg, base_chat_format(cfg).measure)
+    require_usable(result, None)
+    return result
 
 
 def _dry_run(cfg: Config, run: Run, data: DataResult, console: Console) -> PreparedTraining:
@@ -82,18 +95,17 @@ def run_train(
 ) -> TrainResult | PreparedTraining:
     """Train the adapter (the data stage first, unless its `data` result is given); `dry_run` stops after the
     pre-flight checks and returns what training would have used."""
-    from transformers import set_seed
-
     from tuneship.report import print_train
+    from tuneship.train.distributed import is_main_process
     from tuneship.train.trainer import train_adapter
 
-    data = data or run_data(cfg, run, console)
-    inputs = train_inputs(cfg, run)
+    is_writer = is_main_process()
+    data = data or (run_data(cfg, run, console) if is_writer else _data_in_memory(cfg))
+    inputs = train_inputs(cfg, run)  # rank 0's: it alone checks the checkpoints were made from the same inputs
     if dry_run:
         return _dry_run(cfg, run, data, console)
-    with run.recording("train", inputs) as outputs:
+    with run.recording("train", inputs) if is_writer else nullcontext({}) as outputs:
         prepared = prepare_training(cfg, run, data)
-        set_seed(cfg.train.seed)  # the adapter's initial weights too, not only the trainer's order
         result = train_adapter(
             run,
             cfg,
@@ -106,5 +118,6 @@ def run_train(
             extra_callbacks=extra_callbacks,
         )
         outputs.update(adapter=result.adapter_dir, steps=result.steps, final_loss=result.final_loss)
-    print_train(console, result)
+    if is_writer:
+        print_train(console, result)
     return result

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneship.errors import TuneshipError
-from tuneship.train.batches import ExampleDataset, PadCollator, TokenCounter
+from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
 from tuneship.train.device import (
     check_memory,
     detect_device,
@@ -20,6 +20,7 @@ from tuneship.train.device import (
     measured_peak_memory,
     reset_peak_memory,
 )
+from tuneship.train.distributed import world_size
 
 if TYPE_CHECKING:
     from tuneship.config import Config
@@ -76,27 +77,36 @@ def train_adapter(
     fresh: bool = False,
     extra_callbacks=(),
 ) -> TrainResult:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
+    from tuneship.train.distributed import global_sum, is_main_process
     from tuneship.train.model import load_for_training, trainable_bytes
+    from tuneship.train.precision import set_compute_threads
 
     device = detect_device(cfg.train.device, cfg.train.precision)
+    if device.kind == "cpu":
+        set_compute_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    _check_kernels(cfg.train.kernels, device)
     estimate = estimate_for_run(base_dir, cfg, device)
     check_memory(estimate, console)
     fetch_weights(base_dir)
     checkpoints = run.checkpoints_dir
-    resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, console)
+    args = _training_arguments(TrainingArguments, cfg, device, checkpoints)
+    with args.main_process_first(desc="checkpoints"):  # rank 0 clears (--fresh) before the others look
+        resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, is_writer=is_main_process())
+    set_seed(cfg.train.seed)  # LoRA's initial weights: the same run twice, or on N processes, starts the same
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
+    model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
-    progress = cb.ProgressDisplay(console, counter)
+    progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
     disk_guard = cb.DiskGuard(
         checkpoints, 4 * trainable_bytes(model) + 1_000_000, int(cfg.train.min_free_disk_gb * 1e9)
     )
     callbacks = [cb.NonFiniteGuard(), disk_guard, progress, *extra_callbacks]
-    if cfg.train.sample_every and cfg.train.sample_prompts:
+    if cfg.train.sample_every and cfg.train.sample_prompts and is_main_process():
         callbacks.append(
             cb.SampleGenerator(
                 chat_format,
@@ -108,17 +118,25 @@ def train_adapter(
         )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.reports_dir / "tensorboard")
 
+    is_supervised_logits = cfg.train.supervised_logits and cfg.train.kernels != "liger"
+
     class GuardedTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             cb.check_loss(loss, self.state.global_step + 1)
             return loss
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not is_supervised_logits or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
+
+    collator = PackCollator(counter) if cfg.train.packing else PadCollator(chat_format.spec.pad_token_id, counter)
     trainer = GuardedTrainer(
         model=model,
-        args=_training_arguments(TrainingArguments, cfg, device, checkpoints),
+        args=args,
         train_dataset=ExampleDataset(train_set),
-        data_collator=PadCollator(chat_format.spec.pad_token_id, counter),
+        data_collator=collator,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
@@ -126,13 +144,15 @@ def train_adapter(
     status = "failed"
     reset_peak_memory(device.kind)
     try:
-        if resume:
+        if resume and is_main_process():
             console.print(f"resuming from {resume} (use --fresh to start over)")
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        disk_guard.check("the final adapter")
+        counter.tokens, counter.supervised = global_sum(counter.tokens), global_sum(counter.supervised)
         adapter_dir = run.adapter_dir
-        model.save_pretrained(adapter_dir)
-        chat_format.save(adapter_dir)
+        if is_main_process():
+            disk_guard.check("the final adapter")
+            model.save_pretrained(adapter_dir)
+            chat_format.save(adapter_dir)
         status = "done"
     except TuneshipError as exc:
         status = f"stopped: {exc}"
@@ -140,7 +160,8 @@ def train_adapter(
     finally:
         progress.stop()
         seconds = time.monotonic() - started
-        _write_reports(run, cfg, trainer, device, counter, seconds, status, resume, estimate)
+        if is_main_process():
+            _write_reports(run, cfg, trainer, device, counter, seconds, status, resume, estimate)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         str(adapter_dir),
@@ -154,6 +175,34 @@ def train_adapter(
         device.precision,
         device.notes,
     )
+
+
+def _supervised_mean_loss(trainer, model, inputs, num_items_in_batch):
+    """The loss the HF Trainer expects from a model that takes `num_items_in_batch`: summed over this
+    micro-batch, divided by the supervised tokens of the whole step (all accumulation steps, all processes),
+    times the process count (DDP averages gradients over processes)."""
+    from tuneship.train.loss import supervised_loss_sum
+
+    total, count = supervised_loss_sum(model, inputs)
+    if num_items_in_batch is None:
+        return total / max(count, 1)
+    loss = total / num_items_in_batch
+    if trainer.args.average_tokens_across_devices:
+        loss = loss * trainer.accelerator.num_processes
+    return loss
+
+
+def _check_kernels(kernels: str, device) -> None:
+    if kernels != "liger":
+        return
+    if device.kind != "cuda":
+        raise TuneshipError(
+            f"train.kernels=liger needs a CUDA GPU (this run is on {device.kind}); use train.kernels=torch"
+        )
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        raise TuneshipError("train.kernels=liger needs liger-kernel: pip install liger-kernel") from None
 
 
 def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
@@ -181,23 +230,28 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
         report_to=list(train.report_to),
         remove_unused_columns=False,
         dataloader_pin_memory=device.kind == "cuda",
+        use_liger_kernel=train.kernels == "liger",
+        ddp_backend="gloo" if device.kind == "cpu" and world_size() > 1 else None,
         disable_tqdm=True,
     )
 
 
-def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, console) -> Path | None:
-    """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs."""
+def _prepare_checkpoints(checkpoints: Path, inputs_hash: str, fresh: bool, *, is_writer: bool) -> Path | None:
+    """Clear for --fresh; otherwise the checkpoint to resume from, if it was made from the same inputs.
+    Only the writer (rank 0) clears, checks and marks (a mismatch there stops every process); the others look
+    after it."""
     marker = checkpoints / "inputs.json"
-    if fresh:
+    if fresh and is_writer:
         shutil.rmtree(checkpoints, ignore_errors=True)
     resume = latest_checkpoint(checkpoints)
-    if resume and marker.is_file() and json.loads(marker.read_text())["inputs"] != inputs_hash:
+    if is_writer and resume and marker.is_file() and json.loads(marker.read_text())["inputs"] != inputs_hash:
         raise ResumeMismatch(
             f"the checkpoints in {checkpoints} were made from other data or training settings; "
             "rerun with --fresh to start over, or restore the previous config"
         )
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"inputs": inputs_hash}))
+    if is_writer:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"inputs": inputs_hash}))
     return resume
 
 
@@ -214,6 +268,7 @@ def _write_reports(run: Run, cfg, trainer, device, counter, seconds, status, res
         "versions": _versions(),
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 2),
+        "processes": world_size(),
         "tokens": counter.tokens,
         "supervised_tokens": counter.supervised,
         "memory": {"estimate": estimate.to_json(), "peak": measured_peak_memory(device.kind)},

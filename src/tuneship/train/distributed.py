@@ -1,0 +1,55 @@
+"""Several training processes (DDP under Accelerate): which one writes, global counts, and the launcher.
+
+`tuneship train CONFIG --nproc N` starts N copies of itself through torchrun (`torch.distributed.run`), the
+same as `torchrun --nproc-per-node N -m tuneship.cli train CONFIG` or `accelerate launch --num_processes N
+-m tuneship.cli train CONFIG`. Every process prepares the same data in memory; only rank 0 writes the run
+directory (config, data, chat format, manifest, checkpoints, reports, adapter), except the HF Trainer's
+per-rank RNG state inside each checkpoint. torchrun stops all processes when one dies.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def global_sum(value: int) -> int:
+    """The sum of `value` over all processes (a collective: every process must call it)."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_available() or not dist.is_initialized():
+        return value
+    import torch
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def launch(cli_args: list[str], nproc: int) -> int:
+    """Run `tuneship <cli_args>` in `nproc` processes on this machine; returns the exit code."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tuneship.cli",
+        *cli_args,
+    ]
+    return subprocess.run(command, check=False).returncode

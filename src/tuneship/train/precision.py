@@ -1,0 +1,104 @@
+"""What this CPU computes fastest, measured once and cached: bf16 autocast or fp32, and how many threads.
+
+A flag list (avx512_bf16, amx) says what a CPU can do, not what it does fast: some CPUs emulate bf16
+and run it slower than fp32. So `train.precision: auto` on CPU times one matmul of a small model's shape
+in both precisions, the first time on this machine, and keeps the verdict in the tuneship cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tuneship.paths import cache_dir
+
+BF16_MIN_SPEEDUP = 1.15  # below this, bf16's rounding is not worth it
+PROBE_SHAPE = (512, 576, 1536)  # tokens x hidden x intermediate: the MLP of SmolLM2-135M at one batch
+PROBE_SECONDS = 0.25
+
+
+@dataclass
+class MatmulRates:
+    """Measured matmul throughput in GFLOP/s at one shape."""
+
+    fp32: float
+    bf16: float
+
+    @property
+    def bf16_speedup(self) -> float:
+        return self.bf16 / max(self.fp32, 1e-9)
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting each physical core once (SMT siblings share its units)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        cores.add(siblings.read_text().strip() if siblings.is_file() else str(cpu))
+    return max(len(cores), 1)
+
+
+def set_compute_threads(processes_per_machine: int = 1) -> int:
+    """One torch thread per physical core, shared among the processes on this machine; returns the count."""
+    import torch
+
+    threads = max(physical_cores() // max(processes_per_machine, 1), 1)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def measure_matmul_rates(shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PROBE_SECONDS) -> MatmulRates:
+    """GFLOP/s of (m x k) @ (k x n) in fp32 and in bf16, each timed for about `seconds` after a warm-up."""
+    import torch
+
+    m, k, n = shape
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        torch.mm(a, b)
+        count, started = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds or count < 3:
+            torch.mm(a, b)
+            count += 1
+        rates[name] = 2 * m * k * n * count / elapsed / 1e9
+    return MatmulRates(**rates)
+
+
+def cpu_matmul_rates() -> MatmulRates:
+    """This machine's rates at the probe shape, measured on first use and cached per CPU, torch and threads."""
+    import torch
+
+    key = f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    path = cache_dir() / "cpu_precision.json"
+    cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if key not in cached:
+        cached[key] = asdict(measure_matmul_rates())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=2), encoding="utf-8")
+    return MatmulRates(**cached[key])
+
+
+def cpu_auto_precision() -> tuple[str, str]:
+    """("bf16" | "fp32", why): bf16 autocast where it measured at least BF16_MIN_SPEEDUP faster."""
+    rates = cpu_matmul_rates()
+    measured = f"bf16 matmul {rates.bf16:.0f} vs fp32 {rates.fp32:.0f} GFLOP/s on this CPU"
+    if rates.bf16_speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"CPU trains with bf16 autocast ({measured}); train.precision=fp32 to opt out"
+    return "fp32", f"CPU trains in fp32 ({measured}); train.precision=bf16 to force bf16"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
