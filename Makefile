@@ -5,8 +5,8 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= train,export,hub,parquet,s3,serve,dev
-# llama-cpp-python is built from source; portable CPU build (set CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# llama-cpp-python is built from source: portable CPU build, no multimodal library (set CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
