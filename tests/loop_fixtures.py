@@ -13,6 +13,22 @@ import yaml
 from tests.conftest import tiny_config_file
 
 
+def served(store, generation_id: str, question: str, answer: str, *, model: str = "tiny", backend: str = "test"):
+    """One question and its answer stored as a served generation of v1 (as /v1/chat/completions records it)."""
+    return store.add_generation(
+        id=generation_id,
+        model=model,
+        version_id=1,
+        backend=backend,
+        messages=[{"role": "user", "content": question}],
+        answer=answer,
+        finish_reason="stop",
+        latency_ms=1.0,
+        prompt_tokens=None,
+        completion_tokens=None,
+    )
+
+
 def tiny_loop_config(folder: Path, model_dir: str, **loop) -> Path:
     path = tiny_config_file(folder, model_dir, max_steps=2)
     config = yaml.safe_load(path.read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tests.loop_fixtures import fresh_loop_dir, tiny_base_run  # noqa: F401
+from tests.loop_fixtures import fresh_loop_dir, served, tiny_base_run  # noqa: F401
 
 QUIET = Console(file=io.StringIO())
 
@@ -16,18 +16,7 @@ def correct(loop, pairs):
     """A served generation per question, each corrected (as POST /v1/feedback would store them)."""
     for index, (question, correction) in enumerate(pairs):
         generation_id = f"gen-{index}"
-        loop.store.add_generation(
-            id=generation_id,
-            model=loop.name,
-            version_id=1,
-            backend="llamacpp:tiny",
-            messages=[{"role": "user", "content": question}],
-            answer="something else",
-            finish_reason="stop",
-            latency_ms=1.0,
-            prompt_tokens=None,
-            completion_tokens=None,
-        )
+        served(loop.store, generation_id, question, "something else", model=loop.name, backend="llamacpp:tiny")
         loop.store.add_feedback(generation_id, "down", correction, None)
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import yaml
 
+from tests.loop_fixtures import served
 from tests.web.conftest import screenshot, serving, wait_for
 
 API_KEY = "web-test-key"
@@ -167,18 +168,7 @@ def test_review_edits_and_bulk_rejects(browser, loop_site):
 
     ids = []
     for question in ("Question number 2?", "Question number 3?", "Question number 4?"):
-        generation = loop.store.add_generation(
-            id=f"gen-{question[-2]}",
-            model="tiny",
-            version_id=1,
-            backend="test",
-            messages=[{"role": "user", "content": question}],
-            answer="wrong",
-            finish_reason="stop",
-            latency_ms=1.0,
-            prompt_tokens=None,
-            completion_tokens=None,
-        )
+        generation = served(loop.store, f"gen-{question[-2]}", question, "wrong")
         loop.store.add_feedback(generation.id, "up", None, None)
         ids.append(generation.id)
     harvest(loop.store, loop.cfg)
