@@ -28,6 +28,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "botocore": "s3",
     "pyarrow": "parquet",
     "bitsandbytes": "qlora",
+    "liger_kernel": "liger",
     "fastapi": "serve",
     "uvicorn": "serve",
     "sqlalchemy": "serve",

@@ -202,7 +202,7 @@ def _check_kernels(kernels: str, device) -> None:
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
-        raise TuneshipError("train.kernels=liger needs liger-kernel: pip install liger-kernel") from None
+        raise TuneshipError("train.kernels=liger needs liger-kernel: pip install 'tuneship[liger]'") from None
 
 
 def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
