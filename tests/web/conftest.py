@@ -96,7 +96,7 @@ def exported_run(tiny_model_dir, tmp_path_factory):
     with open(folder / "facts.jsonl", "a", encoding="utf-8") as facts:
         for record in (qa("Question number 1?", "Answer number 1."), qa("Question number 99?", "")):
             facts.write(json.dumps(record) + "\n")
-    cfg = load_config(config, ["deploy.host=127.0.0.1:9"])
+    cfg = load_config(config, ["deploy.target=ollama", "deploy.host=127.0.0.1:9"])
     summary = run_pipeline(cfg, Console(file=io.StringIO()))
     assert not summary.failed, summary.stages
     return cfg, cfg.run_dir
