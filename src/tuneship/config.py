@@ -20,6 +20,7 @@ LEARNING_RATE_HARD = (1e-6, 1e-2)
 LEARNING_RATE_USUAL = (2e-5, 1e-3)
 DEFAULT_MIN_RECALL_F1 = 0.5
 
+Objective = Literal["sft", "dpo", "kto"]
 Quant = Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
 OutType = Literal["f16", "bf16", "f32"]
 
@@ -82,6 +83,12 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
+    objective: Objective = Field(
+        "sft",
+        description="sft: answers; dpo: chosen vs rejected pairs (TRL DPOTrainer); kto: answers labelled "
+        "desirable or not (TRL KTOTrainer)",
+    )
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="dpo/kto: how close to the reference model (higher: closer)")
     max_seq_len: int = Field(1024, ge=16, le=131072)
     epochs: float = Field(3.0, gt=0.0, le=1000.0)
     max_steps: int = Field(-1, ge=-1, description="overrides epochs when > 0")
@@ -205,7 +212,7 @@ class LoopSection(Section):
     golden_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of new examples kept out as the golden set")
     golden: Path | None = Field(None, description="JSONL of extra golden examples, never trained on")
     max_regression: float = Field(0.0, ge=0.0, le=1.0, description="golden exact/F1 drop allowed vs the champion")
-    objective: Literal["sft"] = Field("sft", description="training objective of a cycle")
+    objective: Objective = Field("sft", description="what a cycle trains on: sft, dpo or kto examples (train.objective)")
     lease_seconds: float = Field(300.0, gt=0, description="a cycle's lease; a crashed worker loses it after this")
     backoff_seconds: float = Field(900.0, ge=0, description="no automatic cycle this long after a failed one")
     smoke_prompts: int = Field(3, ge=1, description="golden prompts the live endpoint must answer after a promotion")

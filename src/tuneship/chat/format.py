@@ -158,26 +158,35 @@ class ChatFormat:
     def _supervised_spans(self, messages, text: str, source: SourceRef) -> list[tuple[int, int]]:
         if self.spec.loss_on == "everything":
             return [(0, len(text))]
-        spans = []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = self.render_text(messages[:index], add_generation_prompt=True)
-            through = self.render_text(messages[: index + 1], add_generation_prompt=False)
-            if not (text.startswith(prompt) and text.startswith(through)):
-                raise ChatFormatError(
-                    f"{source}: the chat template renders a conversation differently from its own prefix "
-                    "(it rewrites earlier turns), so training and inference prompts would differ; "
-                    "set chat.template to a registry family"
-                )
-            stop = through.rfind(self.spec.stop_token, len(prompt))
-            if stop < 0:
-                raise ChatFormatError(
-                    f"{source}: the template does not end this assistant turn with the stop "
-                    f"token {self.spec.stop_token!r}"
-                )
-            spans.append((len(prompt), stop + len(self.spec.stop_token)))
+        spans = [self._answer_span(messages, i, text, source) for i, m in enumerate(messages) if m["role"] == "assistant"]
         return spans[-1:] if self.spec.loss_on == "last_assistant" else spans
+
+    def _answer_span(self, messages, index: int, text: str, source: SourceRef) -> tuple[int, int]:
+        """Where the answer of assistant turn `index` is in `text`: after its generation prompt, through the stop
+        token."""
+        prompt = self.render_text(messages[:index], add_generation_prompt=True)
+        through = self.render_text(messages[: index + 1], add_generation_prompt=False)
+        if not (text.startswith(prompt) and text.startswith(through)):
+            raise ChatFormatError(
+                f"{source}: the chat template renders a conversation differently from its own prefix "
+                "(it rewrites earlier turns), so training and inference prompts would differ; "
+                "set chat.template to a registry family"
+            )
+        stop = through.rfind(self.spec.stop_token, len(prompt))
+        if stop < 0:
+            raise ChatFormatError(
+                f"{source}: the template does not end this assistant turn with the stop token {self.spec.stop_token!r}"
+            )
+        return len(prompt), stop + len(self.spec.stop_token)
+
+    def prompt_answer_ids(self, conversation: Conversation) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of the last answer, for preference training: the prompt is the inference
+        prompt (`generation_prompt`, tokenized whole as llama.cpp and Ollama do), the answer runs through the stop
+        token."""
+        messages = conversation.chat_messages()
+        text = self.render_text(messages, add_generation_prompt=False)
+        start, end = self._answer_span(messages, len(messages) - 1, text, conversation.source)
+        return self.encode(text[:start]), self.encode(text[start:end])
 
     def measure(self, conversation: Conversation) -> TokenCount:
         """Token length of the rendered conversation and where its last answer starts (the audit's input)."""

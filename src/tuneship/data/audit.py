@@ -38,6 +38,7 @@ class AuditSettings:
     near_duplicate_similarity: float = 0.9
     max_seq_len: int | None = None
     measure: Measure | None = None
+    objective: str = "sft"  # train.objective: which records can be trained on (see `_objective_error`)
 
 
 @dataclass
@@ -134,6 +135,9 @@ class _Auditor:
                     f"same conversation as {self.seen_exact[key]}; the first one is kept",
                 )
             )
+        mismatch = _objective_error(conversation, self.settings.objective)
+        if mismatch:
+            errors.append(mismatch)
         truncation = self._truncation(conversation)
         if truncation:
             errors.append(truncation)
@@ -145,7 +149,8 @@ class _Auditor:
         measure, limit = self.settings.measure, self.settings.max_seq_len
         if measure is None or limit is None:
             return None
-        count = measure(conversation)
+        answers = [conversation] + ([conversation.with_answer(conversation.rejected)] if conversation.rejected else [])
+        count = max((measure(c) for c in answers), key=lambda c: c.total)  # a pair is cut when either answer is
         self.token_lengths.append(count.total)
         if count.total <= limit:
             return None
@@ -237,6 +242,19 @@ def audit(records: Iterable[RawRecord], settings: AuditSettings) -> AuditResult:
     return auditor.result()
 
 
+def _objective_error(conversation: Conversation, objective: str) -> Finding | None:
+    """dpo trains on pairs only; sft never learns an answer labelled undesirable (kto takes every record: one
+    without a label is desirable)."""
+    source = conversation.source
+    if objective == "dpo" and conversation.rejected is None:
+        why = "train.objective=dpo needs a rejected answer on every record; add \"rejected\" or train with sft/kto"
+        return Finding("objective-mismatch", "error", source.file, source.line, why, "rejected")
+    if objective == "sft" and not conversation.is_desirable:
+        why = "an answer labelled undesirable (label false) is not an SFT target; train with train.objective=kto"
+        return Finding("objective-mismatch", "error", source.file, source.line, why, "label")
+    return None
+
+
 def _texts(conversation: Conversation) -> list[str]:
     head = [conversation.system] if conversation.system is not None else []
     return head + [m.content for m in conversation.messages]
@@ -256,6 +274,7 @@ def _joined_text(conversation: Conversation) -> str:
 
 def _exact_key(conversation: Conversation) -> str:
     canonical = [conversation.system] + [[m.role, m.content.strip()] for m in conversation.messages]
+    canonical += [conversation.rejected, conversation.label]
     return hashlib.sha1(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()
 
 

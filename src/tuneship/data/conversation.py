@@ -28,10 +28,25 @@ class Message:
 
 @dataclass
 class Conversation:
+    """A conversation; for preference training also the rejected last answer (a DPO pair) or whether the last
+    answer is desirable (KTO; None counts as desirable)."""
+
     messages: list[Message]
     source: SourceRef
     system: str | None = None
     raw_roles: list[str] = field(default_factory=list)
+    rejected: str | None = None
+    label: bool | None = None
+
+    @property
+    def is_desirable(self) -> bool:
+        """Whether the last answer is one to learn (and to expect): not a KTO negative."""
+        return self.label is not False
+
+    def with_answer(self, answer: str) -> Conversation:
+        """The same conversation with another last answer (a DPO pair's rejected one)."""
+        messages = [*self.messages[:-1], Message("assistant", answer)]
+        return Conversation(messages, self.source, self.system, self.raw_roles)
 
     @property
     def assistant_turns(self) -> list[Message]:
@@ -49,10 +64,12 @@ class Conversation:
         return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
     def to_json(self) -> dict[str, Any]:
+        preference = {key: value for key, value in (("rejected", self.rejected), ("label", self.label)) if value is not None}
         return {
             "system": self.system,
             "messages": [asdict(m) for m in self.messages],
             "source": asdict(self.source),
+            **preference,
         }
 
     @classmethod
@@ -61,6 +78,8 @@ class Conversation:
             messages=[Message(**m) for m in data["messages"]],
             source=SourceRef(**data["source"]),
             system=data.get("system"),
+            rejected=data.get("rejected"),
+            label=data.get("label"),
         )
 
 

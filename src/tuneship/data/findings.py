@@ -20,6 +20,8 @@ CODES: dict[str, str] = {
     "near-duplicate": "almost the same text as another record (case, spaces, punctuation, few words)",
     "percent-scale": "a fraction printed as a percent, e.g. 0.6622% where 66.22% was meant",
     "truncated": "longer than train.max_seq_len: the end of the answer and its stop token would be cut",
+    "same-answers": "a preference pair whose rejected answer is the chosen one: nothing to prefer",
+    "objective-mismatch": "a record train.objective cannot train on (dpo: no rejected answer; sft: label false)",
     "offline-copy": "an s3:// source read from the local mirror because the endpoint did not answer; may be stale",
 }
 

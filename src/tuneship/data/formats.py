@@ -7,6 +7,10 @@ Formats, detected per record (or fixed with `data.format`):
 - prompt_completion: {"prompt", "completion"|"response"} (or your columns via `data.columns`)
 - plain_text: {"text": "### Human: ... ### Assistant: ..."} (the speaker markers of `TRANSCRIPT_MARKER`); transcript
   files (.txt, .md) become such records, one per conversation (see `transcript_blocks` in sources.py)
+
+Any of them may carry preference fields for train.objective dpo/kto: "rejected" (the rejected last answer of a
+DPO pair; the record's own last answer is the chosen one) or "label" (KTO: true when the last answer is
+desirable, false when not).
 """
 
 from __future__ import annotations
@@ -80,7 +84,27 @@ def to_conversation(
         fmt = detect_format(record, columns)
     converter = _CONVERTERS[fmt]
     messages, raw_roles = converter(record, columns)
-    return _build(messages, raw_roles, source)
+    conversation = _build(messages, raw_roles, source)
+    conversation.rejected, conversation.label = _preference_fields(record, conversation)
+    return conversation
+
+
+def _preference_fields(record: dict, conversation: Conversation) -> tuple[str | None, bool | None]:
+    """("rejected", "label") of a preference record, checked: a pair's answers must differ."""
+    rejected, label = record.get("rejected"), record.get("label")
+    if label is not None and not isinstance(label, bool):
+        raise RecordError("invalid-record", f"must be true or false, got {label!r}", "label")
+    if rejected is None:
+        return None, label
+    if label is not None:
+        raise RecordError("invalid-record", "a record is a DPO pair (rejected) or a KTO answer (label), not both", "label")
+    if not isinstance(rejected, str):
+        raise RecordError("invalid-record", f"must be a string, got {type(rejected).__name__}", "rejected")
+    if not rejected.strip():
+        raise RecordError("empty-response", "the rejected answer is empty; write it or remove the record", "rejected")
+    if rejected.strip() == conversation.messages[-1].content.strip():
+        raise RecordError("same-answers", "the rejected answer is the chosen one; nothing to prefer", "rejected")
+    return rejected, None
 
 
 def _turn_list(record: dict, key: str, role_key: str, content_key: str):

@@ -64,6 +64,7 @@ def audit_settings(cfg: Config, measure: Measure | None = None) -> AuditSettings
         near_duplicate_similarity=cfg.data.near_duplicate_similarity,
         max_seq_len=cfg.train.max_seq_len if measure else None,
         measure=measure,
+        objective=cfg.train.objective,
     )
 
 
@@ -81,7 +82,9 @@ def check_data(cfg: Config, measure: Measure | None = None) -> DataResult:
 def data_inputs(cfg: Config) -> str:
     from tuneship.run import fingerprint
 
-    return fingerprint(cfg.data.model_dump(mode="json"), cfg.model.base, cfg.chat.model_dump(), cfg.train.max_seq_len)
+    return fingerprint(
+        cfg.data.model_dump(mode="json"), cfg.model.base, cfg.chat.model_dump(), cfg.train.max_seq_len, cfg.train.objective
+    )
 
 
 def run_data(cfg: Config, run: Run, console: Console) -> DataResult:

@@ -47,7 +47,8 @@ def build_prompt_set(data_dir: Path, eval_cfg: EvalSection) -> list[EvalPrompt]:
     for origin, limit in (("eval", eval_cfg.max_prompts), ("train", eval_cfg.train_prompts)):
         path = data_dir / f"{origin}.jsonl"
         if limit and path.is_file():
-            prompts += [_with_expected(c, origin) for c in read_conversations(path)[:limit]]
+            desirable = [c for c in read_conversations(path) if c.is_desirable]  # a KTO negative is no expected answer
+            prompts += [_with_expected(c, origin) for c in desirable[:limit]]
     if not prompts:
         raise DataError(
             "no prompts to evaluate: the eval split is empty; set data.eval_ratio, eval.prompts "

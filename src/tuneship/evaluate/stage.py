@@ -115,7 +115,7 @@ def run_eval(cfg: Config, run: Run, console: Console) -> EvalResult:
         prompts = build_prompt_set(run.data_dir, cfg.eval)
         report = load_report(run.eval_report, prompts)
         eval_split = run.data_dir / "eval.jsonl"
-        eval_set = read_conversations(eval_split) if eval_split.is_file() else []
+        eval_set = [c for c in read_conversations(eval_split) if c.is_desirable] if eval_split.is_file() else []
         eval_loss = None
         if eval_set:
             eval_loss, tokens = held_out_loss(model, chat_format, eval_set)

@@ -97,7 +97,6 @@ def run_train(
     pre-flight checks and returns what training would have used."""
     from tuneship.report import print_train
     from tuneship.train.distributed import is_main_process
-    from tuneship.train.trainer import train_adapter
 
     is_writer = is_main_process()
     data = data or (run_data(cfg, run, console) if is_writer else _data_in_memory(cfg))
@@ -106,12 +105,13 @@ def run_train(
         return _dry_run(cfg, run, data, console)
     with run.recording("train", inputs) if is_writer else nullcontext({}) as outputs:
         prepared = prepare_training(cfg, run, data)
-        result = train_adapter(
+        train, examples = _trainer_for(cfg.train.objective, prepared)
+        result = train(
             run,
             cfg,
             prepared.base_dir,
             prepared.chat_format,
-            prepared.rendered,
+            examples,
             inputs,
             console,
             fresh=fresh,
@@ -121,3 +121,15 @@ def run_train(
     if is_writer:
         print_train(console, result)
     return result
+
+
+def _trainer_for(objective: str, prepared: PreparedTraining):
+    """The training function of train.objective and what it trains on: SFT the rendered examples (labels on the
+    answers), DPO/KTO the conversations with their rejected answers or labels (train/preference.py)."""
+    if objective == "sft":
+        from tuneship.train.trainer import train_adapter
+
+        return train_adapter, prepared.rendered
+    from tuneship.train.preference import train_preference
+
+    return train_preference, prepared.data.train

@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneship.errors import TuneshipError
 from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
@@ -65,24 +65,42 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
-def train_adapter(
+@dataclass
+class TrainingSetup:
+    """What every objective's trainer is built from: checked device and memory, arguments, checkpoints to resume,
+    the model with its adapter, and the callbacks (guards, progress, samples)."""
+
+    device: Any
+    estimate: Any
+    args: Any
+    resume: Path | None
+    model: Any
+    counter: TokenCounter
+    progress: Any
+    disk_guard: Any
+    callbacks: list
+
+
+def setup_training(
     run: Run,
     cfg: Config,
     base_dir: str,
     chat_format,
-    train_set,
     inputs_hash: str,
     console,
+    arguments_class,
     *,
     fresh: bool = False,
     extra_callbacks=(),
-) -> TrainResult:
-    from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import PrinterCallback
+    **extra_arguments,
+) -> TrainingSetup:
+    """Everything before the trainer: `arguments_class` is TrainingArguments or a TRL config (its own settings in
+    `extra_arguments`)."""
+    from transformers import set_seed
 
     from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
-    from tuneship.train.distributed import global_sum, is_main_process
+    from tuneship.train.distributed import is_main_process
     from tuneship.train.model import load_for_training, trainable_bytes
     from tuneship.train.precision import set_compute_threads
 
@@ -94,7 +112,7 @@ def train_adapter(
     check_memory(estimate, console)
     fetch_weights(base_dir)
     checkpoints = run.checkpoints_dir
-    args = _training_arguments(TrainingArguments, cfg, device, checkpoints)
+    args = _training_arguments(arguments_class, cfg, device, checkpoints, **extra_arguments)
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears (--fresh) before the others look
         resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, is_writer=is_main_process())
     set_seed(cfg.train.seed)  # LoRA's initial weights: the same run twice, or on N processes, starts the same
@@ -117,29 +135,76 @@ def train_adapter(
             )
         )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.reports_dir / "tensorboard")
+    return TrainingSetup(device, estimate, args, resume, model, counter, progress, disk_guard, callbacks)
 
-    is_supervised_logits = cfg.train.supervised_logits and cfg.train.kernels != "liger"
 
-    class GuardedTrainer(Trainer):
+def guarded(trainer_class):
+    """`trainer_class` whose every step's loss is checked: a NaN/inf stops training with the last good checkpoint."""
+    from tuneship.train import callbacks as cb
+
+    class Guarded(trainer_class):
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             cb.check_loss(loss, self.state.global_step + 1)
             return loss
 
+    return Guarded
+
+
+def train_adapter(
+    run: Run,
+    cfg: Config,
+    base_dir: str,
+    chat_format,
+    train_set,
+    inputs_hash: str,
+    console,
+    *,
+    fresh: bool = False,
+    extra_callbacks=(),
+) -> TrainResult:
+    """SFT: the rendered examples (labels only on the answers) with the HF Trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    setup = setup_training(
+        run,
+        cfg,
+        base_dir,
+        chat_format,
+        inputs_hash,
+        console,
+        TrainingArguments,
+        fresh=fresh,
+        extra_callbacks=extra_callbacks,
+    )
+    is_supervised_logits = cfg.train.supervised_logits and cfg.train.kernels != "liger"
+
+    class GuardedTrainer(guarded(Trainer)):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not is_supervised_logits or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
 
+    counter = setup.counter
     collator = PackCollator(counter) if cfg.train.packing else PadCollator(chat_format.spec.pad_token_id, counter)
     trainer = GuardedTrainer(
-        model=model,
-        args=args,
+        model=setup.model,
+        args=setup.args,
         train_dataset=ExampleDataset(train_set),
         data_collator=collator,
-        callbacks=callbacks,
+        callbacks=setup.callbacks,
     )
+    return fit(trainer, setup, run, cfg, chat_format, console)
+
+
+def fit(trainer, setup: TrainingSetup, run: Run, cfg: Config, chat_format, console) -> TrainResult:
+    """Train (from the checkpoint to resume, if any), save the adapter with the ChatFormat, write the reports."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from tuneship.train.distributed import global_sum, is_main_process
+
     trainer.remove_callback(PrinterCallback)  # the progress bar and experiment.json carry the metrics
+    resume, counter, device, model = setup.resume, setup.counter, setup.device, setup.model
     started = time.monotonic()
     status = "failed"
     reset_peak_memory(device.kind)
@@ -150,18 +215,18 @@ def train_adapter(
         counter.tokens, counter.supervised = global_sum(counter.tokens), global_sum(counter.supervised)
         adapter_dir = run.adapter_dir
         if is_main_process():
-            disk_guard.check("the final adapter")
-            model.save_pretrained(adapter_dir)
+            setup.disk_guard.check("the final adapter")
+            model.save_pretrained(adapter_dir, selected_adapters=[model.active_adapter])  # not DPO/KTO's reference
             chat_format.save(adapter_dir)
         status = "done"
     except TuneshipError as exc:
         status = f"stopped: {exc}"
         raise
     finally:
-        progress.stop()
+        setup.progress.stop()
         seconds = time.monotonic() - started
         if is_main_process():
-            _write_reports(run, cfg, trainer, device, counter, seconds, status, resume, estimate)
+            _write_reports(run, cfg, trainer, device, counter, seconds, status, resume, setup.estimate)
     history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return TrainResult(
         str(adapter_dir),
@@ -205,7 +270,7 @@ def _check_kernels(kernels: str, device) -> None:
         raise TuneshipError("train.kernels=liger needs liger-kernel: pip install 'tuneship[liger]'") from None
 
 
-def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
+def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path, **extra):
     train = cfg.train
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -233,6 +298,7 @@ def _training_arguments(TrainingArguments, cfg, device, checkpoints: Path):
         use_liger_kernel=train.kernels == "liger",
         ddp_backend="gloo" if device.kind == "cpu" and world_size() > 1 else None,
         disable_tqdm=True,
+        **extra,
     )
 
 
