@@ -38,6 +38,7 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, train_fil
     cfg = base.model_copy(deep=True)
     cfg.run.name = run_name
     cfg.model.adapter_from = str(champion_run)
+    cfg.train.objective = base.loop.objective
     cfg.data.sources = [str(train_file)]
     cfg.data.format = "messages"
     cfg.data.columns = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tuneship.loop.models import Example, Feedback, Generation
@@ -151,9 +151,10 @@ def harvest(store, cfg, measure=None) -> Harvest:
         store.set_feedback_outcome([r.id for r in rows], outcome)
         if outcome.startswith("dropped"):
             result.dropped[outcome.removeprefix("dropped: ")] += len(rows)
+    golden = {e.provenance["generation"] for e in new if e.kind == "sft" and is_golden(e.id, cfg.loop.golden_ratio)}
     for example in new:
-        if is_golden(example.id, cfg.loop.golden_ratio) and example.kind == "sft":
-            example.split = "golden"
+        if example.provenance["generation"] in golden:
+            example.split = "golden"  # with its DPO pair and KTO answers: no objective trains on a golden fact
         if cfg.loop.review == "required":
             example.status = "pending_review"
     rejected = audit_new_examples(store, cfg, new, measure)
@@ -184,13 +185,13 @@ def audit_new_examples(store, cfg, new: list[Example], measure=None) -> dict[str
     from tuneship.data.sources import RawRecord
     from tuneship.loop.cycle import audit_settings_for
 
-    settings = audit_settings_for(cfg, measure)
     rejected: dict[str, str] = {}
     for kind in sorted({e.kind for e in new}):
+        settings = replace(audit_settings_for(cfg, measure), objective=kind)  # each kind by its objective's rules
         earlier = [e for e in store.examples() if e.kind == kind]
         fresh = [e for e in new if e.kind == kind]
         records = [
-            RawRecord(f"example:{e.id}", index, _audit_record(e)) for index, e in enumerate([*earlier, *fresh], 1)
+            RawRecord(f"example:{e.id}", index, example_record(e)) for index, e in enumerate([*earlier, *fresh], 1)
         ]
         result = audit(records, settings)
         for dropped in result.dropped:
@@ -202,7 +203,12 @@ def audit_new_examples(store, cfg, new: list[Example], measure=None) -> dict[str
     return rejected
 
 
-def _audit_record(example: Example) -> dict:
+def example_record(example: Example) -> dict:
+    """An example as a `messages` record, with its rejected answer (DPO) or label (KTO): what the audit and a
+    cycle's training file read."""
     conversation = example.conversation
     head = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") is not None else []
-    return {"messages": head + conversation["messages"]}
+    preference = {"rejected": example.rejected_answer} if example.rejected_answer is not None else {}
+    if example.label is not None:
+        preference["label"] = example.label
+    return {"messages": head + conversation["messages"], **preference}

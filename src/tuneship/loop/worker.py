@@ -27,10 +27,13 @@ from tuneship.errors import TuneshipError
 from tuneship.loop.cycle import challenger_config, publish_to_ollama, train_challenger, version_gguf
 from tuneship.loop.gate import prompts_from, run_gate
 from tuneship.loop.registry import Loop, RegistryError, promote, require_servable, rollback
-from tuneship.loop.signals import harvest
+from tuneship.loop.signals import example_record, harvest
 from tuneship.loop.trigger import CYCLE_LEASE, waiting_examples
 
 GATE_REPLAY_LIMIT = 20
+# What a cycle replays per loop.objective: dpo earlier pairs; sft and kto earlier SFT examples (to KTO, a record
+# without a label is a desirable answer).
+REPLAY_KIND = {"sft": "sft", "dpo": "dpo", "kto": "sft"}
 
 
 class CycleBusy(TuneshipError):
@@ -150,11 +153,12 @@ def _resume_or_new_version(loop: Loop, champion):
             "cycle_resumed", "tuneship", f"resuming v{version.id} left by an interrupted cycle", {}, version.id
         )
         return version
-    new = [e.id for e in waiting_examples(store, loop.cfg.loop.objective)]
+    objective = loop.cfg.loop.objective
+    new = [e.id for e in waiting_examples(store, objective)]
     if not new:
         raise NothingToTrain(
-            "no new accepted examples to train on; post feedback (POST /v1/feedback, `tuneship feedback import`) "
-            "or approve pending ones"
+            f"no new accepted {objective} examples to train on (loop.objective={objective}); post feedback "
+            "(POST /v1/feedback, `tuneship feedback import`) or approve pending ones"
         )
     version_id = store.next_version_id()
     name = loop.version_name(version_id)
@@ -171,11 +175,17 @@ def _resume_or_new_version(loop: Loop, champion):
 
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    pool = sorted(e.id for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == "sft")
+    kind = REPLAY_KIND[loop.cfg.loop.objective]
+    pool = sorted(e.id for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == kind)
     golden = {e.id for e in loop.store.examples(split="golden")}
     pool = [i for i in pool if i not in new and f"golden-{i}" not in golden]  # golden facts are not replayed
     count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
     return sorted(random.Random(seed).sample(pool, count))
+
+
+def _golden(loop: Loop) -> list:
+    """The golden set: SFT examples (their DPO and KTO twins are held out with them, never expected answers)."""
+    return [e for e in loop.store.examples(status="accepted", split="golden") if e.kind == "sft"]
 
 
 def _examples_by_id(loop: Loop, ids: list[str]) -> list:
@@ -188,22 +198,16 @@ def _write_cycle_data(loop: Loop, version) -> tuple[Path, Path]:
     folder = Path(loop.cfg.run.dir).resolve() / f"{loop.name}-loop" / f"v{version.id}"
     folder.mkdir(parents=True, exist_ok=True)
     train = _examples_by_id(loop, version.metrics["new_examples"] + version.metrics["replay_examples"])
-    golden = loop.store.examples(status="accepted", split="golden")
-    write_jsonl(folder / "train.jsonl", (_messages_record(e) for e in train))
-    write_jsonl(folder / "golden.jsonl", (_messages_record(e) for e in golden))
+    golden = _golden(loop)
+    write_jsonl(folder / "train.jsonl", (example_record(e) for e in train))
+    write_jsonl(folder / "golden.jsonl", (example_record(e) for e in golden))
     return folder / "train.jsonl", folder / "golden.jsonl"
 
 
-def _messages_record(example) -> dict:
-    conversation = example.conversation
-    head = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") is not None else []
-    return {"messages": head + conversation["messages"]}
-
-
 def _gate_sets(loop: Loop, version) -> dict[str, list]:
-    golden = loop.store.examples(status="accepted", split="golden")
+    golden = _golden(loop)
     replay = _examples_by_id(loop, version.metrics["replay_examples"])[:GATE_REPLAY_LIMIT]
-    new = _examples_by_id(loop, version.metrics["new_examples"])
+    new = [e for e in _examples_by_id(loop, version.metrics["new_examples"]) if e.label is not False]  # KTO negatives
     return {"golden": prompts_from(golden), "replay": prompts_from(replay), "new": prompts_from(new)}
 
 
@@ -246,7 +250,7 @@ def smoke_test(loop: Loop, version_id: int, live_url: str | None) -> list[str]:
     must come from the new version), else what serves without it (Ollama's `name:latest`, or the champion's GGUF
     in llama.cpp). Returns the problems (empty: passed)."""
     version = loop.store.version(version_id)
-    examples = loop.store.examples(status="accepted", split="golden") or _examples_by_id(
+    examples = _golden(loop) or _examples_by_id(
         loop, version.metrics.get("new_examples", [])
     )
     problems = []
