@@ -212,7 +212,9 @@ class LoopSection(Section):
     golden_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of new examples kept out as the golden set")
     golden: Path | None = Field(None, description="JSONL of extra golden examples, never trained on")
     max_regression: float = Field(0.0, ge=0.0, le=1.0, description="golden exact/F1 drop allowed vs the champion")
-    objective: Objective = Field("sft", description="what a cycle trains on: sft, dpo or kto examples (train.objective)")
+    objective: Objective = Field(
+        "sft", description="what a cycle trains on: sft, dpo or kto examples (train.objective)"
+    )
     lease_seconds: float = Field(300.0, gt=0, description="a cycle's lease; a crashed worker loses it after this")
     backoff_seconds: float = Field(900.0, ge=0, description="no automatic cycle this long after a failed one")
     smoke_prompts: int = Field(3, ge=1, description="golden prompts the live endpoint must answer after a promotion")

@@ -60,7 +60,9 @@ def test_a_dpo_cycle_trains_pairs_against_the_champion(fresh_loop_dir):  # noqa:
     assert gated.data["challenger"]["new"]["prompts"] == 2  # expected answers: the chosen corrections
     used = [e for e in loop.store.examples() if e.kind == "dpo"]
     assert [e.used_in for e in used] == [[2], [2]]
-    assert all(e.used_in == [] for e in loop.store.examples() if e.kind in ("kto", "sft") and e.provenance.get("generation"))
+    assert all(
+        e.used_in == [] for e in loop.store.examples() if e.kind in ("kto", "sft") and e.provenance.get("generation")
+    )
 
 
 def test_a_kto_cycle_trains_desirable_and_undesirable_answers_with_sft_replay(fresh_loop_dir):  # noqa: F811

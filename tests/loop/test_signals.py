@@ -33,6 +33,27 @@ def test_a_correction_makes_sft_dpo_and_a_kto_pair(store, cfg):
     assert result.examples == {"sft": 1, "dpo": 1, "kto": 2}
 
 
+def test_a_correction_that_repeats_the_answer_makes_no_pair_and_no_negative(store, cfg):
+    add_generation(store, answer="Paris.")
+    store.add_feedback("gen-1", "down", " Paris. ", None)
+    result = harvest(store, cfg)
+    assert kinds(store) == [
+        ("dpo", None, " Paris. ", "rejected"),
+        ("kto", True, " Paris. ", "accepted"),
+        ("sft", None, " Paris. ", "accepted"),
+    ]
+    [pair] = [e for e in store.examples() if e.kind == "dpo"]
+    assert "the rejected answer is the chosen one" in pair.reason and result.rejected_by_audit == 1
+
+
+def test_the_dpo_pair_and_kto_answers_of_a_golden_fact_are_held_out_with_it(store, cfg):
+    cfg.loop.golden_ratio = 0.999999  # every SFT example is golden
+    add_generation(store, answer="Lyon.")
+    store.add_feedback("gen-1", "down", "Paris.", None)
+    harvest(store, cfg)
+    assert {e.kind: e.split for e in store.examples()} == {"sft": "golden", "dpo": "golden", "kto": "golden"}
+
+
 @pytest.mark.parametrize("rating", ["up", "4", "5"])
 def test_thumbs_up_or_a_high_score_makes_sft_and_kto_positive(store, cfg, rating):
     add_generation(store)

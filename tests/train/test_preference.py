@@ -68,7 +68,10 @@ def test_dpo_trainer_sees_the_chat_format_prompt_and_answers_that_end_on_the_sto
 
 
 def test_kto_trainer_sees_the_chat_format_prompt_labels_and_stop_token(tmp_path, tiny_model_dir):
-    rows = [{**qa("Is the sky green?", "No, it is blue."), "label": True}, {**qa("Is grass red?", "Yes."), "label": False}]
+    rows = [
+        {**qa("Is the sky green?", "No, it is blue."), "label": True},
+        {**qa("Is grass red?", "Yes."), "label": False},
+    ]
     cfg = preference_config(tmp_path, tiny_model_dir, "kto", rows, batch_size=2)
     trainer, chat_format, conversations = built_trainer(cfg)
     batch = first_batch(trainer)
@@ -78,8 +81,13 @@ def test_kto_trainer_sees_the_chat_format_prompt_labels_and_stop_token(tmp_path,
     for (prompt, completion), conversation in zip(seen, conversations):
         assert prompt == chat_format.encode(chat_format.generation_prompt(conversation))
         assert completion[-1] == stop
-        assert chat_format.tokenizer.decode(completion) == conversation.messages[-1].content + chat_format.spec.stop_token
-    kl = sequences({**batch, "attention_mask": batch["KL_attention_mask"], "completion_mask": batch["KL_completion_mask"]}, "KL_input_ids")
+        assert (
+            chat_format.tokenizer.decode(completion) == conversation.messages[-1].content + chat_format.spec.stop_token
+        )
+    kl = sequences(
+        {**batch, "attention_mask": batch["KL_attention_mask"], "completion_mask": batch["KL_completion_mask"]},
+        "KL_input_ids",
+    )
     assert kl[0] == (seen[0][0], seen[1][1]) and kl[1] == (seen[1][0], seen[0][1])  # answers rotated in the batch
 
 
@@ -142,9 +150,7 @@ def test_dpo_raises_chosen_over_rejected_and_keeps_the_train_stage_contracts(tmp
     from tuneship.run import Run
     from tuneship.train.stage import run_train
 
-    cfg = preference_config(
-        tmp_path, tiny_model_dir, "dpo", [pair(*p) for p in PAIRS], max_steps=8, learning_rate=5e-3
-    )
+    cfg = preference_config(tmp_path, tiny_model_dir, "dpo", [pair(*p) for p in PAIRS], max_steps=8, learning_rate=5e-3)
     run = Run.create(cfg)
     result = run_train(cfg, run, quiet_console())
     conversations = read_conversations(run.data_dir / "train.jsonl")

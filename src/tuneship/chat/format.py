@@ -158,7 +158,9 @@ class ChatFormat:
     def _supervised_spans(self, messages, text: str, source: SourceRef) -> list[tuple[int, int]]:
         if self.spec.loss_on == "everything":
             return [(0, len(text))]
-        spans = [self._answer_span(messages, i, text, source) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        spans = [
+            self._answer_span(messages, i, text, source) for i, m in enumerate(messages) if m["role"] == "assistant"
+        ]
         return spans[-1:] if self.spec.loss_on == "last_assistant" else spans
 
     def _answer_span(self, messages, index: int, text: str, source: SourceRef) -> tuple[int, int]:

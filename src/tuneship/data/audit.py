@@ -247,7 +247,7 @@ def _objective_error(conversation: Conversation, objective: str) -> Finding | No
     without a label is desirable)."""
     source = conversation.source
     if objective == "dpo" and conversation.rejected is None:
-        why = "train.objective=dpo needs a rejected answer on every record; add \"rejected\" or train with sft/kto"
+        why = 'train.objective=dpo needs a rejected answer on every record; add "rejected" or train with sft/kto'
         return Finding("objective-mismatch", "error", source.file, source.line, why, "rejected")
     if objective == "sft" and not conversation.is_desirable:
         why = "an answer labelled undesirable (label false) is not an SFT target; train with train.objective=kto"

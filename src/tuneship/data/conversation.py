@@ -64,7 +64,9 @@ class Conversation:
         return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
     def to_json(self) -> dict[str, Any]:
-        preference = {key: value for key, value in (("rejected", self.rejected), ("label", self.label)) if value is not None}
+        preference = {
+            key: value for key, value in (("rejected", self.rejected), ("label", self.label)) if value is not None
+        }
         return {
             "system": self.system,
             "messages": [asdict(m) for m in self.messages],

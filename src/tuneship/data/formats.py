@@ -97,7 +97,9 @@ def _preference_fields(record: dict, conversation: Conversation) -> tuple[str | 
     if rejected is None:
         return None, label
     if label is not None:
-        raise RecordError("invalid-record", "a record is a DPO pair (rejected) or a KTO answer (label), not both", "label")
+        raise RecordError(
+            "invalid-record", "a record is a DPO pair (rejected) or a KTO answer (label), not both", "label"
+        )
     if not isinstance(rejected, str):
         raise RecordError("invalid-record", f"must be a string, got {type(rejected).__name__}", "rejected")
     if not rejected.strip():

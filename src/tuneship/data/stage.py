@@ -83,7 +83,11 @@ def data_inputs(cfg: Config) -> str:
     from tuneship.run import fingerprint
 
     return fingerprint(
-        cfg.data.model_dump(mode="json"), cfg.model.base, cfg.chat.model_dump(), cfg.train.max_seq_len, cfg.train.objective
+        cfg.data.model_dump(mode="json"),
+        cfg.model.base,
+        cfg.chat.model_dump(),
+        cfg.train.max_seq_len,
+        cfg.train.objective,
     )
 
 

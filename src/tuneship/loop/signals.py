@@ -92,11 +92,12 @@ def examples_for(generation: Generation, feedback: list[Feedback]) -> list[Examp
     signals = {signal_of(f) for f in feedback}
     correction = next((f.correction for f in feedback if f.correction is not None), None)
     if correction is not None:
+        is_changed = correction.strip() != generation.answer.strip()  # else its pair is dropped by the audit
         return [
             _example("sft", prompt, correction, provenance),
             _example("dpo", prompt, correction, provenance, rejected=generation.answer),
             _example("kto", prompt, correction, provenance, label=True),
-            _example("kto", prompt, generation.answer, provenance, label=False),
+            *([_example("kto", prompt, generation.answer, provenance, label=False)] if is_changed else []),
         ]
     if "positive" in signals:
         return [

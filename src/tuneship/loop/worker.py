@@ -250,9 +250,7 @@ def smoke_test(loop: Loop, version_id: int, live_url: str | None) -> list[str]:
     must come from the new version), else what serves without it (Ollama's `name:latest`, or the champion's GGUF
     in llama.cpp). Returns the problems (empty: passed)."""
     version = loop.store.version(version_id)
-    examples = _golden(loop) or _examples_by_id(
-        loop, version.metrics.get("new_examples", [])
-    )
+    examples = _golden(loop) or _examples_by_id(loop, version.metrics.get("new_examples", []))
     problems = []
     for prompt in prompts_from(examples[: loop.cfg.loop.smoke_prompts]):
         messages = prompt.conversation.prompt_messages()

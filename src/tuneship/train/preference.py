@@ -82,9 +82,7 @@ def preference_trainer(
         "gradient_checkpointing": False,  # TRL's default is on; tuneship's SFT trains without it
         "dataset_num_proc": None,
     }
-    prepared = setup_training(
-        run, cfg, base_dir, chat_format, inputs_hash, console, config_class, **arguments, **setup
-    )
+    prepared = setup_training(run, cfg, base_dir, chat_format, inputs_hash, console, config_class, **arguments, **setup)
     if objective == "dpo":
         rows = dpo_rows(chat_format, conversations)
     else:
@@ -118,7 +116,14 @@ def train_preference(
     extra_callbacks=(),
 ) -> TrainResult:
     trainer, prepared = preference_trainer(
-        run, cfg, base_dir, chat_format, conversations, inputs_hash, console, fresh=fresh,
+        run,
+        cfg,
+        base_dir,
+        chat_format,
+        conversations,
+        inputs_hash,
+        console,
+        fresh=fresh,
         extra_callbacks=extra_callbacks,
     )
     return fit(trainer, prepared, run, cfg, chat_format, console)
