@@ -182,3 +182,31 @@ def _untrained_margin(cfg, run, conversations) -> float:
         for c in conversations
     ]
     return sum(margins) / len(margins)
+
+
+def test_an_interrupted_dpo_run_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, tiny_model_dir, tiny_run):
+    """From a champion's adapter (the loop's case), with the reference adapter beside the trained one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tuneship.run import Run
+    from tuneship.train.stage import run_train
+
+    _, champion_run = tiny_run
+    cfg = preference_config(
+        tmp_path, tiny_model_dir, "dpo", [pair(*p) for p in PAIRS], max_steps=4, save_steps=2, batch_size=2
+    )
+    cfg.model.adapter_from = str(champion_run.path)
+    run = Run.create(cfg)
+    run_train(cfg, run, quiet_console())
+    whole = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    shutil.rmtree(run.checkpoints_dir / "checkpoint-4")  # as if killed after the checkpoint at step 2
+    shutil.rmtree(run.adapter_dir)
+    run.manifest_path.unlink()
+    resumed = run_train(cfg, run, quiet_console())
+    assert resumed.resumed_from == str(run.checkpoints_dir / "checkpoint-2") and resumed.steps == 4
+    again = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    assert whole.keys() == again.keys()
+    assert all(torch.allclose(whole[k], again[k], atol=1e-6) for k in whole)
