@@ -354,7 +354,7 @@ def _audit_totals(audit: Path) -> dict:
 def _versions() -> dict[str, str]:
     import importlib.metadata
 
-    names = ["tuneship", "torch", "transformers", "peft", "accelerate"]
+    names = ["tuneship", "torch", "transformers", "peft", "accelerate", "trl"]
     versions = {"python": platform.python_version()}
     for name in names:
         try:
