@@ -42,6 +42,19 @@ def test_tiny_model_estimate_is_exact_in_parameters_and_grows_with_the_batch(tin
     assert large.activations == 8 * small.activations and large.weights == small.weights
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_preference_training_counts_two_sequences_per_example(tmp_path, tiny_model_dir, objective):
+    from tuneship.config import load_config
+    from tuneship.train.device import detect_device, estimate_for_run
+
+    cfg = load_config(tiny_config_file(tmp_path, tiny_model_dir))
+    device = detect_device("cpu", "fp32")
+    sft = estimate_for_run(tiny_model_dir, cfg, device)
+    cfg.train.objective = objective
+    preference = estimate_for_run(tiny_model_dir, cfg, device)
+    assert preference.activations == 2 * sft.activations and preference.weights == sft.weights
+
+
 def test_qlora_weights_take_an_eighth_of_fp32(smollm2_dir):
     full, qlora = estimate(smollm2_dir, device="cuda-less"), estimate(smollm2_dir, is_qlora=True, device="cuda-less")
     assert qlora.weights == pytest.approx(full.weights / 8, rel=0.001)

@@ -143,29 +143,42 @@ def preference_margin(run, conversations) -> float:
     return sum(margins) / len(margins)
 
 
-def test_dpo_raises_chosen_over_rejected_and_keeps_the_train_stage_contracts(tmp_path, tiny_model_dir):
+def labelled(question: str, chosen: str, rejected: str) -> list[dict]:
+    return [{**qa(question, chosen), "label": True}, {**qa(question, rejected), "label": False}]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_preference_training_raises_chosen_over_rejected_and_keeps_the_train_stage_contracts(
+    tmp_path, tiny_model_dir, objective
+):
     import json
 
-    from tuneship.data.conversation import read_conversations
     from tuneship.run import Run
     from tuneship.train.stage import run_train
 
-    cfg = preference_config(tmp_path, tiny_model_dir, "dpo", [pair(*p) for p in PAIRS], max_steps=8, learning_rate=5e-3)
+    rows = [pair(*p) for p in PAIRS] if objective == "dpo" else [r for p in PAIRS for r in labelled(*p)]
+    cfg = preference_config(tmp_path, tiny_model_dir, objective, rows, max_steps=8, learning_rate=5e-3)
     run = Run.create(cfg)
     result = run_train(cfg, run, quiet_console())
-    conversations = read_conversations(run.data_dir / "train.jsonl")
-    assert len(conversations) == 8 and all(c.rejected for c in conversations)
+    conversations = [pair_conversation(*p) for p in PAIRS]
     trained = preference_margin(run, conversations)
     untrained = _untrained_margin(cfg, run, conversations)
-    assert trained > untrained + 0.4, (untrained, trained)  # measured: 0.01 -> 0.81
+    assert trained > untrained + 0.4, (untrained, trained)  # measured: dpo 0.01 -> 0.81
     assert result.steps == 8 and (run.adapter_dir / "adapter_model.safetensors").is_file()
     assert not (run.adapter_dir / "ref").exists()  # the reference adapter is not shipped
     assert json.loads((run.adapter_dir / "chat_format.json").read_text())["stop_token"] == "<|im_end|>"
     experiment = json.loads((run.reports_dir / "experiment.json").read_text())
     assert experiment["status"] == "done" and experiment["supervised_tokens"] > 0
-    assert any("rewards/margins" in entry for entry in experiment["metrics"])
+    assert any("rewards/chosen" in entry for entry in experiment["metrics"])
     assert run.manifest()["train"].status == "done"
     assert sorted(p.name for p in run.checkpoints_dir.glob("checkpoint-*"))  # resumable
+
+
+def pair_conversation(question: str, chosen: str, rejected: str):
+    from tuneship.data.conversation import Conversation, Message, SourceRef
+
+    messages = [Message("user", question), Message("assistant", chosen)]
+    return Conversation(messages, SourceRef("pairs", 0), rejected=rejected)
 
 
 def _untrained_margin(cfg, run, conversations) -> float:

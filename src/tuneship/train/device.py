@@ -115,12 +115,17 @@ def estimate_memory(
     )
 
 
+# Sequences one example puts through the trained model in a step (the reference forward keeps no activations):
+# a DPO pair's chosen and rejected answers, a KTO answer and its KL (mismatched) answer.
+SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "kto": 2}
+
+
 def estimate_for_run(model_dir: str, cfg, device: DeviceChoice) -> MemoryEstimate:
     return estimate_memory(
         model_dir,
         device.precision,
         lora_r=cfg.lora.r,
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size * SEQUENCES_PER_EXAMPLE[cfg.train.objective],
         seq_len=cfg.train.max_seq_len,
         is_qlora=cfg.lora.qlora,
         device=device.kind,
