@@ -115,8 +115,8 @@ def test_the_reference_is_the_model_training_starts_from_not_the_bare_base(tmp_p
     with champion.disable_adapter():
         bare = [answer_log_prob(champion, chat_format, c) for c in conversations]
     expected = [answer_log_prob(champion, chat_format, c) for c in conversations]
-    assert reference_chosen.tolist() == pytest.approx(expected, abs=1e-3)
-    assert bare != pytest.approx(expected, abs=1e-3)  # the champion's adapter changes them: the check can fail
+    assert reference_chosen.tolist() == pytest.approx(expected, rel=1e-4)  # TRL sums in chunks
+    assert bare != pytest.approx(expected, rel=1e-4)  # the champion's adapter changes them: the check can fail
 
 
 def answer_log_prob(model, chat_format, conversation) -> float:

@@ -139,6 +139,15 @@ def is_golden(example_id_: str, golden_ratio: float) -> bool:
     return int(hashlib.sha256(example_id_.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < golden_ratio
 
 
+def mark_golden(examples: list[Example], golden_ratio: float) -> None:
+    """Hold out the golden share of new SFT examples, each with the DPO pair and KTO answers of its generation,
+    so that no objective trains on a golden fact."""
+    golden = {e.provenance["generation"] for e in examples if e.kind == "sft" and is_golden(e.id, golden_ratio)}
+    for example in examples:
+        if example.provenance["generation"] in golden:
+            example.split = "golden"
+
+
 def harvest(store, cfg, measure=None) -> Harvest:
     """Turn every unprocessed feedback row into examples (or a counted drop), audit them, store them."""
     by_generation: dict[str, list[Feedback]] = defaultdict(list)
@@ -152,10 +161,8 @@ def harvest(store, cfg, measure=None) -> Harvest:
         store.set_feedback_outcome([r.id for r in rows], outcome)
         if outcome.startswith("dropped"):
             result.dropped[outcome.removeprefix("dropped: ")] += len(rows)
-    golden = {e.provenance["generation"] for e in new if e.kind == "sft" and is_golden(e.id, cfg.loop.golden_ratio)}
+    mark_golden(new, cfg.loop.golden_ratio)
     for example in new:
-        if example.provenance["generation"] in golden:
-            example.split = "golden"  # with its DPO pair and KTO answers: no objective trains on a golden fact
         if cfg.loop.review == "required":
             example.status = "pending_review"
     rejected = audit_new_examples(store, cfg, new, measure)

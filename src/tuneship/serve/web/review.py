@@ -44,7 +44,7 @@ def decide(body: ReviewDecision, request: Request) -> dict:
 def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
     """Replace the pending examples of a generation by those its edited correction makes (audited)."""
     from tuneship.loop.models import Feedback
-    from tuneship.loop.signals import audit_new_examples, examples_for, is_golden
+    from tuneship.loop.signals import audit_new_examples, examples_for, mark_golden
 
     if not body.correction.strip():
         raise ApiError(422, "correction: empty; send the corrected answer", param="correction")
@@ -53,9 +53,7 @@ def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
     made = examples_for(loop.store.generation(generation_id), [Feedback(correction=body.correction, rating=None)])
     old_ids = {e.id for e in old}
     fresh = [e for e in made if e.id not in old_ids]
-    for example in fresh:
-        if example.kind == "sft" and is_golden(example.id, loop.cfg.loop.golden_ratio):
-            example.split = "golden"
+    mark_golden(fresh, loop.cfg.loop.golden_ratio)
     rejected = audit_new_examples(loop.store, loop.cfg, fresh, _measure(request.app))
     loop.store.add_examples(fresh)
     kept = [e.id for e in made if e.id in old_ids]
