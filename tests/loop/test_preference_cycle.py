@@ -39,7 +39,7 @@ def assert_trained_from_the_champion_gated_and_recorded(loop, fresh_loop_dir, ob
     experiment = json.loads((run_dir / "reports" / "experiment.json").read_text())
     assert experiment["config"]["train"]["objective"] == objective and experiment["status"] == "done"
     gated = loop.store.events(kind="gated")[0]
-    assert gated.version_id == 2 and {"golden", "new"} <= set(gated.data["challenger"])
+    assert gated.version_id == 2 and set(gated.data["challenger"]) == {"golden", "replay", "new"}
     assert loop.store.version(2).status in ("champion", "rejected")
     assert loop.store.lease("cycle") is None
     return [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
@@ -55,7 +55,9 @@ def test_a_dpo_cycle_trains_pairs_against_the_champion(fresh_loop_dir):  # noqa:
     trained = assert_trained_from_the_champion_gated_and_recorded(loop, fresh_loop_dir, "dpo")
     pairs = {(r["messages"][-1]["content"], r["rejected"]) for r in trained}
     assert pairs == {("Answer number 99.", "something else"), ("Answer number 98.", "something else")}
-    assert "replay" not in loop.store.events(kind="gated")[0].data["challenger"]  # no earlier pairs to replay yet
+    assert len(trained) == 2  # no earlier pairs to replay yet: only the new pairs
+    assert loop.store.version(2).metrics["replay_examples"] == []
+    assert loop.store.events(kind="gated")[0].data["challenger"]["replay"]["prompts"] > 0  # earlier facts still checked
     gated = loop.store.events(kind="gated")[0]
     assert gated.data["challenger"]["new"]["prompts"] == 2  # expected answers: the chosen corrections
     used = [e for e in loop.store.examples() if e.kind == "dpo"]
@@ -79,7 +81,7 @@ def test_a_kto_cycle_trains_desirable_and_undesirable_answers_with_sft_replay(fr
     assert len(replayed) == 4 and all(r["messages"][-1]["content"].startswith("Answer number") for r in replayed)
     gated = loop.store.events(kind="gated")[0]
     assert gated.data["challenger"]["new"]["prompts"] == 2  # the negatives are no expected answers
-    assert gated.data["challenger"]["replay"]["prompts"] == 4
+    assert gated.data["challenger"]["replay"]["prompts"] > 0
 
 
 def test_an_objective_without_waiting_examples_of_its_kind_says_so(fresh_loop_dir):  # noqa: F811

@@ -187,15 +187,9 @@ def _current_waiting(store, objective: str) -> list:
 
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    """Earlier examples (of the objective's REPLAY_KIND) to train on again. Golden facts are not replayed, and
-    neither is an example whose prompt a newer example answers (a correction supersedes what it corrects:
-    replaying the old answer would train both)."""
-    kind = REPLAY_KIND[loop.cfg.loop.objective]
-    golden = {e.id for e in loop.store.examples(split="golden")}
-    earlier = [e for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == kind]
-    newer = [e for e in loop.store.examples(status="accepted", split="train") if e.id in new]
-    current, _ = latest_per_prompt(earlier + newer)
-    pool = sorted(e.id for e in current if e.id not in new and f"golden-{e.id}" not in golden)
+    """Earlier examples to train on again, `loop.replay_ratio` per new one, from what the champion learned (of
+    the objective's REPLAY_KIND)."""
+    pool = sorted(e.id for e in _learned_facts(loop, new, REPLAY_KIND[loop.cfg.loop.objective]))
     count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
     return sorted(random.Random(seed).sample(pool, count))
 
@@ -203,6 +197,19 @@ def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
 def _golden(loop: Loop) -> list:
     """The golden set: SFT examples (their DPO and KTO twins are held out with them, never expected answers)."""
     return [e for e in loop.store.examples(status="accepted", split="golden") if e.kind == "sft"]
+
+
+def _learned_facts(loop: Loop, new: set[str], kind: str = "sft") -> list:
+    """Earlier examples of `kind` that a promoted version trained on and that still hold: an example whose prompt
+    a newer one answers is left out (a correction supersedes what it corrects; replaying the old answer would
+    train both), so are golden facts (never trained on again) and the examples of rejected versions."""
+    store = loop.store
+    promoted = {v.id for v in store.versions() if v.status in ("champion", "retired")}
+    golden = {e.id for e in store.examples(split="golden")}
+    accepted = store.examples(status="accepted", split="train")
+    learned = [e for e in accepted if e.kind == kind and set(e.used_in) & promoted and e.id not in new]
+    current, _ = latest_per_prompt(learned + [e for e in accepted if e.id in new])
+    return [e for e in current if e.id not in new and f"golden-{e.id}" not in golden]
 
 
 def prompt_key(conversation: dict) -> str:
@@ -234,9 +241,19 @@ def _write_cycle_data(loop: Loop, version) -> tuple[Path, Path]:
 
 def _gate_sets(loop: Loop, version) -> dict[str, list]:
     golden = _golden(loop)
-    replay = _examples_by_id(loop, version.metrics["replay_examples"])[:GATE_REPLAY_LIMIT]
     new = [e for e in _examples_by_id(loop, version.metrics["new_examples"]) if e.label is not False]  # KTO negatives
+    replay = _forgetting_check(loop, version)
     return {"golden": prompts_from(golden), "replay": prompts_from(replay), "new": prompts_from(new)}
+
+
+def _forgetting_check(loop: Loop, version) -> list:
+    """Up to GATE_REPLAY_LIMIT earlier facts, first those this cycle did not replay: a replayed fact was just
+    trained again, only the others show what the challenger forgot."""
+    learned = _learned_facts(loop, set(version.metrics["new_examples"]))
+    replayed = set(version.metrics["replay_examples"])
+    not_replayed = [e for e in learned if e.id not in replayed]
+    picked = random.Random(version.id).sample(not_replayed, min(len(not_replayed), GATE_REPLAY_LIMIT))
+    return picked + [e for e in learned if e.id in replayed][: GATE_REPLAY_LIMIT - len(picked)]
 
 
 # promotion, Ollama, smoke test ----------------------------------------------------------------
