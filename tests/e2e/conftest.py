@@ -1,4 +1,6 @@
-"""One real fine-tune of SmolLM2-135M-Instruct on the quickstart facts, shared by the e2e tests."""
+"""The quickstart run, once for every e2e test: `tuneship run examples/quickstart.yaml` (the real SmolLM2 on
+the 30 made-up facts: trained, evaluated, exported to Q4_K_M and Q8_0, template-checked, Modelfile written;
+deploy target none). Tests read it; the loop test serves it (the loop writes beside it, never into it)."""
 
 from pathlib import Path
 
@@ -12,16 +14,8 @@ def quickstart_run(tmp_path_factory) -> Path:
     from tuneship.cli import main
 
     runs = tmp_path_factory.mktemp("runs")
+    overrides = [f"run.dir={runs}", "train.report_to=[]", "export.quants=[Q4_K_M,Q8_0]", "deploy.target=none"]
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "train",
-                str(REPO / "examples" / "quickstart.yaml"),
-                "--set",
-                f"run.dir={runs}",
-                "--set",
-                "train.report_to=[]",
-            ]
-        )
+        main(["run", str(REPO / "examples" / "quickstart.yaml"), *[f"--set={o}" for o in overrides]])
     assert exit_info.value.code in (0, None)
     return runs / "quickstart"

@@ -183,9 +183,12 @@ def _current_waiting(store, objective: str) -> list:
 
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    """Earlier examples to train on again, `loop.replay_ratio` per new one, from what the champion learned."""
+    """Earlier examples to train on again, from what the champion learned: `loop.replay_ratio` per new one but at
+    least `loop.min_replay` (a small knowledge base is replayed whole: a few new facts trained alone for many
+    epochs bleed into the old answers)."""
     pool = sorted(e.id for e in _learned_facts(loop, new))
-    count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
+    settings = loop.cfg.loop
+    count = min(len(pool), max(round(settings.replay_ratio * len(new)), settings.min_replay))
     return sorted(random.Random(seed).sample(pool, count))
 
 
