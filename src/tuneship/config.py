@@ -202,9 +202,7 @@ class LoopSection(Section):
     )
     review: Literal["auto", "required"] = Field("auto", description="required: new examples wait for approval")
     replay_ratio: float = Field(1.0, ge=0.0, description="earlier examples replayed per new example")
-    min_replay: int = Field(
-        100, ge=0, description="at least this many earlier examples replayed (all when fewer: a small set is replayed whole)"
-    )
+    min_replay: int = Field(100, ge=0, description="at least this many earlier examples replayed (all, when fewer)")
     golden_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of new examples kept out as the golden set")
     golden: Path | None = Field(None, description="JSONL of extra golden examples, never trained on")
     max_regression: float = Field(0.0, ge=0.0, le=1.0, description="golden exact/F1 drop allowed vs the champion")
