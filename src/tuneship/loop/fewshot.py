@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 from tuneship.data.conversation import Conversation, Message
@@ -95,18 +96,21 @@ def shot_budget(cfg, champion_cfg, champion_run_dir: Path) -> tuple[int, int]:
     return min(cfg.loop.fast_path_budget, context - answer_room - prompt_room), context
 
 
-def is_correction(store, example: Example) -> bool:
+def corrected_at(store, example: Example) -> datetime | None:
+    """When the correction an example was made from came in; None for an example made from no correction."""
     generation_id = (example.provenance or {}).get("generation")
-    return bool(generation_id) and any(f.correction is not None for f in store.feedback_for(generation_id))
+    times = [f.created_at for f in store.feedback_for(generation_id) if f.correction is not None] if generation_id else []
+    return max(times, default=None)
 
 
 def shot_pool(store) -> tuple[list[Example], list[dict]]:
     """(corrections waiting for a cycle, newest first, one per prompt; the superseded ones, as left out)."""
     from tuneship.loop.trigger import waiting_examples
 
-    corrections = [e for e in waiting_examples(store, "sft") if is_correction(store, e)]
+    dated = [(corrected_at(store, e), e) for e in waiting_examples(store, "sft")]
+    newest_first = sorted(((at, e.id, e) for at, e in dated if at is not None), reverse=True)
     pool, superseded, prompts = [], [], set()
-    for example in sorted(corrections, key=lambda e: (e.created_at, e.id), reverse=True):
+    for _, _, example in newest_first:
         prompt = json.dumps([example.conversation.get("system"), example.conversation["messages"][:-1]])
         if prompt in prompts:
             superseded.append({"example": example.id, "reason": "a newer correction of the same prompt is used"})
