@@ -2,6 +2,7 @@
 budget counted with the run's tokenizer) through the same gate in llama.cpp, the registry, serving and Ollama."""
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,7 @@ def test_the_newest_corrections_that_fit_the_budget_become_the_shots_and_a_long_
     fresh_loop_dir,  # noqa: F811
     monkeypatch,
 ):
+    from tuneship.deploy.modelfile import parse_modelfile
     from tuneship.loop.fewshot import shot_tokens
     from tuneship.loop.trigger import waiting_examples
     from tuneship.loop.worker import run_cycle
@@ -99,6 +101,14 @@ def test_the_newest_corrections_that_fit_the_budget_become_the_shots_and_a_long_
     assert loop.store.events()[0].kind == "cycle_finished" and loop.store.lease("cycle") is None
     assert {e.id for e in waiting_examples(loop.store)} >= {long_example.id, *candidate.example_ids}
 
+    # shipped as a Modelfile: the shots are its MESSAGE lines, num_ctx the context they were counted against
+    started = loop.store.events(kind="cycle_started")[0]
+    assert started.data["kind"] == "fewshot" and started.data["shots"] == 2
+    pairs = parse_modelfile(Path(started.data["modelfile"]).read_text())
+    assert [tuple(v.split(" ", 1)) for k, v in pairs if k == "MESSAGE"] == [(t["role"], t["content"]) for t in turns(SHORT)]
+    assert ("PARAMETER", f"num_ctx {loop.cfg.serve.n_ctx}") in pairs
+    assert pairs[0] == ("FROM", str(Path(candidate.gguf).resolve()))
+
 
 def test_no_shot_when_no_correction_fits_says_so_and_is_not_retried(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.trigger import trigger_decision
@@ -109,23 +119,6 @@ def test_no_shot_when_no_correction_fits_says_so_and_is_not_retried(fresh_loop_d
         run_cycle(loop, QUIET, kind="fewshot")
     assert [v.id for v in loop.store.versions()] == [1] and not loop.store.events(kind="cycle_failed")
     assert not trigger_decision(loop.store, loop.cfg.loop).is_due  # the same corrections are not tried again
-
-
-def test_the_modelfile_of_a_fewshot_version_has_its_shots_as_message_lines(fresh_loop_dir):  # noqa: F811
-    from tuneship.deploy.modelfile import parse_modelfile
-    from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import run_cycle
-
-    loop = open_loop(fresh_loop_dir, ["loop.min_examples=50"])
-    correct(loop, SHORT)
-    run_cycle(loop, QUIET, kind="fewshot")
-    started = loop.store.events(kind="cycle_started")[0]
-    assert started.data["kind"] == "fewshot" and started.data["shots"] == 2
-    pairs = parse_modelfile(Path(started.data["modelfile"]).read_text())
-    messages = [tuple(v.split(" ", 1)) for k, v in pairs if k == "MESSAGE"]
-    assert messages == [(t["role"], t["content"]) for t in loop.store.version(2).shots]
-    assert ("PARAMETER", f"num_ctx {loop.cfg.serve.n_ctx}") in pairs
-    assert pairs[0] == ("FROM", str(Path(loop.store.version(2).gguf).resolve()))
 
 
 def add_fewshot_version(loop, shots):
@@ -187,19 +180,83 @@ def test_publishing_a_fewshot_version_to_ollama_sends_its_shots_as_messages(fres
 
 
 def test_a_fine_tune_after_a_fewshot_champion_trains_its_shots_from_its_run(fresh_loop_dir):  # noqa: F811
-    import json
-
+    """What the next fine-tune cycle trains (without training it: test_cycle.py runs a whole cycle)."""
+    from tuneship.loop.cycle import challenger_config
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.signals import harvest
+    from tuneship.loop.worker import _resume_or_new_version, _write_cycle_data
 
     loop = open_loop(fresh_loop_dir, ["loop.min_examples=2"])
     correct(loop, SHORT)
-    add_fewshot_version(loop, turns(SHORT))
-    result = run_cycle(loop, QUIET, "test", "due")
-    v3 = loop.store.version(3)
-    assert v3.kind == "finetune" and v3.parent_id == 2 and result.version_id == 3
-    assert f"adapter_from: {fresh_loop_dir}" in (Path(v3.run_dir) / "config.yaml").read_text()
-    trained = [json.loads(line) for line in (Path(v3.run_dir) / "data" / "train.jsonl").read_text().splitlines()]
-    assert {a for _, a in SHORT} <= {c["messages"][-1]["content"] for c in trained}
-    gated = loop.store.events(kind="gated")[0]
-    assert gated.version_id == 3 and set(gated.data["champion"]) == {"golden", "replay", "new"}
+    harvest(loop.store, loop.cfg)
+    champion = add_fewshot_version(loop, turns(SHORT))
+    v3 = _resume_or_new_version(loop, champion)
+    assert v3.kind == "finetune" and v3.parent_id == 2 and not v3.shots
+    train_file, _ = _write_cycle_data(loop, v3)
+    cfg = challenger_config(loop.cfg, v3.name, Path(champion.run_dir), train_file, train_file)
+    assert cfg.model.adapter_from == str(fresh_loop_dir)  # the few-shot champion's run: v1's adapter
+    trained = [json.loads(line)["messages"][-1]["content"] for line in train_file.read_text().splitlines()]
+    assert {a for _, a in SHORT} <= set(trained)
+
+
+def post_correction(store, index: int, question: str, correction: str):
+    from tests.loop.test_store import add_generation
+
+    add_generation(store, f"gen-{index}", answer="something else", question=question)
+    store.add_feedback(f"gen-{index}", "down", correction, None)
+
+
+def test_the_trigger_takes_the_fast_path_only_below_the_threshold_and_once_per_new_correction(store):
+    from tuneship.config import Config
+    from tuneship.loop.fewshot import SELECTED_EVENT, shot_pool
+    from tuneship.loop.signals import harvest
+    from tuneship.loop.trigger import trigger_decision
+
+    cfg = Config()
+    cfg.loop.golden_ratio, cfg.loop.min_examples = 0.0, 3
+    post_correction(store, 1, "Capital of Veloria?", "Quintara.")
+    harvest(store, cfg)
+    decision = trigger_decision(store, cfg.loop)
+    assert decision.is_due and decision.kind == "fewshot" and decision.reason.startswith("1/3 new examples; 1 new")
+
+    pool, _ = shot_pool(store)  # what a few-shot attempt considered: not tried again with the same corrections
+    store.add_event(SELECTED_EVENT, "test", "tried", {"considered": [e.id for e in pool]})
+    assert trigger_decision(store, cfg.loop).reason == "1/3 new examples"
+
+    post_correction(store, 2, "Its river?", "The Vel.")
+    harvest(store, cfg)
+    assert trigger_decision(store, cfg.loop).kind == "fewshot"
+    store.add_event("cycle_failed", "trigger", "broke")  # the same back-off as a fine-tune cycle
+    assert "backing off" in trigger_decision(store, cfg.loop).reason
+    cfg.loop.backoff_seconds = 0
+    store.acquire_lease("cycle", "worker-1", 60, stage="gate")  # and never while a cycle runs
+    assert not trigger_decision(store, cfg.loop).is_due
+    store.release_lease("cycle", "worker-1")
+    cfg.loop.fast_path = False
+    assert trigger_decision(store, cfg.loop).reason == "2/3 new examples"
+
+    cfg.loop.fast_path = True
+    post_correction(store, 3, "Its mountain?", "Mount Orel.")
+    harvest(store, cfg)
+    decision = trigger_decision(store, cfg.loop)
+    assert decision.is_due and decision.kind == "finetune" and decision.reason == "3 new examples (threshold 3)"
+
+
+def test_thumbs_up_answers_and_base_run_examples_are_no_shots(store):
+    from tests.loop.test_store import add_generation, example
+    from tuneship.config import Config
+    from tuneship.loop.fewshot import shot_pool
+    from tuneship.loop.signals import harvest
+
+    cfg = Config()
+    cfg.loop.golden_ratio = 0.0
+    add_generation(store, "gen-up", answer="Paris.")
+    store.add_feedback("gen-up", "up", None, None)
+    store.add_examples([example("from-the-base-run")])
+    post_correction(store, 1, "Capital of Veloria?", "Quintara.")
+    post_correction(store, 2, "Capital of Veloria?", "Quintara, on the Vel.")  # the newer correction wins
+    harvest(store, cfg)
+    pool, superseded = shot_pool(store)
+    assert [e.conversation["messages"][-1]["content"] for e in pool] == ["Quintara, on the Vel."]
+    [older] = superseded
+    assert "newer correction of the same prompt" in older["reason"]
