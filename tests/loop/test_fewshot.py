@@ -105,7 +105,9 @@ def test_the_newest_corrections_that_fit_the_budget_become_the_shots_and_a_long_
     started = loop.store.events(kind="cycle_started")[0]
     assert started.data["kind"] == "fewshot" and started.data["shots"] == 2
     pairs = parse_modelfile(Path(started.data["modelfile"]).read_text())
-    assert [tuple(v.split(" ", 1)) for k, v in pairs if k == "MESSAGE"] == [(t["role"], t["content"]) for t in turns(SHORT)]
+    assert [tuple(v.split(" ", 1)) for k, v in pairs if k == "MESSAGE"] == [
+        (t["role"], t["content"]) for t in turns(SHORT)
+    ]
     assert ("PARAMETER", f"num_ctx {loop.cfg.serve.n_ctx}") in pairs
     assert pairs[0] == ("FROM", str(Path(candidate.gguf).resolve()))
 

@@ -99,7 +99,9 @@ def shot_budget(cfg, champion_cfg, champion_run_dir: Path) -> tuple[int, int]:
 def corrected_at(store, example: Example) -> datetime | None:
     """When the correction an example was made from came in; None for an example made from no correction."""
     generation_id = (example.provenance or {}).get("generation")
-    times = [f.created_at for f in store.feedback_for(generation_id) if f.correction is not None] if generation_id else []
+    times = (
+        [f.created_at for f in store.feedback_for(generation_id) if f.correction is not None] if generation_id else []
+    )
     return max(times, default=None)
 
 
@@ -123,7 +125,9 @@ def shot_pool(store) -> tuple[list[Example], list[dict]]:
 def shot_turns(examples: list[Example]) -> list[dict]:
     """The examples' turns, oldest first (the newest correction sits nearest the question); no system prompt:
     the conversation being answered keeps its own."""
-    return [{"role": m["role"], "content": m["content"]} for e in reversed(examples) for m in e.conversation["messages"]]
+    return [
+        {"role": m["role"], "content": m["content"]} for e in reversed(examples) for m in e.conversation["messages"]
+    ]
 
 
 def choose_shots(pool: list[Example], chat_format, budget: int) -> tuple[list[Example], list[dict]]:
@@ -207,7 +211,12 @@ def fewshot_cycle(loop, console, heartbeat, actor: str, reason: str, live_url: s
         "cycle_started",
         actor,
         reason,
-        {"kind": "fewshot", "shots": len(choice.example_ids), "tokens": choice.tokens, "modelfile": _modelfile(loop, version)},
+        {
+            "kind": "fewshot",
+            "shots": len(choice.example_ids),
+            "tokens": choice.tokens,
+            "modelfile": _modelfile(loop, version),
+        },
         version.id,
     )
     heartbeat.stage("gate", version.id)

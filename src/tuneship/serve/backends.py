@@ -1,8 +1,8 @@
 """Model backends behind the chat API, and the router that picks one per request with fallback.
 
 - LlamaCppModel: a version's GGUF in llama.cpp, in-process; the prompt is rendered with the version's own
-  ChatFormat (a few-shot version's shots before the conversation) and generation stops on its stop tokens. One request at a time per model (llama.cpp contexts are
-  not thread-safe).
+  ChatFormat (a few-shot version's shots before the conversation) and generation stops on its stop tokens.
+  One request at a time per model (llama.cpp contexts are not thread-safe).
 - OllamaModel: an Ollama model over REST (/api/chat), through deploy/ollama.py's client.
 - ModelPool: loaded GGUFs by version; when the champion moves, the old model is closed only once its
   in-flight requests are done, so a promotion never drops a request.
