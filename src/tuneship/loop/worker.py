@@ -2,7 +2,8 @@
 
 lease -> harvest feedback -> examples (new + replay sample; golden held out) -> challenger run through the
 pipeline (cycle.py), or on the fast path a few-shot candidate (fewshot.py) -> gate in llama.cpp vs the champion
--> promote (Ollama `name:v<N>` + `name:latest`) -> smoke test on the live path -> automatic restore of the previous champion when it fails.
+-> promote (Ollama `name:v<N>` + `name:latest`) -> smoke test on the live path -> automatic restore of the
+previous champion when it fails.
 
 A heartbeat thread renews the lease; a worker killed with -9 stops renewing, so the lease expires and the
 next cycle takes over. A version left in status "training" is resumed with exactly its own examples (the run
