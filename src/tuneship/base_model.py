@@ -111,11 +111,11 @@ def _write_license(gguf: Path, target: Path) -> None:
     """Carry the GGUF's general.license into the folder, so merged models and Modelfiles keep it."""
     if (target / "LICENSE").is_file():
         return
-    from gguf import GGUFReader
+    from tuneship.export.gguf import read_gguf_field
 
-    entry = GGUFReader(str(gguf)).fields.get("general.license")
-    if entry is not None:
-        (target / "LICENSE").write_text(str(entry.contents()) + "\n", encoding="utf-8")
+    license_text = read_gguf_field(gguf, "general.license")
+    if license_text is not None:
+        (target / "LICENSE").write_text(str(license_text) + "\n", encoding="utf-8")
 
 
 def _convert_gguf(gguf: Path, target: Path) -> Path:

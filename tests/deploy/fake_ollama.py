@@ -113,17 +113,17 @@ class FakeOllama(LoopbackServer):
                 )
 
             def _show(self, body: dict):
-                from gguf import GGUFReader
+                from tuneship.gguf_header import read_header
 
                 model = fake.models.get(body["model"])
                 if model is None:
                     return self._send(404, json.dumps({"error": "model not found"}).encode())
                 [digest] = model["files"].values()
-                reader = GGUFReader(str(fake.blob_path(digest)))
+                metadata = read_header(fake.blob_path(digest)).metadata
                 info = {
-                    key: reader.fields[key].contents()
+                    key: metadata[key]
                     for key in ("general.architecture", "tokenizer.ggml.eos_token_id")
-                    if key in reader.fields
+                    if key in metadata
                 }
                 stops = "\n".join(f'stop "{s}"' for s in model["parameters"].get("stop", []))
                 self._send(

@@ -113,3 +113,34 @@ def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_repla
     assert sorted(trained[i] for i in replayed) == []  # replay_ratio x 0 new examples
     loop.cfg.loop.replay_ratio = 10.0
     assert sorted(trained[i] for i in _replay_sample(loop, {"x"}, seed=1)) == ["Question 2?", "Question 3?"]
+
+
+def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own_cycle(tmp_path):
+    from tests.conftest import qa
+    from tests.loop_fixtures import served
+    from tuneship.loop.registry import open_loop
+    from tuneship.loop.signals import harvest
+    from tuneship.loop.worker import _current_waiting, _replay_sample
+
+    run_dir = tmp_path / "runs" / "shop"
+    facts = [qa(f"Question {i}?", f"Answer {i}.") for i in range(4)]
+    write_jsonl(
+        run_dir / "data" / "train.jsonl", [{**f, "source": {"file": "f", "line": i}} for i, f in enumerate(facts)]
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{golden_ratio: 0, replay_ratio: 10}}\n")
+    loop = open_loop(config)
+    served(loop.store, "gen-1", "Question 0?", "Answer 0.")
+    served(loop.store, "gen-2", "Question 0?", "Answer 0.")
+    loop.store.add_feedback("gen-1", "down", "Answer zero, first try.", None)
+    harvest(loop.store, loop.cfg)
+    loop.store.add_feedback("gen-2", "down", "Answer zero.", None)
+    harvest(loop.store, loop.cfg)
+
+    waiting = _current_waiting(loop.store, "sft")
+    assert [e.conversation["messages"][-1]["content"] for e in waiting] == ["Answer zero."]
+    [older] = loop.store.examples(status="superseded")
+    assert older.conversation["messages"][-1]["content"] == "Answer zero, first try." and "newer" in older.reason
+    replayed = {e.id: e.conversation["messages"] for e in loop.store.examples()}
+    questions = sorted(replayed[i][0]["content"] for i in _replay_sample(loop, {waiting[0].id}, seed=1))
+    assert questions == ["Question 1?", "Question 2?", "Question 3?"]  # not "Question 0?" with its old answer

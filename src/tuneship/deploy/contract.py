@@ -99,20 +99,19 @@ def render_go(template: str, messages: list[dict[str, str]], system: str | None)
 
 def gguf_renderer(gguf_path: Path):
     """A renderer of the GGUF's embedded template (the file is read once, not once per conversation)."""
-    from gguf import GGUFReader
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from tuneship.export.gguf import gguf_field
+    from tuneship.gguf_header import read_header
 
-    reader = GGUFReader(str(gguf_path))
-    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    metadata = read_header(gguf_path).metadata
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
 
     def token(key: str) -> str:
-        token_id = gguf_field(reader, key)
+        token_id = metadata.get(key)
         return tokens[token_id] if token_id is not None else ""
 
     formatter = Jinja2ChatFormatter(
-        gguf_field(reader, "tokenizer.chat_template") or "",
+        metadata.get("tokenizer.chat_template") or "",
         eos_token=token("tokenizer.ggml.eos_token_id"),
         bos_token=token("tokenizer.ggml.bos_token_id"),
     )

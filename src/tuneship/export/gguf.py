@@ -109,40 +109,32 @@ def native_output_to(path: Path):
 
 
 def read_gguf(path: Path, kind: str) -> GGUFInfo:
-    from gguf import GGUFReader
+    from tuneship.gguf_header import GGUFHeaderError, read_header
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # a damaged file fails in many ways inside the reader
+        header = read_header(path)
+    except GGUFHeaderError as exc:
         raise ExportError(f"{path}: not a readable GGUF ({exc})") from None
-
-    def value(key):
-        return gguf_field(reader, key)
-
+    value = header.metadata.get
     return GGUFInfo(
         path=str(path),
         kind=kind,
         size_bytes=path.stat().st_size,
-        tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-        parameters=sum(int(t.n_elements) for t in reader.tensors),
+        tensor_bytes=sum(t.n_bytes for t in header.tensors),
+        parameters=sum(t.n_elements for t in header.tensors),
         architecture=value("general.architecture") or "",
-        tensor_count=len(reader.tensors),
-        tensor_types=dict(Counter(t.tensor_type.name.lower() for t in reader.tensors).most_common()),
+        tensor_count=len(header.tensors),
+        tensor_types=dict(Counter(t.type_name for t in header.tensors).most_common()),
         eos_token_id=value("tokenizer.ggml.eos_token_id"),
         eot_token_id=value("tokenizer.ggml.eot_token_id"),
         chat_template=value("tokenizer.chat_template"),
     )
 
 
-def gguf_field(reader, key: str):
-    entry = reader.fields.get(key)
-    return entry.contents() if entry is not None else None
-
-
 def read_gguf_field(path: Path, key: str):
-    from gguf import GGUFReader
+    from tuneship.gguf_header import read_header
 
-    return gguf_field(GGUFReader(str(path)), key)
+    return read_header(path).metadata.get(key)
 
 
 def validate_gguf(path: Path, kind: str, chat_format, expected_tensors: int | None = None) -> GGUFInfo:

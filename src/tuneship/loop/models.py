@@ -21,7 +21,7 @@ from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 VersionStatus = Literal["training", "candidate", "champion", "retired", "rejected", "failed"]
-ExampleStatus = Literal["pending_review", "accepted", "rejected"]
+ExampleStatus = Literal["pending_review", "accepted", "rejected", "superseded"]
 ExampleKind = Literal["sft", "kto", "dpo"]
 Split = Literal["train", "golden"]
 VersionKind = Literal["finetune", "fewshot"]

@@ -169,7 +169,7 @@ def _resume_or_new_version(loop: Loop, champion):
             "cycle_resumed", "tuneship", f"resuming v{version.id} left by an interrupted cycle", {}, version.id
         )
         return version
-    new = [e.id for e in waiting_examples(store, loop.cfg.loop.objective)]
+    new = [e.id for e in _current_waiting(store, loop.cfg.loop.objective)]
     if not new:
         raise NothingToTrain(
             "no new accepted examples to train on; post feedback (POST /v1/feedback, `tuneship feedback import`) "
@@ -189,12 +189,40 @@ def _resume_or_new_version(loop: Loop, champion):
     )
 
 
+def _current_waiting(store, objective: str) -> list:
+    """The waiting examples; of two SFT answers to one prompt (two corrections) only the newer is trained, the
+    older is marked "superseded" with the reason (counted, not lost)."""
+    waiting = waiting_examples(store, objective)
+    if objective != "sft":
+        return waiting
+    current, superseded = latest_per_prompt(waiting)
+    if superseded:
+        store.set_example_status([e.id for e in superseded], "superseded", "a newer example answers the same prompt")
+    return current
+
+
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    pool = sorted(e.id for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == "sft")
+    """Earlier SFT examples to train on again. Golden facts are not replayed, and neither is an example whose
+    prompt a newer example answers (a correction supersedes what it corrects: replaying the old answer would
+    train both)."""
     golden = {e.id for e in loop.store.examples(split="golden")}
-    pool = [i for i in pool if i not in new and f"golden-{i}" not in golden]  # golden facts are not replayed
+    earlier = [e for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == "sft"]
+    newer = [e for e in loop.store.examples(status="accepted", split="train") if e.id in new]
+    current, _ = latest_per_prompt(earlier + newer)
+    pool = sorted(e.id for e in current if e.id not in new and f"golden-{e.id}" not in golden)
     count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
     return sorted(random.Random(seed).sample(pool, count))
+
+
+def prompt_key(conversation: dict) -> str:
+    return json.dumps([conversation.get("system"), conversation["messages"][:-1]], ensure_ascii=False)
+
+
+def latest_per_prompt(examples: list) -> tuple[list, list]:
+    """(current, superseded): for each prompt the last of `examples` (oldest first) answers it."""
+    last = {prompt_key(e.conversation): e.id for e in examples}
+    current_ids = set(last.values())
+    return [e for e in examples if e.id in current_ids], [e for e in examples if e.id not in current_ids]
 
 
 def _examples_by_id(loop: Loop, ids: list[str]) -> list:
