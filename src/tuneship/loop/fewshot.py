@@ -23,7 +23,6 @@ few-shot version's run (its `run_dir`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -108,12 +107,13 @@ def corrected_at(store, example: Example) -> datetime | None:
 def shot_pool(store) -> tuple[list[Example], list[dict]]:
     """(corrections waiting for a cycle, newest first, one per prompt; the superseded ones, as left out)."""
     from tuneship.loop.trigger import waiting_examples
+    from tuneship.loop.worker import prompt_key
 
     dated = [(corrected_at(store, e), e) for e in waiting_examples(store, "sft")]
     newest_first = sorted(((at, e.id, e) for at, e in dated if at is not None), reverse=True)
     pool, superseded, prompts = [], [], set()
     for _, _, example in newest_first:
-        prompt = json.dumps([example.conversation.get("system"), example.conversation["messages"][:-1]])
+        prompt = prompt_key(example.conversation)
         if prompt in prompts:
             superseded.append({"example": example.id, "reason": "a newer correction of the same prompt is used"})
             continue
