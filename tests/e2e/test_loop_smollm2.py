@@ -53,6 +53,7 @@ def base_run(tmp_path_factory):
         "golden_ratio": 0.0,
         "golden": str(folder / "golden.jsonl"),
         "max_regression": 0.05,
+        "fast_path": False,  # the fine-tune path; test_fastpath_smollm2.py runs the few-shot one
     }
     (folder / "facts.yaml").write_text(yaml.safe_dump(config))
     cfg = load_config(folder / "facts.yaml")

@@ -262,3 +262,21 @@ def test_thumbs_up_answers_and_base_run_examples_are_no_shots(store):
     assert [e.conversation["messages"][-1]["content"] for e in pool] == ["Quintara, on the Vel."]
     [older] = superseded
     assert "newer correction of the same prompt" in older["reason"]
+
+
+def test_the_servers_trigger_starts_the_fast_path_in_its_own_process(fresh_loop_dir):  # noqa: F811
+    from tuneship.loop.registry import open_loop
+    from tuneship.serve.app import Trigger, create_app
+
+    loop = open_loop(fresh_loop_dir)  # loop.min_examples 2: one correction is below it
+    correct(loop, SHORT[:1])
+    app = create_app(loop)
+    assert Trigger(app).tick()
+    [process] = app.state.cycles.processes
+    assert process.args[-2:] == ["--kind", "fewshot"]
+    process.wait(timeout=300)
+    log = (fresh_loop_dir.parent / "tiny-loop" / "cycle.log").read_text()
+    assert process.returncode in (0, 4), log  # 4: the gate rejected it
+    started = loop.store.events(kind="cycle_started")[0]
+    assert started.actor == "trigger" and started.data["kind"] == "fewshot" and started.reason.startswith("1/2 new")
+    assert loop.store.version(2).kind == "fewshot" and loop.store.version(2).shots == turns(SHORT[:1])
