@@ -62,6 +62,7 @@ def test_eval_run_alone_counts_for_the_pipeline(tmp_path, tiny_model_dir, cli):
     evaluated = manifest(run_dir)["eval"]
     result = cli("run", config)
     assert result.code == 0, result.output
+    assert "Loading weights" not in result.err  # transformers' bar for each local model load is not shown
     assert statuses(result.out) == {
         "data": "done",
         "train": "skipped",

@@ -8,6 +8,7 @@ pad/eos ids in `config` and `generation_config` (eos = every stop token id, so g
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from tuneship.errors import ModelError
@@ -55,13 +56,29 @@ def load_base(base_dir: str, chat_format: ChatFormat, **from_pretrained: Any) ->
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, **from_pretrained)
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(base_dir, **from_pretrained)
     except OSError as exc:
         raise ModelError(f"cannot load the base model from {base_dir}: {exc}") from None
     if chat_format.spec.is_pad_added:
         model.resize_token_embeddings(len(chat_format.tokenizer))
     apply_chat_format(model, chat_format)
     return model
+
+
+@contextmanager
+def _no_loading_bar():
+    """transformers draws a "Loading weights" bar on stderr for every load of a local folder: noise in
+    tuneship's output, and in every log a cycle or a test keeps."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def adapter_base_dir(run: Run) -> str:

@@ -115,21 +115,24 @@ def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_repla
     assert sorted(trained[i] for i in _replay_sample(loop, {"x"}, seed=1)) == ["Question 2?", "Question 3?"]
 
 
-def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own_cycle(tmp_path):
+def shop_loop(tmp_path, facts: int):
+    """A loop whose v1 learned `facts` numbered questions (no golden set, replay of everything)."""
     from tests.conftest import qa
-    from tests.loop_fixtures import served
     from tuneship.loop.registry import open_loop
+
+    records = [{**qa(f"Question {i}?", f"Answer {i}."), "source": {"file": "f", "line": i}} for i in range(facts)]
+    write_jsonl(tmp_path / "runs" / "shop" / "data" / "train.jsonl", records)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{golden_ratio: 0, replay_ratio: 10}}\n")
+    return open_loop(config)
+
+
+def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own_cycle(tmp_path):
+    from tests.loop_fixtures import served
     from tuneship.loop.signals import harvest
     from tuneship.loop.worker import _current_waiting, _replay_sample
 
-    run_dir = tmp_path / "runs" / "shop"
-    facts = [qa(f"Question {i}?", f"Answer {i}.") for i in range(4)]
-    write_jsonl(
-        run_dir / "data" / "train.jsonl", [{**f, "source": {"file": "f", "line": i}} for i, f in enumerate(facts)]
-    )
-    config = tmp_path / "run.yaml"
-    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{golden_ratio: 0, replay_ratio: 10}}\n")
-    loop = open_loop(config)
+    loop = shop_loop(tmp_path, 4)
     served(loop.store, "gen-1", "Question 0?", "Answer 0.")
     served(loop.store, "gen-2", "Question 0?", "Answer 0.")
     loop.store.add_feedback("gen-1", "down", "Answer zero, first try.", None)
@@ -144,3 +147,27 @@ def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own
     replayed = {e.id: e.conversation["messages"] for e in loop.store.examples()}
     questions = sorted(replayed[i][0]["content"] for i in _replay_sample(loop, {waiting[0].id}, seed=1))
     assert questions == ["Question 1?", "Question 2?", "Question 3?"]  # not "Question 0?" with its old answer
+
+
+def test_a_rejected_versions_examples_are_never_replayed_and_the_gate_checks_facts_not_replayed(tmp_path):
+    from tests.loop_fixtures import served
+    from tuneship.loop.signals import harvest
+    from tuneship.loop.worker import _forgetting_check, _replay_sample
+
+    loop = shop_loop(tmp_path, 30)
+    served(loop.store, "gen-1", "Question 0?", "Answer 0.")
+    loop.store.add_feedback("gen-1", "down", "A wrong answer zero.", None)
+    harvest(loop.store, loop.cfg)
+    [wrong] = [e.id for e in loop.store.examples() if e.kind == "sft" and e.provenance.get("generation")]
+    loop.store.add_version(id=2, name="shop-v2", parent_id=1, run_dir="x", gguf=None, status="rejected")
+    loop.store.mark_used([wrong], 2)
+    answers = {e.id: e.conversation["messages"][-1]["content"] for e in loop.store.examples()}
+    everything = _replay_sample(loop, {"a", "b", "c"}, seed=3)  # 10 per new one: the whole pool
+    assert sorted(answers[i] for i in everything) == sorted(f"Answer {i}." for i in range(30))  # the wrong one aside
+
+    replay = _replay_sample(loop, {"new"}, seed=3)
+    metrics = {"new_examples": [], "replay_examples": replay}
+    version = loop.store.add_version(id=3, name="v3", parent_id=1, run_dir="y", status="training", metrics=metrics)
+    checked = {e.id for e in _forgetting_check(loop, version)}
+    assert len(replay) == 10 and len(checked) == 20 and not checked & set(replay)  # of 30 learned: not replayed
+    assert wrong not in checked

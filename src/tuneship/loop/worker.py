@@ -202,16 +202,23 @@ def _current_waiting(store, objective: str) -> list:
 
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    """Earlier SFT examples to train on again. Golden facts are not replayed, and neither is an example whose
-    prompt a newer example answers (a correction supersedes what it corrects: replaying the old answer would
-    train both)."""
-    golden = {e.id for e in loop.store.examples(split="golden")}
-    earlier = [e for e in loop.store.examples(status="accepted", split="train", unused=False) if e.kind == "sft"]
-    newer = [e for e in loop.store.examples(status="accepted", split="train") if e.id in new]
-    current, _ = latest_per_prompt(earlier + newer)
-    pool = sorted(e.id for e in current if e.id not in new and f"golden-{e.id}" not in golden)
+    """Earlier examples to train on again, `loop.replay_ratio` per new one, from what the champion learned."""
+    pool = sorted(e.id for e in _learned_facts(loop, new))
     count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
     return sorted(random.Random(seed).sample(pool, count))
+
+
+def _learned_facts(loop: Loop, new: set[str]) -> list:
+    """Earlier SFT examples that a promoted version trained on and that still hold: an example whose prompt a
+    newer one answers is left out (a correction supersedes what it corrects; replaying the old answer would
+    train both), so are golden facts (never trained on again) and the examples of rejected versions."""
+    store = loop.store
+    promoted = {v.id for v in store.versions() if v.status in ("champion", "retired")}
+    golden = {e.id for e in store.examples(split="golden")}
+    sft = [e for e in store.examples(status="accepted", split="train") if e.kind == "sft"]
+    learned = [e for e in sft if set(e.used_in) & promoted and e.id not in new]
+    current, _ = latest_per_prompt(learned + [e for e in sft if e.id in new])
+    return [e for e in current if e.id not in new and f"golden-{e.id}" not in golden]
 
 
 def prompt_key(conversation: dict) -> str:
@@ -249,9 +256,19 @@ def _messages_record(example) -> dict:
 
 def _gate_sets(loop: Loop, version) -> dict[str, list]:
     golden = loop.store.examples(status="accepted", split="golden")
-    replay = _examples_by_id(loop, version.metrics["replay_examples"])[:GATE_REPLAY_LIMIT]
     new = _examples_by_id(loop, version.metrics["new_examples"])
+    replay = _forgetting_check(loop, version)
     return {"golden": prompts_from(golden), "replay": prompts_from(replay), "new": prompts_from(new)}
+
+
+def _forgetting_check(loop: Loop, version) -> list:
+    """Up to GATE_REPLAY_LIMIT earlier facts, first those this cycle did not replay: a replayed fact was just
+    trained again, only the others show what the challenger forgot."""
+    learned = _learned_facts(loop, set(version.metrics["new_examples"]))
+    replayed = set(version.metrics["replay_examples"])
+    not_replayed = [e for e in learned if e.id not in replayed]
+    picked = random.Random(version.id).sample(not_replayed, min(len(not_replayed), GATE_REPLAY_LIMIT))
+    return picked + [e for e in learned if e.id in replayed][: GATE_REPLAY_LIMIT - len(picked)]
 
 
 # promotion, Ollama, smoke test ----------------------------------------------------------------
