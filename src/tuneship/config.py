@@ -210,6 +210,10 @@ class LoopSection(Section):
     lease_seconds: float = Field(300.0, gt=0, description="a cycle's lease; a crashed worker loses it after this")
     backoff_seconds: float = Field(900.0, ge=0, description="no automatic cycle this long after a failed one")
     smoke_prompts: int = Field(3, ge=1, description="golden prompts the live endpoint must answer after a promotion")
+    fast_path: bool = Field(
+        True, description="below min_examples, gate a few-shot candidate (the newest corrections as example turns)"
+    )
+    fast_path_budget: int = Field(1024, ge=1, description="most tokens the few-shot turns may take in a prompt")
 
 
 class Config(Section):

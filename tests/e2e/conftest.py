@@ -2,6 +2,7 @@
 the 30 made-up facts: trained, evaluated, exported to Q4_K_M and Q8_0, template-checked, Modelfile written;
 deploy target none). Tests read it; the loop test serves it (the loop writes beside it, never into it)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,11 @@ def quickstart_run(tmp_path_factory) -> Path:
         main(["run", str(REPO / "examples" / "quickstart.yaml"), *[f"--set={o}" for o in overrides]])
     assert exit_info.value.code in (0, None)
     return runs / "quickstart"
+
+
+def copy_of_quickstart(quickstart_run: Path, parent: Path) -> Path:
+    """The quickstart run in `parent`/runs (GGUFs, adapter, data, reports; no checkpoints or merged folder), for a
+    test that opens its own loop (its own store) on it."""
+    target = parent / "runs" / quickstart_run.name
+    shutil.copytree(quickstart_run, target, ignore=shutil.ignore_patterns("checkpoints", "merged"))
+    return target
