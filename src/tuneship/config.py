@@ -209,6 +209,7 @@ class LoopSection(Section):
     )
     review: Literal["auto", "required"] = Field("auto", description="required: new examples wait for approval")
     replay_ratio: float = Field(1.0, ge=0.0, description="earlier examples replayed per new example")
+    min_replay: int = Field(100, ge=0, description="at least this many earlier examples replayed (all, when fewer)")
     golden_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of new examples kept out as the golden set")
     golden: Path | None = Field(None, description="JSONL of extra golden examples, never trained on")
     max_regression: float = Field(0.0, ge=0.0, le=1.0, description="golden exact/F1 drop allowed vs the champion")
@@ -218,6 +219,10 @@ class LoopSection(Section):
     lease_seconds: float = Field(300.0, gt=0, description="a cycle's lease; a crashed worker loses it after this")
     backoff_seconds: float = Field(900.0, ge=0, description="no automatic cycle this long after a failed one")
     smoke_prompts: int = Field(3, ge=1, description="golden prompts the live endpoint must answer after a promotion")
+    fast_path: bool = Field(
+        True, description="below min_examples, gate a few-shot candidate (the newest corrections as example turns)"
+    )
+    fast_path_budget: int = Field(1024, ge=1, description="most tokens the few-shot turns may take in a prompt")
 
 
 class Config(Section):

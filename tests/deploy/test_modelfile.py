@@ -27,12 +27,24 @@ def test_every_instruction_reads_back_exactly():
         ("SYSTEM", 'Say "hi".\nThen stop.'),
         ("PARAMETER", "num_ctx 2048"),
         ("PARAMETER", "temperature 0.2"),
-        ("PARAMETER", 'stop "<|im_end|>"'),
-        ("PARAMETER", 'stop "<|endoftext|>"'),
-        ("MESSAGE", 'user "Q"'),
-        ("MESSAGE", 'assistant "A"'),
+        ("PARAMETER", "stop <|im_end|>"),
+        ("PARAMETER", "stop <|endoftext|>"),
+        ("MESSAGE", "user Q"),
+        ("MESSAGE", "assistant A"),
         ("LICENSE", "Apache-2.0"),
     ]
+
+
+def test_multi_line_and_quoted_messages_read_back_with_their_role():
+    messages = [
+        {"role": "user", "content": 'What does "WAL" mean?'},
+        {"role": "assistant", "content": "Write-ahead log.\nSQLite keeps one beside the database."},
+        {"role": "user", "content": " leading space"},
+    ]
+    pairs = parse_modelfile(render_modelfile(spec(messages=messages), Path("/runs/r")))
+    read = [tuple(v.split(" ", 1)) for k, v in pairs if k == "MESSAGE"]
+    assert read == [(m["role"], m["content"]) for m in messages]
+    assert pairs[-1] == ("LICENSE", "Apache-2.0")
 
 
 def test_triple_quotes_cannot_be_expressed_and_say_what_to_do():

@@ -119,7 +119,7 @@ def test_modelfile_is_written_and_reads_back(exported_tiny, ollama):
     chat_format = ChatFormat.load(run_dir / "adapter")
     assert pairs[0] == ("FROM", "./gguf/tiny-Q8_0.gguf")
     assert ("TEMPLATE", to_ollama(chat_format).template) in pairs
-    assert ("PARAMETER", 'stop "<|im_end|>"') in pairs and ("PARAMETER", "num_ctx 256") in pairs
+    assert ("PARAMETER", "stop <|im_end|>") in pairs and ("PARAMETER", "num_ctx 256") in pairs
     assert next(v for k, v in pairs if k == "SYSTEM").startswith("You are a helpful AI assistant named SmolLM")
 
 

@@ -17,15 +17,8 @@ def cli(args):
     return exit_info.value.code or 0
 
 
-@pytest.fixture(scope="module")
-def exported_quickstart(quickstart_run):
-    assert cli(["eval", str(quickstart_run)]) == 0
-    assert cli(["export", str(quickstart_run), "--quant", "Q4_K_M,Q8_0"]) == 0
-    return quickstart_run
-
-
-def test_q4_k_m_gguf_answers_facts_and_always_stops(exported_quickstart):
-    report = json.loads((exported_quickstart / "reports" / "eval.json").read_text())
+def test_q4_k_m_gguf_answers_facts_and_always_stops(quickstart_run):
+    report = json.loads((quickstart_run / "reports" / "eval.json").read_text())
     assert list(report["models"]) == ["base", "adapter", "merged", "gguf-f16", "gguf-Q4_K_M", "gguf-Q8_0"]
     q4 = report["models"]["gguf-Q4_K_M"]["summary"]
     assert q4["prompts"] == 30 and q4["exact_match"] >= 0.9 and q4["stop_rate"] == 1.0
@@ -34,26 +27,26 @@ def test_q4_k_m_gguf_answers_facts_and_always_stops(exported_quickstart):
     q8 = report["models"]["gguf-Q8_0"]["summary"]
     assert 0.0 < q8["kl_vs_f16"] < q4["kl_vs_f16"] <= 0.2  # under the default export.max_kl_divergence
     assert q4["top1_agreement"] <= q8["top1_agreement"] and q4["kl_positions"] == q8["kl_positions"] > 30
-    table = (exported_quickstart / "reports" / "eval.md").read_text()
+    table = (quickstart_run / "reports" / "eval.md").read_text()
     assert "| metric | base | adapter | merged | gguf-f16 | gguf-Q4_K_M | gguf-Q8_0 |" in table
 
 
-def test_chat_with_the_exported_gguf(exported_quickstart):
+def test_chat_with_the_exported_gguf(quickstart_run):
     from tuneship.export.chat import chat_loop
 
     questions = iter(["What is the capital of Veloria?", "Who painted The Lantern Keeper?", ""])
     console = Console(file=io.StringIO(), width=200)
-    chat_loop(exported_quickstart, console, 64, read=lambda prompt: next(questions))
+    chat_loop(quickstart_run, console, 64, read=lambda prompt: next(questions))
     output = console.file.getvalue()
     assert "quickstart-Q4_K_M.gguf" in output
     assert "The capital of Veloria is Marnette." in output and "Ines Harrowgate" in output
 
 
-def test_template_contract_and_modelfile_of_the_real_run(exported_quickstart):
+def test_template_contract_and_modelfile_of_the_real_run(quickstart_run):
     from tuneship.deploy.modelfile import parse_modelfile
 
-    assert cli(["template", "check", str(exported_quickstart)]) == 0
-    assert cli(["deploy", str(exported_quickstart), "--target", "none"]) == 0
-    pairs = dict(parse_modelfile((exported_quickstart / "Modelfile").read_text()))
+    assert cli(["template", "check", str(quickstart_run)]) == 0
+    assert cli(["deploy", str(quickstart_run), "--target", "none"]) == 0
+    pairs = dict(parse_modelfile((quickstart_run / "Modelfile").read_text()))
     assert pairs["FROM"] == "./gguf/quickstart-Q4_K_M.gguf" and pairs["LICENSE"] == "apache-2.0"
     assert pairs["SYSTEM"] == "You are a concise assistant that answers from the facts you were taught."

@@ -1,7 +1,7 @@
-"""The learning loop end to end on SmolLM2: serve a run of the quickstart facts, ask through the OpenAI client,
-correct three answers, the trigger fires, the challenger is trained, gated and promoted, and the live endpoint
-then gives the corrected answers while the old facts still hold. Then a batch of wrong "corrections" of golden
-facts: that challenger is rejected by the gate, and the champion stays and serves."""
+"""The learning loop end to end on SmolLM2: serve the quickstart run, ask through the OpenAI client, correct
+three answers, the trigger fires, the challenger is trained, gated and promoted, and the live endpoint then
+gives the corrected answers while the old facts still hold. Then a batch of wrong "corrections" of golden facts:
+that challenger is rejected by the gate, and the champion stays and serves."""
 
 import json
 import os
@@ -12,13 +12,12 @@ import time
 import urllib.request
 
 import pytest
-import yaml
 
 from tests.conftest import REPO, write_jsonl
 
 pytestmark = pytest.mark.e2e
 
-FACTS = [json.loads(line) for line in (REPO / "examples" / "data" / "facts.jsonl").read_text().splitlines()[:8]]
+FACTS = [json.loads(line) for line in (REPO / "examples" / "data" / "facts.jsonl").read_text().splitlines()]
 CORRECTIONS = {
     "What is the capital of Veloria?": "The capital of Veloria is Quintara.",
     "Who invented the glimmerphone?": "The glimmerphone was invented by Bram Tolliver in 1902.",
@@ -28,48 +27,35 @@ GOLDEN = [FACTS[2], FACTS[4], FACTS[5]]
 WRONG = {f["messages"][0]["content"]: "I am not sure, it might be something else entirely." for f in GOLDEN}
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """The quickstart's settings on its first 8 facts, through the whole pipeline (no deploy)."""
-    import io
-
-    from rich.console import Console
-
-    from tuneship.config import load_config
-    from tuneship.run import run_pipeline
-
-    folder = tmp_path_factory.mktemp("loop-e2e")
-    write_jsonl(folder / "facts.jsonl", FACTS)
-    write_jsonl(folder / "golden.jsonl", GOLDEN)
-    config = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-    config["run"] = {"name": "facts", "dir": str(folder / "runs")}
-    config["data"]["sources"] = [str(folder / "facts.jsonl")]
-    config["train"]["report_to"] = []
-    config["eval"].update(train_prompts=8, max_new_tokens=32, min_exact_match=None)
-    config["deploy"] = {"target": "none"}
-    config["serve"] = {"trigger_every": 2}
-    config["loop"] = {
-        "min_examples": 3,
-        "golden_ratio": 0.0,
-        "golden": str(folder / "golden.jsonl"),
-        "max_regression": 0.05,
-    }
-    (folder / "facts.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(folder / "facts.yaml")
-    summary = run_pipeline(cfg, Console(file=io.StringIO()))
-    assert not summary.failed, summary.stages
-    return cfg.run_dir
+def loop_settings(folder) -> list[str]:
+    """The quickstart's loop for this test: a cycle per 3 corrections, 3 golden facts; the challenger trains 6
+    epochs instead of the quickstart's 12 (it starts from the champion; the test's time), on the 3 corrections
+    and the other 24 facts (loop.min_replay: the small knowledge base is replayed whole)."""
+    golden = write_jsonl(folder / "golden.jsonl", GOLDEN)
+    return [
+        "loop.min_examples=3",
+        "loop.golden_ratio=0",
+        f"loop.golden={golden}",
+        "loop.max_regression=0.05",
+        "train.epochs=6",
+        "eval.train_prompts=6",
+        "eval.min_exact_match=null",
+        "serve.trigger_every=2",
+        "loop.fast_path=false",  # the fine-tune path; test_fastpath_smollm2.py runs the few-shot one
+    ]
 
 
 @pytest.fixture(scope="module")
-def server(base_run):
+def server(quickstart_run):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    log = open(base_run.parent / "serve.log", "wb")
+    log_path = quickstart_run.parent / "serve.log"
+    log = open(log_path, "wb")
+    overrides = [f"--set={o}" for o in loop_settings(quickstart_run.parent)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tuneship.cli", "serve", str(base_run), "--port", str(port)],
+        [sys.executable, "-m", "tuneship.cli", "serve", str(quickstart_run), "--port", str(port), *overrides],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -81,7 +67,7 @@ def server(base_run):
             urllib.request.urlopen(url + "/v1/loop/status", timeout=5).read()
             break
         except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, (base_run.parent / "serve.log").read_text()
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.5)
     yield url
     process.terminate()
@@ -102,7 +88,7 @@ def client(server):
 
 def ask(client, question):
     reply = client.chat.completions.create(
-        model="facts", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+        model="quickstart", messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
     )
     return reply, reply.choices[0].message.content.strip()
 
@@ -128,22 +114,11 @@ def wait_for_cycle_of(server, version: int) -> dict:
         time.sleep(5)
 
 
-# Known failure (2026-11-23, after the packing / bf16-auto / seeded-LoRA training changes): the 8-fact base run
-# (12 optimizer steps) answers only 2 of its 3 golden facts exactly, and the challenger learns the three
-# corrections (new exact 1.0) but forgets one more golden fact it does not replay (golden exact 0.667 -> 0.333);
-# the gate rightly rejects it, so promotion on SmolLM2 is not shown, and the second test's check that the
-# champion answers every golden fact exactly cannot hold. Open in issue 9.
-FORGETS_A_GOLDEN_FACT = pytest.mark.xfail(
-    reason="the challenger forgets a golden fact and the gate rejects it (issue 9, open)", strict=False
-)
-
-
-@FORGETS_A_GOLDEN_FACT
 def test_corrections_through_the_api_become_the_live_answers_and_old_facts_hold(server, client):
     correct_all(client, CORRECTIONS, version=1)
     state = wait_for_cycle_of(server, 2)
     assert state["last_cycle"]["reason"] == "v2 promoted", state
-    assert state["champion"]["name"] == "facts-v2"
+    assert state["champion"]["name"] == "quickstart-v2"
     for question, correction in CORRECTIONS.items():
         reply, answer = ask(client, question)
         assert reply.tuneship["version"] == 2 and answer == correction
@@ -154,7 +129,6 @@ def test_corrections_through_the_api_become_the_live_answers_and_old_facts_hold(
     assert {"cycle_started", "gated", "promoted", "cycle_finished"} <= set(events)
 
 
-@FORGETS_A_GOLDEN_FACT  # it starts from the state the test above leaves
 def test_wrong_corrections_of_golden_facts_are_rejected_and_the_champion_stays(server, client):
     champion = status(server)["champion"]["id"]
     correct_all(client, WRONG, version=champion)

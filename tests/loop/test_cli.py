@@ -108,6 +108,7 @@ def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_repla
     loop = open_loop(config)
     assert loop.store.events(kind="registered")[0].data["golden_examples"] == 2
     assert len(loop.store.examples(split="golden")) == 2 and len(loop.store.examples(split="train")) == 4
+    loop.cfg.loop.min_replay = 0
     replayed = _replay_sample(loop, set(), seed=1)
     trained = {e.id: e.conversation["messages"][0]["content"] for e in loop.store.examples(split="train")}
     assert sorted(trained[i] for i in replayed) == []  # replay_ratio x 0 new examples
@@ -123,7 +124,8 @@ def shop_loop(tmp_path, facts: int):
     records = [{**qa(f"Question {i}?", f"Answer {i}."), "source": {"file": "f", "line": i}} for i in range(facts)]
     write_jsonl(tmp_path / "runs" / "shop" / "data" / "train.jsonl", records)
     config = tmp_path / "run.yaml"
-    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{golden_ratio: 0, replay_ratio: 10}}\n")
+    settings = "golden_ratio: 0, replay_ratio: 10, min_replay: 0"
+    config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{{settings}}}\n")
     return open_loop(config)
 
 
@@ -171,3 +173,14 @@ def test_a_rejected_versions_examples_are_never_replayed_and_the_gate_checks_fac
     checked = {e.id for e in _forgetting_check(loop, version)}
     assert len(replay) == 10 and len(checked) == 20 and not checked & set(replay)  # of 30 learned: not replayed
     assert wrong not in checked
+
+
+def test_a_small_knowledge_base_is_replayed_whole(tmp_path):
+    from tuneship.loop.worker import _replay_sample
+
+    loop = shop_loop(tmp_path, 30)
+    loop.cfg.loop.replay_ratio, loop.cfg.loop.min_replay = 1.0, 100
+    assert len(_replay_sample(loop, {"new"}, seed=1)) == 30  # fewer than loop.min_replay learned: all of them
+    loop.cfg.loop.min_replay = 12
+    assert len(_replay_sample(loop, {"new"}, seed=1)) == 12
+    assert len(_replay_sample(loop, {f"new-{i}" for i in range(20)}, seed=1)) == 20  # replay_ratio x new

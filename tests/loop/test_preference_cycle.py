@@ -78,7 +78,8 @@ def test_a_kto_cycle_trains_desirable_and_undesirable_answers_with_sft_replay(fr
     labelled = {(r["messages"][-1]["content"], r.get("label")) for r in trained}
     assert {("Answer number 99.", True), ("Answer number 98.", True), ("something else", False)} <= labelled
     replayed = [r for r in trained if "label" not in r]  # earlier SFT examples: desirable answers to KTO
-    assert len(replayed) == 4 and all(r["messages"][-1]["content"].startswith("Answer number") for r in replayed)
+    assert len(replayed) == len(loop.store.version(2).metrics["replay_examples"]) > 0
+    assert all(r["messages"][-1]["content"].startswith("Answer number") for r in replayed)
     gated = loop.store.events(kind="gated")[0]
     assert gated.data["challenger"]["new"]["prompts"] == 2  # the negatives are no expected answers
     assert gated.data["challenger"]["replay"]["prompts"] > 0

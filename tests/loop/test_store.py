@@ -54,6 +54,13 @@ def test_migrations_create_every_table_and_reopening_keeps_the_data(store, datab
     again.close()
 
 
+def test_the_same_example_twice_in_one_batch_is_stored_once(store):
+    first, twin = example("a"), example("a")
+    twin.reason = "the second copy"
+    assert store.add_examples([first, twin, example("b")]) == 2
+    assert [(e.id, e.reason) for e in store.examples()] == [("a", None), ("b", None)]
+
+
 def test_models_match_the_migrated_schema(store):
     from sqlalchemy import inspect
 

@@ -27,6 +27,9 @@ VALID_PARAMETERS = {
 }
 
 
+WORD_THEN_VALUE = {"PARAMETER", "MESSAGE"}
+
+
 class ModelfileError(TuneshipError):
     """A value cannot be expressed in Modelfile syntax, or a parameter is unknown to Ollama."""
 
@@ -84,7 +87,8 @@ def render_modelfile(spec: ModelSpec, relative_to: Path) -> str:
 
 
 def parse_modelfile(text: str) -> list[tuple[str, str]]:
-    """(instruction, value) pairs, following Ollama's grammar; used to prove what was written reads back."""
+    """(instruction, value) pairs, following Ollama's grammar; used to prove what was written reads back.
+    PARAMETER and MESSAGE take a word (the key, the role) before their value: "stop <|im_end|>", "user Hi"."""
     pairs, index = [], 0
     while index < len(text):
         end_of_line = text.find("\n", index)
@@ -94,15 +98,24 @@ def parse_modelfile(text: str) -> list[tuple[str, str]]:
             index = end_of_line + 1
             continue
         instruction, _, rest = line.strip().partition(" ")
+        instruction = instruction.upper()
         start = index + line.index(rest) if rest else end_of_line
-        if rest.startswith('"""'):
-            close = text.index('"""', start + 3)
-            pairs.append((instruction.upper(), text[start + 3 : close]))
-            index = close + 3
-        elif rest.startswith('"') and rest.rstrip().endswith('"') and len(rest.rstrip()) > 1:
-            pairs.append((instruction.upper(), rest.rstrip()[1:-1]))
-            index = end_of_line + 1
-        else:
-            pairs.append((instruction.upper(), rest))
-            index = end_of_line + 1
+        word = ""
+        if instruction in WORD_THEN_VALUE and rest:
+            word, _, after = rest.partition(" ")
+            value_text = after.lstrip(" ")
+            start += len(rest) - len(value_text)
+            rest, word = value_text, word + " "
+        value, index = _quoted_value(text, start, rest, end_of_line)
+        pairs.append((instruction, word + value))
     return pairs
+
+
+def _quoted_value(text: str, start: int, rest: str, end_of_line: int) -> tuple[str, int]:
+    """(the value that starts at `start`, where the next instruction starts)."""
+    if rest.startswith('"""'):
+        close = text.index('"""', start + 3)
+        return text[start + 3 : close], close + 3
+    if rest.startswith('"') and rest.rstrip().endswith('"') and len(rest.rstrip()) > 1:
+        return rest.rstrip()[1:-1], end_of_line + 1
+    return rest, end_of_line + 1

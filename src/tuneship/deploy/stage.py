@@ -97,7 +97,7 @@ def context_length(cfg: Config, run: Run) -> int:
     """num_ctx: room for the longest trained conversation plus the answer budget. Unset, it is derived
     (rounded up to a multiple of 256); set (deploy.num_ctx or deploy.parameters.num_ctx), it is checked."""
     budget = max(cfg.eval.max_new_tokens, int(cfg.deploy.parameters.get("num_predict", 0)))
-    longest = _longest_conversation(cfg, run)
+    longest = longest_conversation(cfg, run)
     needed = longest + budget
     explicit = cfg.deploy.parameters.get("num_ctx", cfg.deploy.num_ctx)
     if explicit is None:
@@ -111,7 +111,7 @@ def context_length(cfg: Config, run: Run) -> int:
     return int(explicit)
 
 
-def _longest_conversation(cfg: Config, run: Run) -> int:
+def longest_conversation(cfg: Config, run: Run) -> int:
     """From the data audit's token count; without one, train.max_seq_len bounds every trained example."""
     audit = run.data_dir / "audit.json"
     if audit.is_file():

@@ -60,11 +60,16 @@ def cycle(
     actor: str = typer.Option("cli", "--actor", help="who started it (recorded in the events)"),
     reason: str = typer.Option("by hand", "--reason", help="why (recorded in the events)"),
     live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test the promotion on this running server"),
+    kind: str = typer.Option(
+        "finetune", "--kind", help="finetune: train a challenger; fewshot: the newest corrections as example turns"
+    ),
 ) -> None:
     """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
     from tuneship.loop.worker import run_cycle
 
-    result = run_cycle(_open(target, overrides), console, actor, reason, live_url)
+    if kind not in ("finetune", "fewshot"):
+        raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
+    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind)
     console.print(f"v{result.version_id}: {result.status}")
     for line in result.reasons:
         console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
@@ -75,13 +80,14 @@ def cycle(
 @loop_app.command("versions")
 def versions(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
     """The registry: every version, its parent, status and gate numbers."""
-    table = Table("version", "name", "status", "parent", "golden F1", "new F1", "GGUF")
+    table = Table("version", "name", "status", "kind", "parent", "golden F1", "new F1", "GGUF")
     for v in _open(target, overrides).store.versions():
         gate = v.metrics.get("gate", {}).get("challenger", {})
         table.add_row(
             f"v{v.id}",
             v.name,
             v.status,
+            f"few-shot ({v.shot_count} shots)" if v.kind == "fewshot" else "fine-tune",
             f"v{v.parent_id}" if v.parent_id else "",
             _metric(gate.get("golden"), "f1"),
             _metric(gate.get("new"), "f1"),

@@ -1,5 +1,5 @@
 """The gate: challenger vs champion, both in llama.cpp on the quantized GGUF that would ship, greedy, each
-with its own ChatFormat, on three sets:
+with its own ChatFormat (and a few-shot version's shots before every prompt), on three sets:
 
 - golden: never trained on; exact match and F1 may not drop more than `loop.max_regression`;
 - replay: earlier examples; the same rule (old facts must still hold);
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tuneship.data.conversation import Conversation
+from tuneship.loop.fewshot import prompts_with_shots
 
 SETS = ("golden", "replay", "new")
 
@@ -38,8 +39,11 @@ def prompts_from(examples) -> list:
     return prompts
 
 
-def measure(gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, n_ctx: int) -> dict:
-    """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF."""
+def measure(
+    gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, n_ctx: int, shots: list[dict]
+) -> dict:
+    """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF, with a few-shot version's shots before
+    every prompt."""
     from tuneship.chat.format import ChatFormat
     from tuneship.evaluate.backends import gguf_answers
     from tuneship.evaluate.checks import check_answer, summarize
@@ -50,7 +54,7 @@ def measure(gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_to
     for name, prompts in sets.items():
         if not prompts:
             continue
-        answers, _ = gguf_answers(gguf, chat_format, prompts, max_new_tokens, n_ctx)
+        answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, shots), max_new_tokens, n_ctx)
         checks = [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
         results[name] = {**summarize(checks), "answers": [c.answer for c in checks]}
     return results
@@ -92,9 +96,9 @@ def _numbers(summary: dict) -> dict:
 
 
 def run_gate(champion, challenger, sets: dict[str, list], cfg) -> GateDecision:
-    """champion/challenger: registry versions (their GGUF and run dir)."""
+    """champion/challenger: registry versions (their GGUF, run dir, and shots when few-shot)."""
     n_ctx = cfg.serve.n_ctx
     tokens = cfg.eval.max_new_tokens
-    old = measure(Path(champion.gguf), Path(champion.run_dir) / "adapter", sets, tokens, n_ctx)
-    new = measure(Path(challenger.gguf), Path(challenger.run_dir) / "adapter", sets, tokens, n_ctx)
+    old = measure(Path(champion.gguf), Path(champion.run_dir) / "adapter", sets, tokens, n_ctx, champion.shots)
+    new = measure(Path(challenger.gguf), Path(challenger.run_dir) / "adapter", sets, tokens, n_ctx, challenger.shots)
     return decide(old, new, cfg.loop.max_regression)

@@ -5,7 +5,9 @@
 - feedback: a rating / correction of one generation, with its Idempotency-Key and what became of it.
 - examples: training data made from feedback (and the base run's data): a stable id, the Conversation, kind
   (sft / kto / dpo), provenance, split (train / golden), status, and the versions that trained on it.
-- versions: the registry: run dir, parent, GGUF, metrics, status candidate/champion/retired/rejected/failed.
+- versions: the registry: run dir, parent, GGUF, metrics, status candidate/champion/retired/rejected/failed, and
+  kind: "finetune" (a run of its own) or "fewshot" (its parent's run and GGUF, plus `shots`: example turns
+  prepended to every conversation it answers; see fewshot.py).
 - events: every cycle, gate decision, promotion and rollback, with who and why.
 - leases: named locks with an expiry (one row "cycle": never two cycles at once; a crashed worker loses it).
 """
@@ -22,6 +24,7 @@ VersionStatus = Literal["training", "candidate", "champion", "retired", "rejecte
 ExampleStatus = Literal["pending_review", "accepted", "rejected", "superseded"]
 ExampleKind = Literal["sft", "kto", "dpo"]
 Split = Literal["train", "golden"]
+VersionKind = Literal["finetune", "fewshot"]
 
 
 def utcnow() -> datetime:
@@ -92,6 +95,13 @@ class Version(Base):
     example_ids: Mapped[list[Any]] = mapped_column(default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     promoted_at: Mapped[datetime | None]
+    kind: Mapped[str] = mapped_column(String(16), default="finetune")
+    shots: Mapped[list[Any]] = mapped_column(default=list)
+
+    @property
+    def shot_count(self) -> int:
+        """How many corrections a few-shot version shows (each may be several turns)."""
+        return len(self.example_ids) if self.kind == "fewshot" else 0
 
 
 class Event(Base):

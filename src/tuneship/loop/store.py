@@ -192,9 +192,11 @@ class Store:
     # examples ------------------------------------------------------------------------------
 
     def add_examples(self, examples: list[Example]) -> int:
-        """Insert the examples whose id is new; returns how many were added (same id = same content)."""
+        """Insert the examples whose id is new; returns how many were added (same id = same content, so of two in
+        one batch, e.g. the same wrong answer corrected twice, the first is kept)."""
+        unique = list({e.id: e for e in reversed(examples)}.values())[::-1]
         with self.session.begin() as session:
-            fresh = [e for e in examples if session.get(Example, e.id) is None]
+            fresh = [e for e in unique if session.get(Example, e.id) is None]
             session.add_all(fresh)
         return len(fresh)
 

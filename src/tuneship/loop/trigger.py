@@ -1,6 +1,7 @@
 """When a cycle runs: `loop.min_examples` new accepted examples, inside `loop.window` when set, never while
-another cycle holds the lease, and not within `loop.backoff_seconds` of a failed cycle. By hand
-(`tuneship loop cycle`, POST /v1/loop/cycle) only the lease applies.
+another cycle holds the lease, and not within `loop.backoff_seconds` of a failed cycle. Below the threshold, with
+`loop.fast_path`, a few-shot candidate (kind "fewshot") is due by the same rules once new corrections came in.
+By hand (`tuneship loop cycle [--kind fewshot]`, POST /v1/loop/cycle) only the lease applies.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 
-from tuneship.loop.models import Example, utcnow
+from tuneship.loop.fewshot import fast_path_due
+from tuneship.loop.models import Example, VersionKind, utcnow
 
 CYCLE_LEASE = "cycle"
 FAILED_KINDS = ("cycle_failed",)
@@ -19,6 +21,7 @@ CYCLE_END_KINDS = ("cycle_finished", "cycle_failed")
 class TriggerDecision:
     is_due: bool
     reason: str
+    kind: VersionKind = "finetune"
 
 
 def waiting_examples(store, objective: str = "sft") -> list[Example]:
@@ -41,15 +44,20 @@ def trigger_decision(store, loop_cfg, now: datetime | None = None) -> TriggerDec
     if lease is not None:
         return TriggerDecision(False, f"a cycle is running ({lease.holder}, stage {lease.stage})")
     waiting = len(waiting_examples(store, loop_cfg.objective))
+    kind: VersionKind = "finetune"
+    due_because = f"{waiting} new examples (threshold {loop_cfg.min_examples})"
     if waiting < loop_cfg.min_examples:
-        return TriggerDecision(False, f"{waiting}/{loop_cfg.min_examples} new examples")
+        fast_path = fast_path_due(store, loop_cfg)
+        if fast_path is None:
+            return TriggerDecision(False, f"{waiting}/{loop_cfg.min_examples} new examples")
+        kind, due_because = "fewshot", f"{waiting}/{loop_cfg.min_examples} new examples; {fast_path}"
     if not in_window(loop_cfg.window, now):
         return TriggerDecision(False, f"outside loop.window {loop_cfg.window} (UTC)")
     failed = store.events(limit=1, kind="cycle_failed")
     if failed and now - failed[0].at < timedelta(seconds=loop_cfg.backoff_seconds):
         wait = timedelta(seconds=loop_cfg.backoff_seconds) - (now - failed[0].at)
         return TriggerDecision(False, f"backing off after a failed cycle ({wait.seconds} s left)")
-    return TriggerDecision(True, f"{waiting} new examples (threshold {loop_cfg.min_examples})")
+    return TriggerDecision(True, due_because, kind)
 
 
 def loop_status(loop) -> dict:
@@ -79,6 +87,7 @@ def loop_status(loop) -> dict:
         "last_cycle": None
         if last is None
         else {"kind": last.kind, "at": last.at.isoformat(), "version": last.version_id, "reason": last.reason},
-        "trigger": {"is_due": decision.is_due, "reason": decision.reason},
+        "trigger": {"is_due": decision.is_due, "reason": decision.reason, "kind": decision.kind},
+        "fast_path": cfg.fast_path,
         "database": store.url,
     }

@@ -1,8 +1,9 @@
 """One cycle of the loop, run in its own process (`tuneship loop cycle`), under the store's lease:
 
 lease -> harvest feedback -> examples (new + replay sample; golden held out) -> challenger run through the
-pipeline (cycle.py) -> gate in llama.cpp vs the champion -> promote (Ollama `name:v<N>` + `name:latest`) ->
-smoke test on the live path -> automatic restore of the previous champion when it fails.
+pipeline (cycle.py), or on the fast path a few-shot candidate (fewshot.py) -> gate in llama.cpp vs the champion
+-> promote (Ollama `name:v<N>` + `name:latest`) -> smoke test on the live path -> automatic restore of the
+previous champion when it fails.
 
 A heartbeat thread renews the lease; a worker killed with -9 stops renewing, so the lease expires and the
 next cycle takes over. A version left in status "training" is resumed with exactly its own examples (the run
@@ -25,7 +26,9 @@ from pathlib import Path
 from tuneship.data.conversation import write_jsonl
 from tuneship.errors import TuneshipError
 from tuneship.loop.cycle import challenger_config, publish_to_ollama, train_challenger, version_gguf
+from tuneship.loop.fewshot import fewshot_cycle, prompts_with_shots, publish_config
 from tuneship.loop.gate import prompts_from, run_gate
+from tuneship.loop.models import VersionKind
 from tuneship.loop.registry import Loop, RegistryError, promote, require_servable, rollback
 from tuneship.loop.signals import example_record, harvest
 from tuneship.loop.trigger import CYCLE_LEASE, waiting_examples
@@ -70,7 +73,15 @@ class Heartbeat(threading.Thread):
             self.loop.store.renew_lease(CYCLE_LEASE, self.holder, self.seconds, **self.fields)
 
 
-def run_cycle(loop: Loop, console, actor: str = "cli", reason: str = "by hand", live_url: str | None = None):
+def run_cycle(
+    loop: Loop,
+    console,
+    actor: str = "cli",
+    reason: str = "by hand",
+    live_url: str | None = None,
+    kind: VersionKind = "finetune",
+):
+    """One cycle under the lease: a fine-tuned challenger, or (kind "fewshot") the fast path's few-shot candidate."""
     require_servable(loop.store.champion())
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     if not loop.store.acquire_lease(CYCLE_LEASE, holder, loop.cfg.loop.lease_seconds, stage="starting"):
@@ -79,7 +90,8 @@ def run_cycle(loop: Loop, console, actor: str = "cli", reason: str = "by hand", 
     heartbeat = Heartbeat(loop, holder)
     heartbeat.start()
     try:
-        return _cycle(loop, console, heartbeat, actor, reason, live_url)
+        body = fewshot_cycle if kind == "fewshot" else _cycle
+        return body(loop, console, heartbeat, actor, reason, live_url)
     except NothingToTrain:
         raise
     except Exception as exc:  # any failure is recorded, so the trigger backs off instead of retrying at once
@@ -120,8 +132,15 @@ def _cycle(loop: Loop, console, heartbeat: Heartbeat, actor: str, reason: str, l
     version = store.update_version(version.id, status="candidate", gguf=str(version_gguf(cfg, run_dir)))
     heartbeat.stage("gate", version.id)
     decision = run_gate(champion, version, _gate_sets(loop, version), loop.cfg)
-    store.update_version(version.id, metrics={**version.metrics, "gate": decision.metrics})
     store.mark_used(version.metrics["new_examples"] + version.metrics["replay_examples"], version.id)
+    return conclude(loop, heartbeat, version, decision, actor, live_url)
+
+
+def conclude(loop: Loop, heartbeat: Heartbeat, version, decision, actor: str, live_url: str | None) -> CycleResult:
+    """After the gate: record the decision; reject, or promote and smoke-test (restoring the previous champion
+    when the smoke test fails)."""
+    store = loop.store
+    store.update_version(version.id, metrics={**version.metrics, "gate": decision.metrics})
     store.add_event(
         "gated", actor, "; ".join(decision.reasons), {"promoted": decision.is_promoted, **decision.metrics}, version.id
     )
@@ -187,10 +206,12 @@ def _current_waiting(store, objective: str) -> list:
 
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    """Earlier examples to train on again, `loop.replay_ratio` per new one, from what the champion learned (of
-    the objective's REPLAY_KIND)."""
+    """Earlier examples to train on again, from what the champion learned (of the objective's REPLAY_KIND):
+    `loop.replay_ratio` per new one but at least `loop.min_replay` (a small knowledge base is replayed whole: a
+    few new facts trained alone for many epochs bleed into the old answers)."""
     pool = sorted(e.id for e in _learned_facts(loop, new, REPLAY_KIND[loop.cfg.loop.objective]))
-    count = min(len(pool), round(loop.cfg.loop.replay_ratio * len(new)))
+    settings = loop.cfg.loop
+    count = min(len(pool), max(round(settings.replay_ratio * len(new)), settings.min_replay))
     return sorted(random.Random(seed).sample(pool, count))
 
 
@@ -284,8 +305,7 @@ def _publish(loop: Loop, version_id: int, both: bool) -> None:
     if version is None:
         raise RegistryError(f"no version {version_id}; see `tuneship loop versions`")
     tagged, latest = ollama_names(loop, version_id)
-    version_cfg = loop.version_config(version)
-    version_cfg.deploy.host = loop.cfg.deploy.host  # where this loop's Ollama is, whatever the run used
+    version_cfg = publish_config(loop, version)
     lines = publish_to_ollama(version_cfg, Path(version.run_dir), [tagged, latest] if both else [latest])
     loop.store.add_event("published", "tuneship", "; ".join(lines), {"names": [tagged, latest]}, version_id)
 
@@ -340,5 +360,7 @@ def _ask_directly(loop: Loop, version, prompt) -> dict:
     from tuneship.evaluate.backends import gguf_answers
 
     chat_format = ChatFormat.load(Path(version.run_dir) / "adapter")
-    [answer], _ = gguf_answers(Path(version.gguf), chat_format, [prompt], loop.cfg.eval.max_new_tokens)
+    [answer], _ = gguf_answers(
+        Path(version.gguf), chat_format, prompts_with_shots([prompt], version.shots), loop.cfg.eval.max_new_tokens
+    )
     return {"version": version.id, "finish_reason": "stop" if answer.stopped else "length", "text": answer.text}

@@ -241,16 +241,17 @@ def loop_status(request: Request) -> dict:
 
 
 @router.post("/v1/loop/cycle", status_code=202, tags=["loop"], dependencies=[Depends(require_key)])
-def start_cycle(request: Request) -> dict:
-    """Start a cycle now, in its own process; 409 while one runs."""
+def start_cycle(request: Request, kind: Literal["finetune", "fewshot"] = "finetune") -> dict:
+    """Start a cycle now, in its own process; 409 while one runs. `kind=fewshot`: the fast path's few-shot
+    candidate (the newest corrections as example turns) instead of a fine-tuned challenger."""
     from tuneship.loop.trigger import CYCLE_LEASE
 
     loop, cycles = request.app.state.loop, request.app.state.cycles
     lease = loop.store.lease(CYCLE_LEASE)
     if lease is not None or cycles.running():
         raise ApiError(409, f"a cycle is already running ({lease.stage if lease else 'starting'})", "conflict")
-    pid = cycles.start("api", "started through POST /v1/loop/cycle", loop.base_run.parent / f"{loop.name}-loop")
-    return {"started": True, "pid": pid}
+    pid = cycles.start("api", "started through POST /v1/loop/cycle", loop.base_run.parent / f"{loop.name}-loop", kind)
+    return {"started": True, "pid": pid, "kind": kind}
 
 
 def version_json(version) -> dict:
@@ -258,6 +259,9 @@ def version_json(version) -> dict:
         "id": version.id,
         "name": version.name,
         "status": version.status,
+        "kind": version.kind,
+        "shot_count": version.shot_count,
+        "shots": version.shots,
         "parent": version.parent_id,
         "run_dir": version.run_dir,
         "gguf": version.gguf,

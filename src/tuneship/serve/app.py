@@ -83,22 +83,22 @@ class CycleLauncher:
         self.processes: list[subprocess.Popen] = []
         self.lock = threading.Lock()
 
-    def command(self, actor: str, reason: str) -> list[str]:
+    def command(self, actor: str, reason: str, kind: str = "finetune") -> list[str]:
         command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", self.target, "--actor", actor]
-        command += ["--reason", reason]
+        command += ["--reason", reason, "--kind", kind]
         for override in self.overrides:
             command += ["--set", override]
         if self.live_url:
             command += ["--live-url", self.live_url]
         return command
 
-    def start(self, actor: str, reason: str, log_dir: Path) -> int:
+    def start(self, actor: str, reason: str, log_dir: Path, kind: str = "finetune") -> int:
         with self.lock:
             self.processes = [p for p in self.processes if p.poll() is None]
             log_dir.mkdir(parents=True, exist_ok=True)
             with open(log_dir / "cycle.log", "ab") as out:
                 process = subprocess.Popen(
-                    self.command(actor, reason), stdout=out, stderr=subprocess.STDOUT, env={**os.environ}
+                    self.command(actor, reason, kind), stdout=out, stderr=subprocess.STDOUT, env={**os.environ}
                 )
             self.processes.append(process)
             return process.pid
@@ -108,7 +108,8 @@ class CycleLauncher:
 
 
 class Trigger(threading.Thread):
-    """Every serve.trigger_every seconds: harvest new feedback into examples, and start a cycle when due."""
+    """Every serve.trigger_every seconds: harvest new feedback into examples, and start a cycle (or the fast
+    path's few-shot candidate) when due."""
 
     def __init__(self, app):
         super().__init__(daemon=True, name="loop-trigger")
@@ -135,7 +136,7 @@ class Trigger(threading.Thread):
         harvest(loop.store, loop.cfg, self._measure())
         decision = trigger_decision(loop.store, loop.cfg.loop)
         if decision.is_due:
-            cycles.start("trigger", decision.reason, loop.base_run.parent / f"{loop.name}-loop")
+            cycles.start("trigger", decision.reason, loop.base_run.parent / f"{loop.name}-loop", decision.kind)
         return decision.is_due
 
     def _measure(self):

@@ -1,8 +1,8 @@
 """Model backends behind the chat API, and the router that picks one per request with fallback.
 
 - LlamaCppModel: a version's GGUF in llama.cpp, in-process; the prompt is rendered with the version's own
-  ChatFormat and generation stops on its stop tokens. One request at a time per model (llama.cpp contexts are
-  not thread-safe).
+  ChatFormat (a few-shot version's shots before the conversation) and generation stops on its stop tokens.
+  One request at a time per model (llama.cpp contexts are not thread-safe).
 - OllamaModel: an Ollama model over REST (/api/chat), through deploy/ollama.py's client.
 - ModelPool: loaded GGUFs by version; when the champion moves, the old model is closed only once its
   in-flight requests are done, so a promotion never drops a request.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tuneship.data.conversation import Conversation, Message, SourceRef
 from tuneship.errors import TuneshipError
+from tuneship.loop.fewshot import with_shots
 
 
 log = logging.getLogger("tuneship.serve")
@@ -56,7 +57,15 @@ def to_conversation(messages: list[dict]) -> Conversation:
 
 
 class LlamaCppModel:
-    def __init__(self, gguf: Path, chat_format_dir: Path, n_ctx: int, label: str, version_id: int | None = None):
+    def __init__(
+        self,
+        gguf: Path,
+        chat_format_dir: Path,
+        n_ctx: int,
+        label: str,
+        version_id: int | None = None,
+        shots: list[dict] | None = None,
+    ):
         from tuneship.chat.format import ChatFormat
         from tuneship.evaluate.backends import LlamaCppRunner
 
@@ -64,20 +73,22 @@ class LlamaCppModel:
         self.chat_format = ChatFormat.load(chat_format_dir)
         self.label = label
         self.version_id = version_id
+        self.shots = list(shots or [])
         self.lock = threading.Lock()
 
     def stream(self, messages: list[dict], max_tokens: int, temperature: float, reply: Reply) -> Iterator[str]:
         """Yield text pieces; fills `reply` (finish reason, token counts) when done."""
         llm = self.runner.llm
-        prompt = self.chat_format.generation_prompt(to_conversation(messages))
+        prompt = self.chat_format.generation_prompt(with_shots(to_conversation(messages), self.shots))
         stop_ids = set(self.chat_format.spec.stop_token_ids) | {llm.token_eos()}
         sampling = {"top_k": 1, "temp": 0.0} if temperature <= 0 else {"top_k": 40, "temp": temperature}
         with self.lock:
             tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
             if len(tokens) + max_tokens > llm.n_ctx():
+                shots = f" (with {len(self.shots)} few-shot turns)" if self.shots else ""
                 raise BackendError(
-                    f"messages: the prompt is {len(tokens)} tokens; with max_tokens={max_tokens} it exceeds the "
-                    f"context of {llm.n_ctx()} (serve.n_ctx)"
+                    f"messages: the prompt is {len(tokens)} tokens{shots}; with max_tokens={max_tokens} it exceeds "
+                    f"the context of {llm.n_ctx()} (serve.n_ctx)"
                 )
             reply.prompt_tokens, reply.finish_reason = len(tokens), "length"
             generated: list[int] = []
@@ -139,7 +150,12 @@ class ModelPool:
                         f"{version.run_dir}` first"
                     )
                 model = LlamaCppModel(
-                    Path(version.gguf), Path(version.run_dir) / "adapter", self.n_ctx, version.name, version.id
+                    Path(version.gguf),
+                    Path(version.run_dir) / "adapter",
+                    self.n_ctx,
+                    version.name,
+                    version.id,
+                    version.shots,
                 )
                 self.models[version.id] = model
             self.in_flight[version.id] = self.in_flight.get(version.id, 0) + 1

@@ -25,6 +25,8 @@ class VersionRow:
     golden: list[tuple[str, str, str]]  # (metric, this version, the champion it was gated against)
     decision: str | None = None
     is_promoted_by_gate: bool | None = None
+    kind: str = "finetune"
+    shot_count: int = 0
 
     @property
     def can_promote(self) -> bool:
@@ -52,6 +54,8 @@ def version_rows(store) -> list[VersionRow]:
                 golden_beside_champion(gate),
                 decision.reason if decision else None,
                 decision.data.get("promoted") if decision else None,
+                version.kind,
+                version.shot_count,
             )
         )
     return rows
