@@ -206,13 +206,20 @@ def _current_waiting(store, objective: str) -> list:
 
 
 def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
-    """Earlier examples to train on again, from what the champion learned (of the objective's REPLAY_KIND):
+    """Earlier examples to train on again, from what the champion learned (of the new examples' REPLAY_KIND):
     `loop.replay_ratio` per new one but at least `loop.min_replay` (a small knowledge base is replayed whole: a
     few new facts trained alone for many epochs bleed into the old answers)."""
-    pool = sorted(e.id for e in _learned_facts(loop, new, REPLAY_KIND[loop.cfg.loop.objective]))
+    pool = sorted(e.id for e in _learned_facts(loop, new, _replay_kind(loop, new)))
     settings = loop.cfg.loop
     count = min(len(pool), max(round(settings.replay_ratio * len(new)), settings.min_replay))
     return sorted(random.Random(seed).sample(pool, count))
+
+
+def _replay_kind(loop: Loop, new: set[str]) -> str:
+    """What the new examples' kind replays: the objective's REPLAY_KIND for a cycle's examples; SFT for the
+    few-shot fast path's corrections, whatever loop.objective."""
+    kinds = {e.kind for e in loop.store.examples() if e.id in new}
+    return REPLAY_KIND[kinds.pop()] if len(kinds) == 1 else "sft"
 
 
 def _golden(loop: Loop) -> list:
