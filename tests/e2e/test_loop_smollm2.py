@@ -41,7 +41,7 @@ def loop_settings(folder) -> list[str]:
         "eval.train_prompts=6",
         "eval.min_exact_match=null",
         "serve.trigger_every=2",
-        "loop.fast_path=false",  # the fine-tune path; test_fastpath_smollm2.py runs the few-shot one
+        "loop.fast_path=false",  # the fine-tune path (the few-shot one: tests/loop/test_fewshot.py)
     ]
 
 
