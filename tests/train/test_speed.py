@@ -98,14 +98,17 @@ def test_auto_precision_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert precision.cpu_auto_precision()[0] == "bf16"
 
 
-def test_compute_threads_are_shared_among_processes_on_the_machine():
+def test_compute_threads_are_shared_among_processes_on_the_machine(monkeypatch):
     import torch
 
     from tuneship.train.precision import physical_cores, set_compute_threads
 
     before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         assert set_compute_threads() == physical_cores() >= 1
         assert set_compute_threads(processes_per_machine=physical_cores() * 4) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a person sharing the machine among jobs decides
+        assert set_compute_threads() == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

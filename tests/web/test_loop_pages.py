@@ -17,6 +17,7 @@ LOOP_SETTINGS = [
     "loop.review=required",
     "loop.golden_ratio=0",
     "loop.min_examples=5",
+    "loop.fast_path=false",  # no few-shot candidate starts by itself while the pages are driven
     "serve.trigger_every=0.3",
     "serve.max_tokens=16",
     f"serve.api_key={API_KEY}",

@@ -44,10 +44,15 @@ def physical_cores() -> int:
 
 
 def set_compute_threads(processes_per_machine: int = 1) -> int:
-    """One torch thread per physical core, shared among the processes on this machine; returns the count."""
+    """One torch thread per physical core, shared among the processes on this machine; returns the count.
+    OMP_NUM_THREADS, when set, wins: it is how a person shares one machine among several jobs."""
     import torch
 
-    threads = max(physical_cores() // max(processes_per_machine, 1), 1)
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        threads = int(explicit)
+    else:
+        threads = max(physical_cores() // max(processes_per_machine, 1), 1)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
