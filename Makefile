@@ -49,7 +49,7 @@ demo: setup
 	$(BIN)/tuneship run examples/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"

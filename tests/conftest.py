@@ -20,24 +20,6 @@ os.environ.setdefault("TUNESHIP_CACHE", str(REPO / ".cache" / "tuneship"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_configure(config):
-    """Under pytest-xdist (`make test`: one worker per core) each worker computes on its share of the cores
-    (torch, OpenMP, llama.cpp's subprocesses): workers each spinning a team as wide as the machine on the same
-    cores wait on each other at every small op."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:
-        os.environ["OMP_NUM_THREADS"] = str(max((os.cpu_count() or 1) // workers, 1))
-
-
-def pytest_collection_modifyitems(items):
-    """One xdist group per test folder (each root test file its own): the tests that share a folder's session
-    or module fixtures (the e2e quickstart run, the tiny loop run, the browser) run in one worker, so each
-    fixture is built once."""
-    for item in items:
-        parts = Path(item.fspath).relative_to(REPO / "tests").parts
-        item.add_marker(pytest.mark.xdist_group(parts[0]))
-
-
 def write_jsonl(path: Path, rows) -> Path:
     """Rows may be dicts (dumped as JSON) or raw strings (written as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)
