@@ -192,7 +192,7 @@ def fewshot_cycle(loop, console, heartbeat, actor: str, reason: str, live_url: s
     from tuneship.chat.format import ChatFormat
     from tuneship.loop.gate import run_gate
     from tuneship.loop.signals import harvest
-    from tuneship.loop.worker import NothingToTrain, _gate_sets, conclude
+    from tuneship.loop.worker import NothingToTrain, gate_sets, conclude
 
     store = loop.store
     champion = store.champion()
@@ -220,17 +220,17 @@ def fewshot_cycle(loop, console, heartbeat, actor: str, reason: str, live_url: s
         version.id,
     )
     heartbeat.stage("gate", version.id)
-    decision = run_gate(champion, version, _gate_sets(loop, version), loop.cfg)
+    decision = run_gate(champion, version, gate_sets(loop, version), loop.cfg)
     return conclude(loop, heartbeat, version, decision, actor, live_url)
 
 
 def _register_candidate(loop, champion, choice: ShotChoice):
-    from tuneship.loop.worker import _replay_sample
+    from tuneship.loop.worker import replay_sample
 
     version_id = loop.store.next_version_id()
     metrics = {
         "new_examples": choice.example_ids,
-        "replay_examples": _replay_sample(loop, set(choice.example_ids), version_id),
+        "replay_examples": replay_sample(loop, set(choice.example_ids), version_id),
         "fewshot": {k: v for k, v in choice.to_json().items() if k not in ("shots", "considered")},
     }
     return loop.store.add_version(

@@ -131,7 +131,7 @@ def _cycle(loop: Loop, console, heartbeat: Heartbeat, actor: str, reason: str, l
         return CycleResult(version.id, "failed", [failure])
     version = store.update_version(version.id, status="candidate", gguf=str(version_gguf(cfg, run_dir)))
     heartbeat.stage("gate", version.id)
-    decision = run_gate(champion, version, _gate_sets(loop, version), loop.cfg)
+    decision = run_gate(champion, version, gate_sets(loop, version), loop.cfg)
     store.mark_used(version.metrics["new_examples"] + version.metrics["replay_examples"], version.id)
     return conclude(loop, heartbeat, version, decision, actor, live_url)
 
@@ -189,7 +189,7 @@ def _resume_or_new_version(loop: Loop, champion):
         gguf=None,
         status="training",
         example_ids=new,
-        metrics={"new_examples": new, "replay_examples": _replay_sample(loop, set(new), version_id)},
+        metrics={"new_examples": new, "replay_examples": replay_sample(loop, set(new), version_id)},
     )
 
 
@@ -205,7 +205,7 @@ def _current_waiting(store, objective: str) -> list:
     return current
 
 
-def _replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
+def replay_sample(loop: Loop, new: set[str], seed: int) -> list[str]:
     """Earlier examples to train on again, from what the champion learned (of the new examples' REPLAY_KIND):
     `loop.replay_ratio` per new one but at least `loop.min_replay` (a small knowledge base is replayed whole: a
     few new facts trained alone for many epochs bleed into the old answers)."""
@@ -267,7 +267,7 @@ def _write_cycle_data(loop: Loop, version) -> tuple[Path, Path]:
     return folder / "train.jsonl", folder / "golden.jsonl"
 
 
-def _gate_sets(loop: Loop, version) -> dict[str, list]:
+def gate_sets(loop: Loop, version) -> dict[str, list]:
     golden = _golden(loop)
     new = [e for e in _examples_by_id(loop, version.metrics["new_examples"]) if e.label is not False]  # KTO negatives
     replay = _forgetting_check(loop, version)
