@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tuneship.export.faithfulness import measure_quants
+from tuneship.export.faithfulness import greedy_sequences, measure_quants
 from tuneship.export.gguf import QUANT_FTYPES, convert_to_gguf, quantize
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
@@ -77,7 +77,7 @@ def main() -> None:
         files += [(q, quantize(files[0][1], Path(tmp) / f"model-{q}.gguf", q)) for q in quants]
         sizes = {kind: path.stat().st_size / 1e6 for kind, path in files}
         started = time.perf_counter()
-        measured = measure_quants(files, chat_format, prompts, max_new_tokens)
+        measured = measure_quants(files, greedy_sequences(files[0][1], chat_format, prompts, max_new_tokens))
         seconds = time.perf_counter() - started
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}")
     print(f"model: {model_dir}; {len(prompts)} prompts, greedy f16 answers up to {max_new_tokens} tokens")

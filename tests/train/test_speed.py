@@ -112,3 +112,65 @@ def test_compute_threads_are_shared_among_processes_on_the_machine(monkeypatch):
         assert set_compute_threads() == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    total, count = supervised_loss_sum(model, batch)
+    (total / count).backward()
+    return float(total) / count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("explicit_up_to", [0, 10_000], ids=["sdpa-per-example", "explicit-softmax"])
+def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model_and_examples, monkeypatch, explicit_up_to):
+    """Per-example attention (both of its kernels) computes what a padded batch computes, gradients included."""
+    from tuneship.train import attention
+
+    model, chat_format, features = tiny_model_and_examples
+    monkeypatch.setattr(attention, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_up_to)
+    padded_loss, padded_grads = _loss_and_grads(model, PadCollator(chat_format.spec.pad_token_id)(features))
+    attention.use_packed_attention(model)
+    calls, segment_slots = [], attention.segment_slots
+    monkeypatch.setattr(attention, "segment_slots", lambda bounds: calls.append(bounds) or segment_slots(bounds))
+    packed_loss, packed_grads = _loss_and_grads(model, PackCollator()(features))
+    assert len(calls) == model.config.num_hidden_layers  # every layer took the per-example path
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in packed_grads.items():
+        assert grad == pytest.approx(padded_grads[name], rel=1e-4, abs=1e-6), name
+
+
+def test_segment_slots_read_each_example_and_mark_its_padding():
+    import torch
+
+    from tuneship.train.attention import segment_slots
+
+    index, is_real = segment_slots(torch.tensor([0, 3, 4, 6]))
+    assert index.tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 5]]
+    assert is_real.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+
+
+def test_packed_attention_falls_back_to_sdpa_where_a_sliding_window_is_shorter_than_an_example(
+    tiny_model_and_examples, monkeypatch
+):
+    """A window the per-example kernels do not apply: SDPA with transformers' own mask (the window in it)."""
+    from tuneship.train import attention
+
+    model, _, features = tiny_model_and_examples
+    attention.use_packed_attention(model)
+    monkeypatch.setattr(attention, "segment_slots", lambda bounds: pytest.fail("per-example path taken"))
+    import torch
+
+    query = torch.randn(1, 4, 10, 8)
+    key = value = torch.randn(1, 2, 10, 8)
+    bounds = PackCollator()([{"input_ids": [1] * 6, "labels": [1] * 6}, {"input_ids": [1] * 4, "labels": [1] * 4}])
+    output, _ = attention.packed_sdpa_forward(
+        model.model.layers[0].self_attn,
+        query,
+        key,
+        value,
+        None,
+        cu_seq_lens_q=bounds["cu_seq_lens_q"],
+        sliding_window=3,
+    )
+    assert output.shape == (1, 10, 4, 8)

@@ -5,9 +5,8 @@ unquantized GGUF's (f16 by default) own greedy answer to it in llama.cpp, stop t
 scored by the unquantized GGUF and by each quant. Only the positions that predict an answer token count:
 position len(prompt) - 1 predicts the first answer token, the last counted position predicts the last one (the
 stop token when the answer stopped). Prompt positions are the same text for every model and not what a person
-reads; the answer positions are where a quant's damage shows, including whether it still stops. (The answers
-are generated again, as token ids: the export's answer check keeps only the text, stripped, which does not give
-the tokens back.)
+reads; the answer positions are where a quant's damage shows, including whether it still stops. The answers are
+the token ids of the export's own answer check of the unquantized GGUF (`scored_sequences`), not generated again.
 
 Per counted position: KL(f16 || quant) of the two softmax distributions over the whole vocabulary, in float64,
 and whether the two most likely tokens are the same (top-1 agreement). Both are means over all positions.
@@ -54,22 +53,25 @@ class ScoredSequence:
         return len(self.tokens) - self.answer_start
 
 
+def scored_sequences(generation) -> list[ScoredSequence]:
+    """The reference GGUF's answers (a GGUFGeneration) as sequences to score: prompt tokens, then answer tokens."""
+    return [ScoredSequence(prompt + answer, len(prompt)) for prompt, answer in generation.token_ids]
+
+
 def greedy_sequences(reference: Path, chat_format, prompts, max_new_tokens: int) -> list[ScoredSequence]:
     """Each prompt through the ChatFormat, followed by the reference GGUF's greedy answer and its stop token."""
-    prompt_tokens = [chat_format.encode(chat_format.generation_prompt(p.conversation)) for p in prompts]
-    stop_token_ids = set(chat_format.spec.stop_token_ids)
-    with _llama(reference, max(len(t) for t in prompt_tokens) + max_new_tokens) as llm:
-        return [_with_greedy_answer(llm, tokens, stop_token_ids, max_new_tokens) for tokens in prompt_tokens]
+    from tuneship.evaluate.backends import generate_with_gguf
+
+    n_ctx = max(len(chat_format.encode(chat_format.generation_prompt(p.conversation))) for p in prompts)
+    return scored_sequences(generate_with_gguf(reference, chat_format, prompts, max_new_tokens, n_ctx + max_new_tokens))
 
 
-def measure_quants(files: list[tuple[str, Path]], chat_format, prompts, max_new_tokens: int) -> dict[str, Faithfulness]:
-    """Every file after the first (the quants) against the first (the unquantized export)."""
+def measure_quants(files: list[tuple[str, Path]], sequences: list[ScoredSequence]) -> dict[str, Faithfulness]:
+    """Every file after the first (the quants) against the first (the unquantized export), on `sequences`."""
     (_, reference), *quants = files
     if not quants:
         return {}
-    return measure_faithfulness(
-        reference, dict(quants), greedy_sequences(reference, chat_format, prompts, max_new_tokens)
-    )
+    return measure_faithfulness(reference, dict(quants), sequences)
 
 
 def measure_faithfulness(
@@ -123,24 +125,22 @@ class _Totals:
         return Faithfulness(self.kl / count, self.agreeing / count, self.positions)
 
 
-def _with_greedy_answer(llm, prompt_tokens: list[int], stop_token_ids: set[int], max_new_tokens: int):
-    answer: list[int] = []
-    for token in llm.generate(prompt_tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-        answer.append(token)
-        if token in stop_token_ids or token == llm.token_eos() or len(answer) >= max_new_tokens:
-            break
-    return ScoredSequence(prompt_tokens + answer, len(prompt_tokens))
-
-
 def _answer_log_probs(llm, sequence: ScoredSequence):
-    """float64 log-softmax rows of the positions that predict the answer tokens."""
+    """float64 log-softmax rows of the positions that predict the answer tokens. The start the sequence shares
+    with the one scored before (the system prompt, the template's header) stays in llama.cpp's cache; every
+    model scores the sequences in the same order, so each sees the same computation."""
     import numpy as np
 
-    llm.reset()
-    llm.eval(sequence.tokens)
+    kept = min(_shared_prefix(llm.input_ids[: llm.n_tokens].tolist(), sequence.tokens), sequence.answer_start - 1)
+    llm.n_tokens = kept  # llama-cpp-python's own prefix reuse: eval() drops the cache past n_tokens
+    llm.eval(sequence.tokens[kept:])
     logits = np.array(llm.scores[sequence.answer_start - 1 : len(sequence.tokens) - 1], dtype=np.float64)
     peak = logits.max(axis=1, keepdims=True)
     return logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))
+
+
+def _shared_prefix(first: list[int], second: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
 
 
 def _chunks(sequences: list[ScoredSequence], bytes_per_position: int, budget: int) -> Iterator[list[ScoredSequence]]:

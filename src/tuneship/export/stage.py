@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tuneship.evaluate.report import add_model, load_report, write_report
 from tuneship.evaluate.stage import check_all, eval_inputs, require_gates
-from tuneship.export.faithfulness import Faithfulness, kl_gate_failures, measure_quants
+from tuneship.export.faithfulness import Faithfulness, kl_gate_failures, measure_quants, scored_sequences
 from tuneship.run import Run, fingerprint
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def _export_merged(context: ExportContext) -> ExportResult:
         quantized = context.timed(f"quantize {quant}", lambda q=quant: gguf.quantize(f16, run.gguf(q), q))
         files.append((quant, quantized))
     infos = []
-    reference_tensors = None
+    reference_tensors = reference_answers = None
     for kind, path in files:
         info = gguf.validate_gguf(path, kind, chat_format, reference_tensors)
         reference_tensors = reference_tensors or info.tensor_count
@@ -114,11 +114,10 @@ def _export_merged(context: ExportContext) -> ExportResult:
             f"validated {path.name}: {info.size_bytes / 1e6:.1f} MB, {info.architecture}, "
             f"{info.tensor_count} tensors, types {info.tensor_types}"
         )
-        summaries[f"gguf-{kind}"] = _check_gguf(context, path, f"gguf-{kind}")
+        summaries[f"gguf-{kind}"], generation = _check_gguf(context, path, f"gguf-{kind}")
+        reference_answers = reference_answers or generation  # the unquantized file's, scored against each quant
         infos.append(asdict(info) | {"chat_template": None})
-    measured = context.timed(
-        "faithfulness", lambda: measure_quants(files, chat_format, context.prompts, cfg.eval.max_new_tokens)
-    )
+    measured = context.timed("faithfulness", lambda: measure_quants(files, scored_sequences(reference_answers)))
     for kind, figures in measured.items():
         summaries[f"gguf-{kind}"].update(figures.to_summary())
     return ExportResult(merged_dir, infos, summaries, context.timings, measured)
@@ -133,11 +132,12 @@ def _check_merged(context: ExportContext) -> dict:
     return add_model(context.report, "merged", check_all(answers, context.prompts, context.chat_format))
 
 
-def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path | None = None) -> dict:
-    from tuneship.evaluate.backends import gguf_answers
+def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path | None = None):
+    """(the GGUF's summary in the report, its GGUFGeneration)."""
+    from tuneship.evaluate.backends import generate_with_gguf
 
     cfg = context.cfg
-    answers, mismatches = gguf_answers(
+    generation = generate_with_gguf(
         path,
         context.chat_format,
         context.prompts,
@@ -145,8 +145,9 @@ def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path |
         n_ctx=max(cfg.train.max_seq_len + cfg.eval.max_new_tokens, 512),
         lora_path=lora_path,
     )
-    checks = check_all(answers, context.prompts, context.chat_format)
-    return add_model(context.report, name, checks, prompt_token_mismatches=mismatches)
+    checks = check_all(generation.answers, context.prompts, context.chat_format)
+    summary = add_model(context.report, name, checks, prompt_token_mismatches=generation.prompt_token_mismatches)
+    return summary, generation
 
 
 def _export_lora(context: ExportContext) -> ExportResult:
@@ -160,6 +161,6 @@ def _export_lora(context: ExportContext) -> ExportResult:
     if not run.base_gguf.is_file():
         context.timed("convert base", lambda: gguf.convert_to_gguf(Path(base_dir), run.base_gguf, "f16"))
     context.console.print(f"wrote {lora.name}; checking it in llama.cpp on {run.base_gguf.name}")
-    summary = _check_gguf(context, run.base_gguf, "gguf-lora", lora_path=lora)
+    summary, _ = _check_gguf(context, run.base_gguf, "gguf-lora", lora_path=lora)
     info = gguf.read_gguf(lora, "lora")
     return ExportResult(None, [asdict(info) | {"chat_template": None}], {"gguf-lora": summary}, context.timings)

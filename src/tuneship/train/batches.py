@@ -39,7 +39,8 @@ def _count(counter: TokenCounter, features: list[dict]) -> None:
 
 class PackCollator:
     """All examples of a batch in one row, no pad tokens; the first token of each example predicts nothing
-    from the example before it (its label is ignored, and position ids restart there)."""
+    from the example before it (its label is ignored, and position ids restart there). The examples' bounds
+    go along as flash-attention's varlen arguments (`cu_seq_lens_q`...), which train/attention.py reads too."""
 
     def __init__(self, counter: TokenCounter | None = None):
         self.counter = counter or TokenCounter()
@@ -47,16 +48,23 @@ class PackCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, positions, bounds = [], [], [], [0]
         for feature in features:
             input_ids += feature["input_ids"]
             labels += [IGNORE_INDEX] + feature["labels"][1:]
             positions += range(len(feature["input_ids"]))
+            bounds.append(len(input_ids))
         _count(self.counter, features)
+        cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(len(feature["input_ids"]) for feature in features)
         return {
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }
 
 

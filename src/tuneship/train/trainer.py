@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneship.errors import TuneshipError
+from tuneship.train.attention import use_packed_attention
 from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
 from tuneship.train.device import (
     check_memory,
@@ -186,6 +187,8 @@ def train_adapter(
             return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
 
     counter = setup.counter
+    if cfg.train.packing and setup.model.config._attn_implementation == "sdpa":
+        use_packed_attention(setup.model)
     collator = PackCollator(counter) if cfg.train.packing else PadCollator(chat_format.spec.pad_token_id, counter)
     trainer = GuardedTrainer(
         model=setup.model,
@@ -246,9 +249,14 @@ def _supervised_mean_loss(trainer, model, inputs, num_items_in_batch):
     """The loss the HF Trainer expects from a model that takes `num_items_in_batch`: summed over this
     micro-batch, divided by the supervised tokens of the whole step (all accumulation steps, all processes),
     times the process count (DDP averages gradients over processes)."""
+    from peft.helpers import disable_input_dtype_casting
+
     from tuneship.train.loss import supervised_loss_sum
 
-    total, count = supervised_loss_sum(model, inputs)
+    # Under autocast, PEFT's cast of each LoRA input to the adapter's fp32 is undone by autocast's cast back to
+    # bf16 for the matmul: two copies of every activation, forward and backward, for the same result.
+    with disable_input_dtype_casting(model, active=trainer.args.bf16 or trainer.args.fp16):
+        total, count = supervised_loss_sum(model, inputs)
     if num_items_in_batch is None:
         return total / max(count, 1)
     loss = total / num_items_in_batch
