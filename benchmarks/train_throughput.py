@@ -35,8 +35,11 @@ ROWS: dict[str, list[str]] = {
     "ours: bf16 autocast only": ["train.precision=bf16", "train.packing=false", "train.supervised_logits=false"],
     "ours: supervised logits only": ["train.precision=fp32", "train.packing=false"],
     "ours: packing only": ["train.precision=fp32", "train.supervised_logits=false"],
+    "ours: all but per-example attention": [],
     "ours: all (defaults)": [],
 }
+# Packing without per-example attention: one SDPA over the packed row with transformers' block-diagonal mask.
+WHOLE_ROW_ATTENTION = {"ours: all but per-example attention"}
 MAIN_ROWS = ["ours: all (defaults)"]
 
 
@@ -145,6 +148,10 @@ def child(row: str, steps: int) -> None:
         if row == "TRL":
             result = run_trl(steps, Path(tmp), [])
         else:
+            if row in WHOLE_ROW_ATTENTION:
+                import tuneship.train.trainer
+
+                tuneship.train.trainer.use_packed_attention = lambda model: None
             result = run_ours(steps, Path(tmp), ROWS[row])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -196,14 +203,14 @@ def main() -> None:
         f"{flops_per_trained_token() / 1e9:.2f} GFLOP per trained token -> limit {limit:,.0f} tokens/s in bf16"
     )
     cores = physical_cores()
-    header = f"{'row':<30}{'prec':>6}{'seconds':>9}{'tok/s':>8}{'% limit':>9}{'sup tok/s':>11}{'tok/core-s':>12}"
+    header = f"{'row':<38}{'prec':>6}{'seconds':>9}{'tok/s':>8}{'% limit':>9}{'sup tok/s':>11}{'tok/core-s':>12}"
     print(header + f"{'peak RSS MB':>13}{'final loss':>12}", flush=True)
     results = {}
     for name in ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]:
         r = results[name] = measure(name, args.steps)
         rate = r["tokens"] / r["seconds"]
         print(
-            f"{name:<30}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}{100 * rate / limit:>8.0f}%"
+            f"{name:<38}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}{100 * rate / limit:>8.0f}%"
             f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
             f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
             flush=True,

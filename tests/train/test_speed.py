@@ -150,15 +150,22 @@ def test_segment_slots_read_each_example_and_mark_its_padding():
     assert is_real.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
 
 
-def test_packed_attention_falls_back_to_sdpa_where_a_sliding_window_is_shorter_than_an_example(
-    tiny_model_and_examples, monkeypatch
+@pytest.mark.parametrize("extra", [{"sliding_window": 3}, {"softcap": 50.0}, {"s_aux": 0.5}])
+def test_packed_attention_falls_back_to_sdpa_for_attention_that_is_more_than_causal(
+    tiny_model_and_examples, monkeypatch, extra
 ):
-    """A window the per-example kernels do not apply: SDPA with transformers' own mask (the window in it)."""
+    """A window shorter than an example, soft-capping, sinks: what the per-example kernels do not apply goes to
+    transformers' SDPA function, with transformers' own mask."""
     from tuneship.train import attention
 
     model, _, features = tiny_model_and_examples
     attention.use_packed_attention(model)
     monkeypatch.setattr(attention, "segment_slots", lambda bounds: pytest.fail("per-example path taken"))
+    sdpa_calls = []
+    monkeypatch.setattr(
+        "transformers.integrations.sdpa_attention.sdpa_attention_forward",
+        lambda module, query, *args, **kwargs: sdpa_calls.append(kwargs) or (query.transpose(1, 2), None),
+    )
     import torch
 
     query = torch.randn(1, 4, 10, 8)

@@ -16,6 +16,7 @@ Measured on SmolLM2-135M, batch 8, 2-core CPU, bf16: 289 -> 363 trained tokens/s
 from __future__ import annotations
 
 PACKED_SDPA = "tuneship_packed_sdpa"
+NOT_CAUSAL_ONLY = ("softcap", "s_aux", "sinks", "position_bias")  # attention arguments this path does not apply
 EXPLICIT_ATTENTION_MAX_TOKENS = 192  # longer examples: SDPA's kernel (measured crossover ~200-250 on a CPU)
 
 
@@ -44,7 +45,8 @@ def segment_slots(cu_seq_lens):
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
     """The `AttentionInterface` function: per-example causal attention for one packed row, SDPA otherwise
-    (and where a model's attention has more than a causal mask: a sliding window shorter than an example)."""
+    (and where a model's attention is more than a causal mask: a sliding window shorter than an example, logit
+    soft-capping, attention sinks, a position bias)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     window = kwargs.get("sliding_window")
@@ -53,6 +55,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q
         or query.shape[0] != 1
         or cu_seq_lens_q.numel() < 3
         or (window is not None and window < int(cu_seq_lens_q.diff().max()))
+        or any(kwargs.get(name) is not None for name in NOT_CAUSAL_ONLY)
     ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     index, is_real = segment_slots(cu_seq_lens_q.to(query.device))
