@@ -87,13 +87,18 @@ def adapter_base_dir(run: Run) -> str:
     return json.loads((run.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
-def load_adapted(run: Run, **from_pretrained: Any) -> tuple[PeftModel, ChatFormat]:
-    """(the base with the run's adapter, in eval mode; the run's ChatFormat)."""
+def load_adapted(
+    run: Run, *, adapter_in_base_dtype: bool = False, **from_pretrained: Any
+) -> tuple[PeftModel, ChatFormat]:
+    """(the base with the run's adapter, in eval mode; the run's ChatFormat). The adapter's weights stay fp32
+    (PEFT's default) unless `adapter_in_base_dtype`: then they take the base's dtype, as autocast computed
+    them in training."""
     from peft import PeftModel
 
     chat_format = trained_chat_format(run)
     base = load_base(adapter_base_dir(run), chat_format, **from_pretrained)
-    return PeftModel.from_pretrained(base, run.adapter_dir).eval(), chat_format
+    model = PeftModel.from_pretrained(base, run.adapter_dir, autocast_adapter_dtype=not adapter_in_base_dtype)
+    return model.eval(), chat_format
 
 
 def load_merged(run: Run, chat_format: ChatFormat) -> PreTrainedModel:

@@ -24,3 +24,25 @@ def test_unmet_gate_exits_4_after_writing_the_report(run_copy, cli):
     assert result.code == 4
     assert "adapter: exact match 0.00 < eval.min_exact_match 1.0" in result.err
     assert run.eval_report.with_suffix(".md").is_file()
+
+
+def test_eval_generates_in_the_precision_training_computed_in(run_copy, monkeypatch):
+    """bf16 weights, adapter included, where training ran in bf16 on this CPU; the checkpoint's dtype otherwise."""
+    import torch
+
+    from tuneship.config import load_config
+    from tuneship.evaluate.stage import generation_precision
+    from tuneship.models import load_adapted
+
+    _, run = run_copy
+    cfg_path = run.path / "config.yaml"
+    monkeypatch.setattr("tuneship.train.precision.cpu_auto_precision", lambda: ("bf16", "measured bf16 fast"))
+    bf16 = generation_precision(load_config(cfg_path, ["train.device=cpu", "train.precision=auto"]))
+    assert bf16 == {"dtype": torch.bfloat16, "adapter_in_base_dtype": True}
+    model, _ = load_adapted(run, **bf16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for fp32 in (["train.precision=fp32"], ["train.precision=auto"]):
+        monkeypatch.setattr("tuneship.train.precision.cpu_auto_precision", lambda: ("fp32", "measured bf16 slow"))
+        assert generation_precision(load_config(cfg_path, ["train.device=cpu", *fp32])) == {}
+    model, _ = load_adapted(run)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
