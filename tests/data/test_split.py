@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from tests.conftest import qa, write_jsonl
 from tuneship.data.audit import AuditSettings
 from tuneship.data.stage import prepare_data
@@ -39,3 +41,12 @@ def test_near_duplicates_never_straddle_the_split(tmp_path):
     eval_texts = {c.messages[0].content.lower().rstrip("!") for c in result.eval}
     train_texts = {c.messages[0].content.lower().rstrip("!") for c in result.train}
     assert eval_texts and not eval_texts & train_texts
+
+
+def test_the_split_does_not_depend_on_the_folder_the_data_sits_in(tmp_path):
+    here, moved = split_of(tmp_path / "project"), split_of(tmp_path / "elsewhere" / "clone")
+
+    def lines(conversations):
+        return [(Path(c.source.file).name, c.source.line) for c in conversations]
+
+    assert lines(here.eval) == lines(moved.eval) and lines(here.train) == lines(moved.train)

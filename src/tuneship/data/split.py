@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from pathlib import PurePosixPath
 
 from tuneship.data.conversation import Conversation
 
@@ -37,4 +38,8 @@ def split(
 
 
 def _rank(seed: int, conversation: Conversation) -> str:
-    return hashlib.sha1(f"{seed}|{conversation.source}".encode()).hexdigest()
+    """The order records are drawn for eval within their source: by seed, the file's name and the line, not the
+    folder it sits in (a project moved or cloned elsewhere splits the same)."""
+    source = conversation.source
+    name = PurePosixPath(source.file.replace("\\", "/")).name
+    return hashlib.sha1(f"{seed}|{name}|{source.line}".encode()).hexdigest()
