@@ -73,6 +73,7 @@ class GGUFGeneration:
 def generate_with_gguf(
     gguf_path: Path, chat_format, prompts, max_new_tokens: int, n_ctx: int = 2048, lora_path: Path | None = None
 ) -> GGUFGeneration:
+    """Every prompt rendered by the ChatFormat and answered greedily by the GGUF in llama.cpp, in order."""
     runner = LlamaCppRunner(gguf_path, n_ctx, lora_path)
     answers, token_ids = [], []
     try:
