@@ -56,7 +56,7 @@ class PackCollator:
             bounds.append(len(input_ids))
         _count(self.counter, features)
         cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
-        longest = max(len(feature["input_ids"]) for feature in features)
+        longest = int(cu_seq_lens.diff().max())
         return {
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
