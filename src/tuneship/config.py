@@ -105,6 +105,9 @@ class TrainSection(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     packing: bool = Field(True, description="padding-free batches: examples end to end, attention kept per example")
+    shared_prefix: bool = Field(
+        True, description="packed batches compute the start all their examples share (system prompt) once; exact"
+    )
     supervised_logits: bool = Field(True, description="logits and loss only where a supervised token is predicted")
     kernels: Literal["torch", "liger"] = Field("torch", description="liger: Liger's Triton kernels (CUDA only)")
     min_free_disk_gb: float = Field(1.0, ge=0.0, description="disk guard: stop before a save would leave less")

@@ -6,7 +6,7 @@ import pytest
 
 from tuneship.chat.format import IGNORE_INDEX
 from tuneship.data.conversation import Conversation, Message, SourceRef
-from tuneship.train.batches import PackCollator, PadCollator
+from tuneship.train.batches import SHARED_PREFIX, PackCollator, PadCollator, shared_prefix_length
 from tuneship.train.loss import supervised_loss_sum
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour of the sky on a clear day, please.", "Hi"]
@@ -178,6 +178,106 @@ def test_packed_attention_falls_back_to_sdpa_for_attention_that_is_more_than_cau
         value,
         None,
         cu_seq_lens_q=bounds["cu_seq_lens_q"],
-        sliding_window=3,
+        **extra,
     )
     assert output.shape == (1, 10, 4, 8)
+    assert len(sdpa_calls) == 1 and sdpa_calls[0].items() >= extra.items()
+
+
+@pytest.mark.parametrize("explicit_up_to", [0, 10_000], ids=["sdpa-per-example", "explicit-softmax"])
+def test_a_shared_prefix_computed_once_gives_the_padded_loss_and_gradients(
+    tiny_model_and_examples, monkeypatch, explicit_up_to
+):
+    """The examples share the template's system prompt: the row holds it once, each example sees its keys, and
+    loss and every gradient are the padded batch's."""
+    from tuneship.train import attention
+
+    model, chat_format, features = tiny_model_and_examples
+    monkeypatch.setattr(attention, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_up_to)
+    padded_loss, padded_grads = _loss_and_grads(model, PadCollator(chat_format.spec.pad_token_id)(features))
+    attention.use_packed_attention(model)
+    batch = PackCollator(share_prefix=True)(features)
+    shared = batch[SHARED_PREFIX]
+    assert shared > 10  # SmolLM2's template writes its default system prompt into every example
+    assert batch["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features) - 2 * shared
+    shared_loss, shared_grads = _loss_and_grads(model, batch)
+    assert shared_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert shared_grads.keys() == padded_grads.keys()
+    for name, grad in shared_grads.items():
+        assert grad == pytest.approx(padded_grads[name], rel=1e-4, abs=1e-6), name
+
+
+def test_a_shared_prefix_changes_the_loss_if_examples_could_not_see_it(tiny_model_and_examples):
+    """The check above can fail: the same row attended per segment (the prefix hidden from the examples) differs."""
+    from tuneship.train import attention
+
+    model, chat_format, features = tiny_model_and_examples
+    padded_loss = _mean(model, PadCollator(chat_format.spec.pad_token_id)(features))
+    attention.use_packed_attention(model)
+    batch = PackCollator(share_prefix=True)(features)
+    del batch[SHARED_PREFIX]
+    assert _mean(model, batch) != pytest.approx(padded_loss, rel=1e-4)
+
+
+def test_the_shared_prefix_stops_before_any_supervised_prediction_and_any_difference():
+    def example(ids, first_supervised):
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * first_supervised + ids[first_supervised:]}
+
+    assert shared_prefix_length([example([1, 2, 3, 4, 5, 6], 5), example([1, 2, 3, 9, 5, 6], 5)]) == 3
+    # position 3 predicts token 4, supervised in the second example: the prefix ends before it
+    assert shared_prefix_length([example([1, 2, 3, 4, 5, 6], 5), example([1, 2, 3, 4, 5, 7], 4)]) == 3
+    assert shared_prefix_length([example([1, 2, 3], 3), example([1, 2, 3], 3)]) == 2  # never a whole example
+    assert shared_prefix_length([example([1, 2, 3, 4], 0), example([1, 2, 3, 4], 0)]) == 0  # loss on everything
+    assert shared_prefix_length([example([7, 2, 3, 4], 3), example([1, 2, 3, 4], 3)]) == 0
+    assert shared_prefix_length([example([1, 2, 3, 4], 3)]) == 0
+
+
+def test_a_shared_prefix_row_keeps_labels_positions_and_bounds():
+    features = [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE_INDEX] * 4 + [5]},
+        {"input_ids": [1, 2, 3, 6, 7, 8], "labels": [IGNORE_INDEX] * 4 + [7, 8]},
+    ]
+    batch = PackCollator(share_prefix=True)(features)
+    assert batch[SHARED_PREFIX] == 3
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX] * 4 + [5, IGNORE_INDEX, 7, 8]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8]
+    assert SHARED_PREFIX not in PackCollator()(features)
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["per-example path", "sliding window: SDPA with the row's mask"])
+def test_shared_prefix_attention_is_each_examples_own_causal_attention(monkeypatch, window):
+    """Random states of a row [prefix | example 1 | example 2]: each example's output is plain causal attention
+    over its own prefix + tokens (within the window), computed one example at a time."""
+    import torch
+
+    from tuneship.train import attention
+
+    torch.manual_seed(0)
+    shared, lengths = 5, [4, 7]
+    row = shared + sum(lengths)
+    query, key, value = torch.randn(1, 4, row, 8), torch.randn(1, 2, row, 8), torch.randn(1, 2, row, 8)
+    bounds = torch.tensor([0, shared, shared + lengths[0], row], dtype=torch.int32)
+    module = type("Attention", (), {"num_key_value_groups": 2, "is_causal": True})()
+    output, _ = attention.packed_sdpa_forward(
+        module, query, key, value, None, cu_seq_lens_q=bounds, sliding_window=window, shared_prefix_tokens=shared
+    )
+    expected = []
+    for start, end in [(0, shared), (shared, shared + lengths[0]), (shared + lengths[0], row)]:
+        keys = list(range(shared)) + list(range(start, end)) if start else list(range(end))
+        queries = len(keys) - (end - start)
+        position = torch.arange(len(keys))
+        allowed = position[None, :] <= position[queries:, None]
+        if window is not None:
+            allowed &= position[queries:, None] - position[None, :] < window
+        expected.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, start:end],
+                key[:, :, keys].repeat_interleave(2, dim=1),
+                value[:, :, keys].repeat_interleave(2, dim=1),
+                attn_mask=allowed,
+            ).transpose(1, 2)
+        )
+    assert output.shape == (1, row, 4, 8)
+    assert torch.allclose(output, torch.cat(expected, dim=1), atol=1e-5)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from tuneship.chat.format import IGNORE_INDEX, Rendered
 
+SHARED_PREFIX = "shared_prefix_tokens"  # the batch key, passed on to the attention function
+
 
 @dataclass
 class TokenCounter:
@@ -40,24 +42,36 @@ def _count(counter: TokenCounter, features: list[dict]) -> None:
 class PackCollator:
     """All examples of a batch in one row, no pad tokens; the first token of each example predicts nothing
     from the example before it (its label is ignored, and position ids restart there). The examples' bounds
-    go along as flash-attention's varlen arguments (`cu_seq_lens_q`...), which train/attention.py reads too."""
+    go along as flash-attention's varlen arguments (`cu_seq_lens_q`...), which train/attention.py reads too.
 
-    def __init__(self, counter: TokenCounter | None = None):
+    With `share_prefix` (only where train/attention.py's function attends, see there), the start every example
+    of the batch shares (a system prompt, the template's header) is in the row once, as segment 0, and each
+    example continues after it with positions counting on from it: `shared_prefix_tokens` says how long it is.
+    """
+
+    def __init__(self, counter: TokenCounter | None = None, share_prefix: bool = False):
         self.counter = counter or TokenCounter()
+        self.share_prefix = share_prefix
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
+        shared = shared_prefix_length(features) if self.share_prefix else 0
         input_ids, labels, positions, bounds = [], [], [], [0]
+        if shared:
+            input_ids += features[0]["input_ids"][:shared]
+            labels += [IGNORE_INDEX] * shared
+            positions += range(shared)
+            bounds.append(shared)
         for feature in features:
-            input_ids += feature["input_ids"]
-            labels += [IGNORE_INDEX] + feature["labels"][1:]
-            positions += range(len(feature["input_ids"]))
+            input_ids += feature["input_ids"][shared:]
+            labels += [IGNORE_INDEX] + feature["labels"][shared + 1 :]
+            positions += range(shared, len(feature["input_ids"]))
             bounds.append(len(input_ids))
         _count(self.counter, features)
         cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
         longest = int(cu_seq_lens.diff().max())
-        return {
+        batch = {
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
@@ -66,6 +80,29 @@ class PackCollator:
             "max_length_q": longest,
             "max_length_k": longest,
         }
+        return batch | ({SHARED_PREFIX: shared} if shared else {})
+
+
+def shared_prefix_length(features: list[dict]) -> int:
+    """How many leading tokens every example of the batch has in common and can compute once: never a token
+    whose prediction is supervised (the prefix's last position predicts each example's next token, which differs
+    between them, so that token must be unsupervised everywhere), and never a whole example. 0 for one example."""
+    if len(features) < 2:
+        return 0
+    first = features[0]["input_ids"]
+    limit = min(_first_supervised(f["labels"]) for f in features) - 1
+    limit = min(limit, *(len(f["input_ids"]) - 1 for f in features))
+    for feature in features[1:]:
+        limit = min(limit, _common_length(first, feature["input_ids"], limit))
+    return max(limit, 0)
+
+
+def _first_supervised(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def _common_length(first: list[int], second: list[int], limit: int) -> int:
+    return next((i for i in range(limit) if first[i] != second[i]), limit)
 
 
 class PadCollator:

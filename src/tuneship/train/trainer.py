@@ -187,9 +187,13 @@ def train_adapter(
             return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
 
     counter = setup.counter
-    if cfg.train.packing and setup.model.config._attn_implementation == "sdpa":
+    attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
+    if attends_per_example:
         use_packed_attention(setup.model)
-    collator = PackCollator(counter) if cfg.train.packing else PadCollator(chat_format.spec.pad_token_id, counter)
+    if cfg.train.packing:  # a shared prefix only where our attention function reads it (not flash-attention's)
+        collator = PackCollator(counter, share_prefix=attends_per_example and cfg.train.shared_prefix)
+    else:
+        collator = PadCollator(chat_format.spec.pad_token_id, counter)
     trainer = GuardedTrainer(
         model=setup.model,
         args=setup.args,
