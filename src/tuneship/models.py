@@ -101,6 +101,6 @@ def load_adapted(
     return model.eval(), chat_format
 
 
-def load_merged(run: Run, chat_format: ChatFormat) -> PreTrainedModel:
-    """The merged model export wrote, in eval mode."""
-    return load_base(str(run.merged_dir), chat_format).eval()
+def load_merged(run: Run, chat_format: ChatFormat, **from_pretrained: Any) -> PreTrainedModel:
+    """The merged model export wrote, in eval mode (dtype... passed on)."""
+    return load_base(str(run.merged_dir), chat_format, **from_pretrained).eval()

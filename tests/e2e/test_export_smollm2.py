@@ -31,6 +31,32 @@ def test_q4_k_m_gguf_answers_facts_and_always_stops(quickstart_run):
     assert "| metric | base | adapter | merged | gguf-f16 | gguf-Q4_K_M | gguf-Q8_0 |" in table
 
 
+@pytest.mark.parametrize("max_new_tokens", [64, 6], ids=["answers stop", "answers cut"])
+def test_the_prompt_set_answered_together_is_answered_as_each_prompt_alone(quickstart_run, max_new_tokens):
+    """SmolLM2's Q4_K_M GGUF: the 30 prompts decoded as sequences of one llama.cpp context give the answers
+    llama-cpp-python's generate loop gives each prompt alone, text, stop and token count."""
+    from tuneship.config import load_config
+    from tuneship.evaluate.backends import LlamaCppRunner, generate_with_gguf
+    from tuneship.evaluate.prompts import build_prompt_set
+    from tuneship.models import trained_chat_format
+    from tuneship.run import Run
+
+    cfg = load_config(quickstart_run / "config.yaml")
+    run = Run.of(cfg, quickstart_run)
+    chat_format, prompts = trained_chat_format(run), build_prompt_set(run.data_dir, cfg.eval)
+    together = generate_with_gguf(run.gguf("Q4_K_M"), chat_format, prompts, max_new_tokens).answers
+    runner = LlamaCppRunner(run.gguf("Q4_K_M"))
+    try:
+        alone = [
+            runner.answer(chat_format, chat_format.generation_prompt(p.conversation), max_new_tokens) for p in prompts
+        ]
+    finally:
+        runner.close()
+    assert len(alone) == 30 and len({a.text for a in alone}) == 30
+    assert together == alone
+    assert all(a.stopped for a in alone) == (max_new_tokens == 64)
+
+
 def test_chat_with_the_exported_gguf(quickstart_run):
     from tuneship.export.chat import chat_loop
 

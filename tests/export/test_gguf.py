@@ -102,3 +102,21 @@ def test_no_merge_exports_a_lora_gguf_that_the_template_check_never_takes_for_th
     checked = cli("template", "check", run.path)
     assert checked.code == 0, checked.output
     assert "gguf: none exported yet" in checked.out and "lora" not in checked.output
+
+
+def test_the_converter_running_alongside_failed_work_is_stopped(tiny_run, tmp_path):
+    from tuneship.export.gguf import start_conversion
+
+    run_dir = tiny_run[1].path
+    with pytest.raises(RuntimeError, match="the merged model's check failed"):
+        with start_conversion(run_dir / "merged", tmp_path / "never.gguf", "f16") as conversion:
+            raise RuntimeError("the merged model's check failed")
+    assert conversion.script.process.returncode is not None  # killed and reaped, not left running
+
+
+def test_a_failing_conversion_says_what_the_converter_said(tmp_path):
+    from tuneship.export.gguf import start_conversion
+
+    (tmp_path / "model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="llama.cpp's converter failed on .*\n(.|\n)*(Error|error)"):
+        start_conversion(tmp_path, tmp_path / "out.gguf", "f16").result()

@@ -27,19 +27,20 @@ def chat_format_of(run_dir):
 
 
 class PromptSpy:
-    """Records every prompt llama.cpp is asked to answer (the real runner still answers it)."""
+    """Records every prompt llama.cpp is asked to answer, as the ChatFormat renders it (the real GGUF still
+    answers)."""
 
     def __init__(self, monkeypatch):
-        from tuneship.evaluate.backends import LlamaCppRunner
+        from tuneship.evaluate import backends
 
         self.prompts: list[str] = []
-        original = LlamaCppRunner.answer
+        original = backends.generate_with_gguf
 
-        def answer(runner, chat_format, prompt_text, max_new_tokens):
-            self.prompts.append(prompt_text)
-            return original(runner, chat_format, prompt_text, max_new_tokens)
+        def generate(gguf_path, chat_format, prompts, *args, **kwargs):
+            self.prompts += [chat_format.generation_prompt(p.conversation) for p in prompts]
+            return original(gguf_path, chat_format, prompts, *args, **kwargs)
 
-        monkeypatch.setattr(LlamaCppRunner, "answer", answer)
+        monkeypatch.setattr(backends, "generate_with_gguf", generate)
 
 
 def fewshot_loop(loop_dir, budget: int):

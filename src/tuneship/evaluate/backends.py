@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tuneship.chat.generation import Answer, generate_answers
 
+LOADER_CONTEXT = 64  # the context a Llama loads the model with when the answers come from llama_parallel
+
 
 def hf_answers(model, chat_format, prompts, max_new_tokens: int) -> list[Answer]:
     return generate_answers(
@@ -19,20 +21,13 @@ def hf_answers(model, chat_format, prompts, max_new_tokens: int) -> list[Answer]
 
 
 class LlamaCppRunner:
-    """A GGUF loaded in llama.cpp (llama-cpp-python), greedy, with the run's stop tokens, one thread per
-    physical core (llama-cpp-python's default, half the logical CPUs, is one thread on a 2-core machine)."""
+    """A GGUF loaded in llama.cpp (llama-cpp-python), greedy, with the run's stop tokens, for one conversation at a
+    time (`tuneship chat`, the server); prompt sets go through `generate_with_gguf`."""
 
     def __init__(self, gguf_path: Path, n_ctx: int = 2048, lora_path: Path | None = None):
-        from llama_cpp import Llama
-
-        from tuneship.train.precision import physical_cores
-
         kwargs = {"lora_path": str(lora_path)} if lora_path else {}
-        self.llm = Llama(
-            model_path=str(gguf_path), n_ctx=n_ctx, seed=0, verbose=False, n_threads=physical_cores(), **kwargs
-        )
+        self.llm = load_gguf(gguf_path, n_ctx, **kwargs)
         self.prompt_token_mismatches = 0
-        self.last_token_ids: tuple[list[int], list[int]] = ([], [])  # prompt, answer (with the token that ended it)
 
     def answer(self, chat_format, prompt_text: str, max_new_tokens: int) -> Answer:
         tokens = self.llm.tokenize(prompt_text.encode("utf-8"), add_bos=False, special=True)
@@ -48,16 +43,27 @@ class LlamaCppRunner:
             generated.append(token)
             if len(generated) >= max_new_tokens:
                 break
-        self.last_token_ids = (tokens, generated if end is None else [*generated, end])
-        if end is None:
-            return Answer(self._text(generated), False, len(generated))
-        return Answer(self._text(generated), end in stop_ids, len(generated) + 1)
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(tokens, special=True).decode("utf-8", "replace").strip()
+        return _answer(self.llm, generated, end, stop_ids)
 
     def close(self) -> None:
         self.llm.close()
+
+
+def load_gguf(gguf_path: Path, n_ctx: int, **kwargs):
+    """A llama_cpp.Llama, quiet, one thread per physical core (llama-cpp-python's default, half the logical CPUs,
+    is one thread on a 2-core machine)."""
+    from llama_cpp import Llama
+
+    from tuneship.train.precision import physical_cores
+
+    return Llama(
+        model_path=str(gguf_path), n_ctx=n_ctx, seed=0, verbose=False, n_threads=physical_cores(), **kwargs
+    )
+
+
+def _answer(llm, generated: list[int], end: int | None, stop_ids: set[int]) -> Answer:
+    text = llm.detokenize(generated, special=True).decode("utf-8", "replace").strip()
+    return Answer(text, end in stop_ids, len(generated) + (end is not None))
 
 
 @dataclass
@@ -71,25 +77,29 @@ class GGUFGeneration:
 
 
 def generate_with_gguf(
-    gguf_path: Path, chat_format, prompts, max_new_tokens: int, n_ctx: int = 2048, lora_path: Path | None = None
+    gguf_path: Path, chat_format, prompts, max_new_tokens: int, lora_path: Path | None = None
 ) -> GGUFGeneration:
-    """Every prompt rendered by the ChatFormat and answered greedily by the GGUF in llama.cpp, in order."""
-    runner = LlamaCppRunner(gguf_path, n_ctx, lora_path)
-    answers, token_ids = [], []
+    """Every prompt rendered by the ChatFormat and answered greedily by the GGUF in llama.cpp, all prompts decoded
+    together (evaluate/llama_parallel.py), answers in prompt order."""
+    from tuneship.evaluate.llama_parallel import greedy_continuations
+
+    llm = load_gguf(gguf_path, LOADER_CONTEXT)  # its own context stays unused: the answers get a batched one
     try:
-        for prompt in prompts:
-            answers.append(
-                runner.answer(chat_format, chat_format.generation_prompt(prompt.conversation), max_new_tokens)
-            )
-            token_ids.append(runner.last_token_ids)
+        texts = [chat_format.generation_prompt(prompt.conversation) for prompt in prompts]
+        tokens = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in texts]
+        mismatches = sum(ids != chat_format.encode(text) for ids, text in zip(tokens, texts))
+        stop_ids = set(chat_format.spec.stop_token_ids)
+        continuations = greedy_continuations(llm, tokens, max_new_tokens, stop_ids, lora_path)
+        answers = [_answer(llm, c.answer, c.end, stop_ids) for c in continuations]
     finally:
-        runner.close()
-    return GGUFGeneration(answers, runner.prompt_token_mismatches, token_ids)
+        llm.close()
+    token_ids = [(c.prompt, c.answer if c.end is None else [*c.answer, c.end]) for c in continuations]
+    return GGUFGeneration(answers, mismatches, token_ids)
 
 
 def gguf_answers(
-    gguf_path: Path, chat_format, prompts, max_new_tokens: int, n_ctx: int = 2048, lora_path: Path | None = None
+    gguf_path: Path, chat_format, prompts, max_new_tokens: int, lora_path: Path | None = None
 ) -> tuple[list[Answer], int]:
     """Answers and how many prompts llama.cpp tokenized differently from the HF tokenizer."""
-    generation = generate_with_gguf(gguf_path, chat_format, prompts, max_new_tokens, n_ctx, lora_path)
+    generation = generate_with_gguf(gguf_path, chat_format, prompts, max_new_tokens, lora_path)
     return generation.answers, generation.prompt_token_mismatches

@@ -97,11 +97,36 @@ def _extract(sdist: Path, destination: Path) -> None:
 
 def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """Run a converter script with its own gguf-py first on the path."""
+    return start_script(script, args).wait()
+
+
+class RunningScript:
+    """A converter script running in the background; its output goes to a temporary file, not a pipe (a pipe
+    nobody reads would stop the converter once it filled)."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.command = command
+        self.output = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, env=env, stdout=self.output, stderr=subprocess.STDOUT, text=True)
+        self.finished: subprocess.CompletedProcess | None = None
+
+    def wait(self) -> subprocess.CompletedProcess:
+        """The finished script: its exit code, and its output as `stderr` (where the converter logs)."""
+        if self.finished is None:
+            returncode = self.process.wait()
+            self.output.seek(0)
+            self.finished = subprocess.CompletedProcess(self.command, returncode, "", self.output.read())
+            self.output.close()
+        return self.finished
+
+
+def start_script(script: str, args: list[str]) -> RunningScript:
+    """Start a converter script with its own gguf-py first on the path; `.wait()` for its result."""
     folder = ensure_converter()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "gguf-py"), str(folder), env.get("PYTHONPATH", "")])
     env["NO_LOCAL_GGUF"] = ""
-    return subprocess.run([sys.executable, str(folder / script), *args], env=env, capture_output=True, text=True)
+    return RunningScript([sys.executable, str(folder / script), *args], env)
 
 
 if __name__ == "__main__":

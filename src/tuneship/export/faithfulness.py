@@ -15,8 +15,9 @@ Memory: KL needs both distributions in full (a top-k cut drops most of the mass 
 small models the distributions are flat), so the reference log-probs are kept as full float64 rows, but only for
 a chunk of sequences whose rows fit MEMORY_BUDGET_BYTES. Per chunk, the reference GGUF and then each quant are
 loaded one at a time (llama.cpp maps the file, so a reload is cheap); a quant's rows are compared as they come
-and dropped. Every sequence is scored in one llama.cpp batch, the same way by every model, so the reference
-scored against itself gives exactly 0 and the figures are the same on every rerun.
+and dropped. A chunk's sequences are scored together in one llama.cpp batch (evaluate/llama_parallel.py: their
+shared start once, one sequence each), the same way by every model, so the reference scored against itself
+gives exactly 0 and the figures are the same on every rerun.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ def greedy_sequences(reference: Path, chat_format, prompts, max_new_tokens: int)
     """Each prompt through the ChatFormat, followed by the reference GGUF's greedy answer and its stop token."""
     from tuneship.evaluate.backends import generate_with_gguf
 
-    n_ctx = max(len(chat_format.encode(chat_format.generation_prompt(p.conversation))) for p in prompts)
-    return scored_sequences(generate_with_gguf(reference, chat_format, prompts, max_new_tokens, n_ctx + max_new_tokens))
+    return scored_sequences(generate_with_gguf(reference, chat_format, prompts, max_new_tokens))
 
 
 def measure_quants(files: list[tuple[str, Path]], sequences: list[ScoredSequence]) -> dict[str, Faithfulness]:
@@ -80,17 +80,16 @@ def measure_faithfulness(
     sequences: list[ScoredSequence],
     memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
 ) -> dict[str, Faithfulness]:
-    n_ctx = max(len(s.tokens) for s in sequences)
-    with _llama(reference, n_ctx) as llm:
+    with _llama(reference) as llm:
         bytes_per_position = 8 * llm.n_vocab()
     totals = {name: _Totals() for name in quants}
     for chunk in _chunks(sequences, bytes_per_position, memory_budget_bytes):
-        with _llama(reference, n_ctx) as llm:
-            reference_rows = [_answer_log_probs(llm, sequence) for sequence in chunk]
+        with _llama(reference) as llm:
+            reference_rows = _answer_log_probs(llm, chunk)
         for name, path in quants.items():
-            with _llama(path, n_ctx) as llm:
-                for sequence, rows in zip(chunk, reference_rows):
-                    totals[name].add(rows, _answer_log_probs(llm, sequence))
+            with _llama(path) as llm:
+                for rows, quant_rows in zip(reference_rows, _answer_log_probs(llm, chunk)):
+                    totals[name].add(rows, quant_rows)
     return {name: total.result() for name, total in totals.items()}
 
 
@@ -125,22 +124,18 @@ class _Totals:
         return Faithfulness(self.kl / count, self.agreeing / count, self.positions)
 
 
-def _answer_log_probs(llm, sequence: ScoredSequence):
-    """float64 log-softmax rows of the positions that predict the answer tokens. The start the sequence shares
-    with the one scored before (the system prompt, the template's header) stays in llama.cpp's cache; every
-    model scores the sequences in the same order, so each sees the same computation."""
+def _answer_log_probs(llm, sequences: list[ScoredSequence]) -> list:
+    """Per sequence, float64 log-softmax rows of the positions that predict its answer tokens."""
     import numpy as np
 
-    kept = min(_shared_prefix(llm.input_ids[: llm.n_tokens].tolist(), sequence.tokens), sequence.answer_start - 1)
-    llm.n_tokens = kept  # llama-cpp-python's own prefix reuse: eval() drops the cache past n_tokens
-    llm.eval(sequence.tokens[kept:])
-    logits = np.array(llm.scores[sequence.answer_start - 1 : len(sequence.tokens) - 1], dtype=np.float64)
-    peak = logits.max(axis=1, keepdims=True)
-    return logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))
+    from tuneship.evaluate.llama_parallel import position_logits
 
-
-def _shared_prefix(first: list[int], second: list[int]) -> int:
-    return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    log_probs = []
+    for logits in position_logits(llm, [(s.tokens, s.answer_start - 1) for s in sequences]):
+        logits = logits.astype(np.float64)
+        peak = logits.max(axis=1, keepdims=True)
+        log_probs.append(logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))))
+    return log_probs
 
 
 def _chunks(sequences: list[ScoredSequence], bytes_per_position: int, budget: int) -> Iterator[list[ScoredSequence]]:
@@ -159,12 +154,10 @@ def _chunks(sequences: list[ScoredSequence], bytes_per_position: int, budget: in
 
 
 @contextmanager
-def _llama(path: Path, n_ctx: int):
-    """A GGUF in llama.cpp with logits for every position, one batch per sequence."""
-    from llama_cpp import Llama
+def _llama(path: Path):
+    from tuneship.evaluate.backends import LOADER_CONTEXT, load_gguf
 
-    size = max(n_ctx, 16)
-    llm = Llama(model_path=str(path), n_ctx=size, n_batch=size, n_ubatch=size, logits_all=True, seed=0, verbose=False)
+    llm = load_gguf(path, LOADER_CONTEXT)
     try:
         yield llm
     finally:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneship.errors import TuneshipError
-from tuneship.export.converter import run_script
+from tuneship.export.converter import RunningScript, run_script, start_script
 from tuneship.disk import require_disk_for_file
 
 QUANT_FTYPES = {
@@ -57,12 +57,37 @@ class GGUFInfo:
 
 
 def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
+    return start_conversion(merged_dir, out_path, outtype).result()
+
+
+@dataclass
+class PendingConversion:
+    """llama.cpp's converter at work in its own process (export checks the merged model meanwhile)."""
+
+    merged_dir: Path
+    out_path: Path
+    script: RunningScript
+
+    def __enter__(self) -> PendingConversion:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None:  # the work it was started alongside failed: stop it
+            self.script.process.kill()
+            self.script.wait()
+
+    def result(self) -> Path:
+        finished = self.script.wait()
+        if finished.returncode != 0 or not self.out_path.is_file():
+            raise ExportError(f"llama.cpp's converter failed on {self.merged_dir}:\n{finished.stderr[-2000:]}")
+        return self.out_path
+
+
+def start_conversion(merged_dir: Path, out_path: Path, outtype: str) -> PendingConversion:
     size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
     require_disk_for_file(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
-    result = run_script("convert_hf_to_gguf.py", [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype])
-    if result.returncode != 0 or not out_path.is_file():
-        raise ExportError(f"llama.cpp's converter failed on {merged_dir}:\n{result.stderr[-2000:]}")
-    return out_path
+    arguments = [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype]
+    return PendingConversion(merged_dir, out_path, start_script("convert_hf_to_gguf.py", arguments))
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from tuneship.evaluate.report import add_model, load_report, write_report
-from tuneship.evaluate.stage import check_all, eval_inputs, require_gates
+from tuneship.evaluate.stage import check_all, eval_inputs, generation_precision, require_gates
 from tuneship.export.faithfulness import Faithfulness, kl_gate_failures, measure_quants, scored_sequences
 from tuneship.run import Run, fingerprint
 
@@ -98,9 +98,12 @@ def _export_merged(context: ExportContext) -> ExportResult:
 
     cfg, run, chat_format = context.cfg, context.run, context.chat_format
     merged_dir = context.timed("merge", lambda: merge_adapter(run, was_qlora=cfg.lora.qlora, console=context.console))
-    summaries = {"merged": _check_merged(context)}
     outtype = cfg.export.outtype
-    f16 = context.timed("convert", lambda: gguf.convert_to_gguf(merged_dir, run.gguf(outtype), outtype))
+    started = time.monotonic()
+    with gguf.start_conversion(merged_dir, run.gguf(outtype), outtype) as conversion:
+        summaries = {"merged": _check_merged(context)}  # while the converter runs in its own process
+        f16 = conversion.result()
+    context.timings["convert"] = round(time.monotonic() - started, 2)  # with the merged model's answers alongside
     files = [(outtype, f16)]
     for quant in cfg.export.quants:
         quantized = context.timed(f"quantize {quant}", lambda q=quant: gguf.quantize(f16, run.gguf(q), q))
@@ -127,7 +130,8 @@ def _check_merged(context: ExportContext) -> dict:
     from tuneship.evaluate.backends import hf_answers
     from tuneship.models import load_merged
 
-    model = load_merged(context.run, context.chat_format)
+    dtype = generation_precision(context.cfg).get("dtype")  # the precision eval generated the adapter's answers in
+    model = load_merged(context.run, context.chat_format, **({"dtype": dtype} if dtype else {}))
     answers = hf_answers(model, context.chat_format, context.prompts, context.cfg.eval.max_new_tokens)
     return add_model(context.report, "merged", check_all(answers, context.prompts, context.chat_format))
 
@@ -136,14 +140,8 @@ def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path |
     """(the GGUF's summary in the report, its GGUFGeneration)."""
     from tuneship.evaluate.backends import generate_with_gguf
 
-    cfg = context.cfg
     generation = generate_with_gguf(
-        path,
-        context.chat_format,
-        context.prompts,
-        cfg.eval.max_new_tokens,
-        n_ctx=max(cfg.train.max_seq_len + cfg.eval.max_new_tokens, 512),
-        lora_path=lora_path,
+        path, context.chat_format, context.prompts, context.cfg.eval.max_new_tokens, lora_path=lora_path
     )
     checks = check_all(generation.answers, context.prompts, context.chat_format)
     summary = add_model(context.report, name, checks, prompt_token_mismatches=generation.prompt_token_mismatches)

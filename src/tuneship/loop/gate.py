@@ -40,7 +40,7 @@ def prompts_from(examples) -> list:
 
 
 def measure(
-    gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, n_ctx: int, shots: list[dict]
+    gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, shots: list[dict]
 ) -> dict:
     """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF, with a few-shot version's shots before
     every prompt."""
@@ -54,7 +54,7 @@ def measure(
     for name, prompts in sets.items():
         if not prompts:
             continue
-        answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, shots), max_new_tokens, n_ctx)
+        answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, shots), max_new_tokens)
         checks = [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
         results[name] = {**summarize(checks), "answers": [c.answer for c in checks]}
     return results
@@ -97,8 +97,7 @@ def _numbers(summary: dict) -> dict:
 
 def run_gate(champion, challenger, sets: dict[str, list], cfg) -> GateDecision:
     """champion/challenger: registry versions (their GGUF, run dir, and shots when few-shot)."""
-    n_ctx = cfg.serve.n_ctx
     tokens = cfg.eval.max_new_tokens
-    old = measure(Path(champion.gguf), Path(champion.run_dir) / "adapter", sets, tokens, n_ctx, champion.shots)
-    new = measure(Path(challenger.gguf), Path(challenger.run_dir) / "adapter", sets, tokens, n_ctx, challenger.shots)
+    old = measure(Path(champion.gguf), Path(champion.run_dir) / "adapter", sets, tokens, champion.shots)
+    new = measure(Path(challenger.gguf), Path(challenger.run_dir) / "adapter", sets, tokens, challenger.shots)
     return decide(old, new, cfg.loop.max_regression)
