@@ -6,8 +6,10 @@ Each trainer runs in its own subprocess (so peak RSS is its own). TRL runs with 
 bf16=False / use_cpu on a CPU-only machine (its default bf16 fails there) and the same batch size, learning
 rate, LoRA and step count as ours. The limit: the bf16 matmul peak this script measures (a 2048^3 product)
 divided by the model's FLOPs per trained token (4 x its linear-layer parameters: forward, and backward to the
-activations; LoRA's own weights are negligible). Printed per row: non-pad tokens/s, % of that limit, peak RSS,
-final loss; then the line `ratio ours/TRL: non-pad tokens/s X.XX`.
+activations; LoRA's own weights are negligible). Printed per row: non-pad tokens/s (the examples' tokens: the
+work done for the user, the ratio's measure), computed tokens/s (what the model ran: pad tokens included, a
+shared prefix once) and its % of that limit, peak RSS, final loss; then the line
+`ratio ours/TRL: non-pad tokens/s X.XX`.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ ROWS: dict[str, list[str]] = {
     "ours: bf16 autocast only": ["train.precision=bf16", "train.packing=false", "train.supervised_logits=false"],
     "ours: supervised logits only": ["train.precision=fp32", "train.packing=false"],
     "ours: packing only": ["train.precision=fp32", "train.supervised_logits=false"],
-    "ours: all but per-example attention": [],
+    "ours: all but per-example attention": ["train.shared_prefix=false"],
+    "ours: all but the shared prefix": ["train.shared_prefix=false"],
     "ours: all (defaults)": [],
 }
-# Packing without per-example attention: one SDPA over the packed row with transformers' block-diagonal mask.
+# Packing without per-example attention: one SDPA over the packed row with transformers' block-diagonal mask
+# (a shared prefix needs per-example attention, so that row has none either).
 WHOLE_ROW_ATTENTION = {"ours: all but per-example attention"}
 MAIN_ROWS = ["ours: all (defaults)"]
 
@@ -120,7 +124,7 @@ def run_trl(steps: int, workdir: Path, overrides: list[str]) -> dict:
         peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[clock := train_clock()],
     )
-    counts = {"tokens": 0, "supervised": 0}
+    counts = {"tokens": 0, "supervised": 0, "computed": 0}
     collate = trainer.data_collator
 
     def counting(features):
@@ -128,6 +132,7 @@ def run_trl(steps: int, workdir: Path, overrides: list[str]) -> dict:
         counts["tokens"] += (
             int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
         )
+        counts["computed"] += int(batch["input_ids"].numel())
         counts["supervised"] += int((batch["labels"] != -100).sum())
         return batch
 
@@ -143,6 +148,20 @@ def run_trl(steps: int, workdir: Path, overrides: list[str]) -> dict:
     }
 
 
+def count_computed_tokens(computed: dict) -> None:
+    """Count the tokens our collators hand the model (pad tokens included, a shared prefix once)."""
+    from tuneship.train.batches import PackCollator, PadCollator
+
+    for collator in (PackCollator, PadCollator):
+
+        def counting(self, features, collate=collator.__call__):
+            batch = collate(self, features)
+            computed["computed"] += int(batch["input_ids"].numel())
+            return batch
+
+        collator.__call__ = counting
+
+
 def child(row: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if row == "TRL":
@@ -152,7 +171,8 @@ def child(row: str, steps: int) -> None:
                 import tuneship.train.trainer
 
                 tuneship.train.trainer.use_packed_attention = lambda model: None
-            result = run_ours(steps, Path(tmp), ROWS[row])
+            count_computed_tokens(computed := {"computed": 0})
+            result = run_ours(steps, Path(tmp), ROWS[row]) | computed
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -203,14 +223,18 @@ def main() -> None:
         f"{flops_per_trained_token() / 1e9:.2f} GFLOP per trained token -> limit {limit:,.0f} tokens/s in bf16"
     )
     cores = physical_cores()
-    header = f"{'row':<38}{'prec':>6}{'seconds':>9}{'tok/s':>8}{'% limit':>9}{'sup tok/s':>11}{'tok/core-s':>12}"
+    header = (
+        f"{'row':<38}{'prec':>6}{'seconds':>9}{'tok/s':>8}{'computed':>10}{'% limit':>9}{'sup tok/s':>11}"
+        f"{'tok/core-s':>12}"
+    )
     print(header + f"{'peak RSS MB':>13}{'final loss':>12}", flush=True)
     results = {}
     for name in ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]:
         r = results[name] = measure(name, args.steps)
-        rate = r["tokens"] / r["seconds"]
+        rate, computed = r["tokens"] / r["seconds"], r["computed"] / r["seconds"]
         print(
-            f"{name:<38}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}{100 * rate / limit:>8.0f}%"
+            f"{name:<38}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}"
+            f"{computed:>10.0f}{100 * computed / limit:>8.0f}%"
             f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
             f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
             flush=True,

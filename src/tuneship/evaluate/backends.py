@@ -56,9 +56,7 @@ def load_gguf(gguf_path: Path, n_ctx: int, **kwargs):
 
     from tuneship.train.precision import physical_cores
 
-    return Llama(
-        model_path=str(gguf_path), n_ctx=n_ctx, seed=0, verbose=False, n_threads=physical_cores(), **kwargs
-    )
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, seed=0, verbose=False, n_threads=physical_cores(), **kwargs)
 
 
 def _answer(llm, generated: list[int], end: int | None, stop_ids: set[int]) -> Answer:

@@ -113,8 +113,9 @@ def _wave_logits(llm, sequences: list[tuple[list[int], int]]) -> list:
             reads.append(range(index_of_position + first, index_of_position + len(tokens) - 1))
         _decode(context, batch)
         return [
-            np.array([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, i), shape=(n_vocab,)) for i in read])
-            .reshape(len(read), n_vocab)
+            np.array(
+                [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, i), shape=(n_vocab,)) for i in read]
+            ).reshape(len(read), n_vocab)
             for read in reads
         ]
 

@@ -39,9 +39,7 @@ def prompts_from(examples) -> list:
     return prompts
 
 
-def measure(
-    gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, shots: list[dict]
-) -> dict:
+def measure(gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, shots: list[dict]) -> dict:
     """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF, with a few-shot version's shots before
     every prompt."""
     from tuneship.chat.format import ChatFormat
