@@ -161,3 +161,28 @@ def test_seeded_tiny_training_reproduces_its_loss_values(tmp_path, tiny_model_di
     experiment = json.loads((tmp_path / "runs" / "tiny" / "reports" / "experiment.json").read_text())
     losses = [round(entry["loss"], 4) for entry in experiment["metrics"] if "loss" in entry]
     assert losses == pytest.approx(TINY_LOSSES, abs=2e-3), losses
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(None, None), (float("nan"), r"non-finite gradient in 1\.weight at step 8"), (3e38, "gradient norm overflowed")],
+)
+def test_the_gradient_guard_names_the_non_finite_gradient(bad, message):
+    import torch
+    from transformers import TrainerState
+
+    from tuneship.errors import TrainingStopped
+    from tuneship.train.callbacks import NonFiniteGuard
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    if bad is not None:
+        model[1].weight.grad[0, 0] = bad
+    state = TrainerState()
+    state.global_step = 7
+    if message is None:
+        NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model)
+    else:
+        with pytest.raises(TrainingStopped, match=message):
+            NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model)

@@ -29,9 +29,14 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         import torch
 
-        for name, parameter in model.named_parameters():
-            if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
-                raise TrainingStopped(f"non-finite gradient in {name} at step {state.global_step + 1}; {NAN_ADVICE}")
+        gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        if not gradients or torch.isfinite(torch.nn.utils.get_total_norm(gradients.values())):
+            return  # one norm over all gradients, one sync: a NaN or inf anywhere makes it non-finite
+        step = state.global_step + 1
+        for name, gradient in gradients.items():
+            if not torch.isfinite(gradient).all():
+                raise TrainingStopped(f"non-finite gradient in {name} at step {step}; {NAN_ADVICE}")
+        raise TrainingStopped(f"the gradient norm overflowed at step {step}; {NAN_ADVICE}")
 
 
 def check_loss(loss, step: int) -> None:

@@ -149,6 +149,15 @@ def guarded(trainer_class):
             cb.check_loss(loss, self.state.global_step + 1)
             return loss
 
+        def floating_point_ops(self, inputs) -> int:
+            """The HF Trainer's estimate (6 x tokens x non-embedding parameters) for `total_flos`, with the
+            parameter count taken once, not walked over every parameter at every step."""
+            if "input_ids" not in inputs or not hasattr(self.model, "num_parameters"):
+                return 0
+            if not hasattr(self, "_counted_parameters"):
+                self._counted_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs["input_ids"].numel() * self._counted_parameters
+
     return Guarded
 
 
