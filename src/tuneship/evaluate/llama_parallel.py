@@ -201,15 +201,23 @@ def _kv_bytes_per_token(llm) -> int:
 
 
 def _waves(prompts: list[list[int]], max_new_tokens: int, bytes_per_token: int) -> Iterator[list[list[int]]]:
-    """Consecutive prompts whose KV cache fits KV_BUDGET_BYTES (a prompt alone may exceed it)."""
-    wave: list[list[int]] = []
+    """Consecutive prompts whose KV cache fits KV_BUDGET_BYTES, at most MAX_SEQUENCES of them."""
+    return consecutive_groups(
+        prompts, lambda prompt: (len(prompt) + max_new_tokens) * bytes_per_token, KV_BUDGET_BYTES, MAX_SEQUENCES
+    )
+
+
+def consecutive_groups(items: list, size, budget: int, most: int | None = None) -> Iterator[list]:
+    """Consecutive items whose `size(item)` sum stays within `budget` (an item alone may exceed it), at most
+    `most` items a group."""
+    group: list = []
     used = 0
-    for prompt in prompts:
-        size = (len(prompt) + max_new_tokens) * bytes_per_token
-        if wave and (used + size > KV_BUDGET_BYTES or len(wave) == MAX_SEQUENCES):
-            yield wave
-            wave, used = [], 0
-        wave.append(prompt)
-        used += size
-    if wave:
-        yield wave
+    for item in items:
+        cost = size(item)
+        if group and (used + cost > budget or len(group) == most):
+            yield group
+            group, used = [], 0
+        group.append(item)
+        used += cost
+    if group:
+        yield group

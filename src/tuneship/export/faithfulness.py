@@ -140,17 +140,9 @@ def _answer_log_probs(llm, sequences: list[ScoredSequence]) -> list:
 
 def _chunks(sequences: list[ScoredSequence], bytes_per_position: int, budget: int) -> Iterator[list[ScoredSequence]]:
     """Consecutive sequences whose reference rows fit the budget (a sequence alone may exceed it)."""
-    chunk: list[ScoredSequence] = []
-    used = 0
-    for sequence in sequences:
-        size = sequence.positions * bytes_per_position
-        if chunk and used + size > budget:
-            yield chunk
-            chunk, used = [], 0
-        chunk.append(sequence)
-        used += size
-    if chunk:
-        yield chunk
+    from tuneship.evaluate.llama_parallel import consecutive_groups
+
+    return consecutive_groups(sequences, lambda sequence: sequence.positions * bytes_per_position, budget)
 
 
 @contextmanager
