@@ -51,7 +51,7 @@ def greedy_continuations(model, encoded: list[list[int]], stop_ids: set[int], pa
 
     device = model.device
     cache = DynamicCache(config=model.config)
-    shared = _shared_length(encoded)
+    shared = shared_start(encoded)
     if shared:
         model(input_ids=torch.tensor([encoded[0][:shared]], device=device), past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(len(encoded))
@@ -87,12 +87,14 @@ def greedy_continuations(model, encoded: list[list[int]], stop_ids: set[int], pa
     return continuations
 
 
-def _shared_length(encoded: list[list[int]]) -> int:
-    """The tokens every prompt starts with, leaving each prompt at least its last token (whose logits it reads)."""
-    if len(encoded) < 2:
+def shared_start(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence has in common, leaving each at least its last token (the one whose
+    logits a prompt reads); 0 for fewer than two sequences. What batched generation (here and in llama.cpp) and
+    packed training compute once."""
+    if len(sequences) < 2:
         return 0
-    first, limit = encoded[0], min(len(ids) for ids in encoded) - 1
-    return next((i for i in range(limit) if any(ids[i] != first[i] for ids in encoded[1:])), max(limit, 0))
+    first, limit = sequences[0], max(min(len(ids) for ids in sequences) - 1, 0)
+    return next((i for i in range(limit) if any(ids[i] != first[i] for ids in sequences[1:])), limit)
 
 
 def _answer(new_ids: list[int], stop_ids: list[int], chat_format) -> Answer:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneship.chat.generation import shared_start
+
 KV_BUDGET_BYTES = 1 << 30
 MAX_SEQUENCES = 64  # per wave; llama.cpp's own limit (LLAMA_MAX_SEQ) is higher
 MAX_UBATCH = 512
@@ -53,15 +55,13 @@ def _answer_wave(llm, prompts, max_new_tokens: int, ends: set[int], adapter) -> 
     import llama_cpp
     import numpy as np
 
-    shared = _shared_length(prompts)
+    shared = shared_start(prompts)
     own = [len(prompt) - shared for prompt in prompts]
     continuations = [Continuation(prompt, [], None) for prompt in prompts]
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
     size = shared + sum(own) + len(prompts) * max_new_tokens
     with _context(llm, size, len(prompts), max(shared + sum(own), len(prompts)), adapter) as (context, batch):
-        everyone = list(range(len(prompts)))
-        for position in range(shared):  # the shared start: once, in every sequence
-            _add(batch, prompts[0][position], position, everyone, False)
+        _add_shared_start(batch, prompts[0][:shared], len(prompts))
         reading = {}  # sequence -> the batch index of the logits that give its next token
         for sequence, prompt in enumerate(prompts):
             for position in range(shared, len(prompt)):
@@ -100,11 +100,10 @@ def _wave_logits(llm, sequences: list[tuple[list[int], int]]) -> list:
     import numpy as np
 
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
-    shared = min(_shared_length([tokens for tokens, _ in sequences]), *(first for _, first in sequences))
+    shared = min(shared_start([tokens for tokens, _ in sequences]), *(first for _, first in sequences))
     size = sum(len(tokens) - shared for tokens, _ in sequences) + shared
     with _context(llm, size, len(sequences), size, None) as (context, batch):
-        for position in range(shared):  # never a position to read: those are each sequence's own
-            _add(batch, sequences[0][0][position], position, list(range(len(sequences))), False)
+        _add_shared_start(batch, sequences[0][0][:shared], len(sequences))  # no position to read is in it
         reads = []
         for sequence, (tokens, first) in enumerate(sequences):
             index_of_position = batch.n_tokens - shared
@@ -161,6 +160,13 @@ def _add(batch, token: int, position: int, sequences: list[int], wants_logits: b
     batch.n_tokens = index + 1
 
 
+def _add_shared_start(batch, tokens: list[int], sequences: int) -> None:
+    """The start every sequence shares, once: each token belongs to all sequences (no logits)."""
+    everyone = list(range(sequences))
+    for position, token in enumerate(tokens):
+        _add(batch, token, position, everyone, False)
+
+
 def _decode(context, batch) -> None:
     import llama_cpp
 
@@ -177,18 +183,6 @@ def _load_adapter(llm, lora_path: Path):
     if adapter is None:
         raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora_path}")
     return adapter
-
-
-def _shared_length(prompts: list[list[int]]) -> int:
-    """The tokens every prompt starts with, leaving each prompt at least its last token (whose logits it reads)."""
-    if len(prompts) < 2:
-        return 0
-    limit = max(min(len(prompt) for prompt in prompts) - 1, 0)
-    first = prompts[0]
-    return next(
-        (i for i in range(limit) if any(prompt[i] != first[i] for prompt in prompts[1:])),
-        limit,
-    )
 
 
 def _kv_bytes_per_token(llm) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuneship.chat.format import IGNORE_INDEX, Rendered
+from tuneship.chat.generation import shared_start
 
 SHARED_PREFIX = "shared_prefix_tokens"  # the batch key, passed on to the attention function
 
@@ -87,22 +88,12 @@ def shared_prefix_length(features: list[dict]) -> int:
     """How many leading tokens every example of the batch has in common and can compute once: never a token
     whose prediction is supervised (the prefix's last position predicts each example's next token, which differs
     between them, so that token must be unsupervised everywhere), and never a whole example. 0 for one example."""
-    if len(features) < 2:
-        return 0
-    first = features[0]["input_ids"]
-    limit = min(_first_supervised(f["labels"]) for f in features) - 1
-    limit = min(limit, *(len(f["input_ids"]) - 1 for f in features))
-    for feature in features[1:]:
-        limit = min(limit, _common_length(first, feature["input_ids"], limit))
-    return max(limit, 0)
+    common = shared_start([feature["input_ids"] for feature in features])
+    return max(min(common, *(_first_supervised(f["labels"]) - 1 for f in features)), 0)
 
 
 def _first_supervised(labels: list[int]) -> int:
     return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-
-
-def _common_length(first: list[int], second: list[int], limit: int) -> int:
-    return next((i for i in range(limit) if first[i] != second[i]), limit)
 
 
 class PadCollator:
