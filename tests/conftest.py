@@ -152,7 +152,8 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     evaluated, exported (f16 + Q8_0), template-checked, Modelfile written. Shared: no test may change it (a
     test that needs a variant works on `copy_run`); the session checks that at its end."""
     from tuneship.config import load_config
-    from tuneship.run import Run, run_pipeline
+    from tuneship.pipeline import run_pipeline
+    from tuneship.run import Run
 
     cfg = load_config(tiny_config_file(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir, max_steps=2))
     run_pipeline(cfg, quiet_console())

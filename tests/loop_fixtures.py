@@ -45,7 +45,7 @@ def tiny_base_run(tiny_model_dir, tmp_path_factory) -> Path:
     from rich.console import Console
 
     from tuneship.config import load_config
-    from tuneship.run import run_pipeline
+    from tuneship.pipeline import run_pipeline
 
     cfg = load_config(tiny_loop_config(tmp_path_factory.mktemp("tiny-loop"), tiny_model_dir))
     summary = run_pipeline(cfg, Console(file=io.StringIO()))

@@ -41,3 +41,11 @@ def test_every_command_and_option_is_in_the_cli_reference():
                 if option.startswith("--") and option != "--help" and option not in README:
                     missing.append(f"{name} {option}")
     assert not missing
+
+
+def test_every_source_file_the_readme_names_exists():
+    import re
+
+    named = set(re.findall(r"`((?:loop|serve|chat|data|train|evaluate|export|deploy|hub)/[\w/]+\.py)`", README))
+    assert named, "the README's code table names no files"
+    assert sorted(f for f in named if not (REPO / "src" / "tuneship" / f).is_file()) == []

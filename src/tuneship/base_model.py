@@ -111,7 +111,7 @@ def _write_license(gguf: Path, target: Path) -> None:
     """Carry the GGUF's general.license into the folder, so merged models and Modelfiles keep it."""
     if (target / "LICENSE").is_file():
         return
-    from tuneship.export.gguf import read_gguf_field
+    from tuneship.gguf_header import read_gguf_field
 
     license_text = read_gguf_field(gguf, "general.license")
     if license_text is not None:

@@ -210,7 +210,7 @@ def run_all(
 ) -> None:
     """Everything: data, train, eval, export, template check, deploy; stages done with the same inputs are
     skipped; a failure exits with its own code."""
-    from tuneship.run import run_pipeline
+    from tuneship.pipeline import run_pipeline
 
     run_pipeline(_load(config, overrides), console, fresh=fresh)
 
@@ -266,7 +266,7 @@ def hub_push(
     overrides: Optional[list[str]] = SetOption,
 ) -> None:
     """Upload merged model, GGUFs, tokenizer files, Modelfile and a generated model card."""
-    from tuneship.hub.client import push
+    from tuneship.hub.push import push
 
     cfg, the_run = _load_run(run, overrides)
     console.print(f"pushed: {push(the_run, cfg, repo, private=not public)}")

@@ -32,6 +32,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "bitsandbytes": "qlora",
     "liger_kernel": "liger",
     "fastapi": "serve",
+    "starlette": "serve",
     "uvicorn": "serve",
     "sqlalchemy": "serve",
     "alembic": "serve",

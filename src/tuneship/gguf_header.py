@@ -97,6 +97,11 @@ def read_header(path: Path) -> GGUFHeader:
             return _parse(buffer, path)
 
 
+def read_gguf_field(path: Path, key: str) -> Any:
+    """One metadata value of a GGUF file (None when absent)."""
+    return read_header(path).metadata.get(key)
+
+
 def _parse(buffer, path: Path) -> GGUFHeader:
     if buffer[:4] != MAGIC:
         raise GGUFHeaderError(f"{path}: not a GGUF file (starts with {bytes(buffer[:4])!r})")

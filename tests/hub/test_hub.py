@@ -4,7 +4,8 @@ import pytest
 
 from tests.conftest import copy_run
 from tests.hub.fake_hub import FakeHub, use_fake_hub
-from tuneship.hub.client import HubError, pull, search, stage_push_folder
+from tuneship.hub.client import HubError, pull, search
+from tuneship.hub.push import stage_push_folder
 from tuneship.hub.gguf_files import RemoteFile, choose, group_ggufs
 
 
@@ -114,7 +115,7 @@ def test_push_stages_model_ggufs_modelfile_and_card(exported, tmp_path):
 
 
 def test_push_uploads_the_run_and_it_pulls_back(exported, hub, tmp_path, monkeypatch):
-    from tuneship.hub.client import push
+    from tuneship.hub.push import push
 
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     from tuneship.run import Run

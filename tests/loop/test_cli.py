@@ -95,7 +95,7 @@ def test_approve_releases_examples_held_for_review(config_file, capsys):
 def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_replayed(tmp_path):
     from tests.conftest import qa
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import replay_sample
+    from tuneship.loop.examples import replay_sample
 
     run_dir = tmp_path / "runs" / "shop"
     facts = [qa(f"Question {i}?", f"Answer {i}.") for i in range(4)]
@@ -109,11 +109,14 @@ def test_golden_examples_that_repeat_training_data_are_kept_golden_and_not_repla
     assert loop.store.events(kind="registered")[0].data["golden_examples"] == 2
     assert len(loop.store.examples(split="golden")) == 2 and len(loop.store.examples(split="train")) == 4
     loop.cfg.loop.min_replay = 0
-    replayed = replay_sample(loop, set(), seed=1)
+    replayed = replay_sample(loop.store, loop.cfg.loop, set(), seed=1)
     trained = {e.id: e.conversation["messages"][0]["content"] for e in loop.store.examples(split="train")}
     assert sorted(trained[i] for i in replayed) == []  # replay_ratio x 0 new examples
     loop.cfg.loop.replay_ratio = 10.0
-    assert sorted(trained[i] for i in replay_sample(loop, {"x"}, seed=1)) == ["Question 2?", "Question 3?"]
+    assert sorted(trained[i] for i in replay_sample(loop.store, loop.cfg.loop, {"x"}, seed=1)) == [
+        "Question 2?",
+        "Question 3?",
+    ]
 
 
 def shop_loop(tmp_path, facts: int):
@@ -132,7 +135,7 @@ def shop_loop(tmp_path, facts: int):
 def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own_cycle(tmp_path):
     from tests.loop_fixtures import served
     from tuneship.loop.signals import harvest
-    from tuneship.loop.worker import _current_waiting, replay_sample
+    from tuneship.loop.examples import current_waiting, replay_sample
 
     loop = shop_loop(tmp_path, 4)
     served(loop.store, "gen-1", "Question 0?", "Answer 0.")
@@ -142,19 +145,21 @@ def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own
     loop.store.add_feedback("gen-2", "down", "Answer zero.", None)
     harvest(loop.store, loop.cfg)
 
-    waiting = _current_waiting(loop.store, "sft")
+    waiting = current_waiting(loop.store, "sft")
     assert [e.conversation["messages"][-1]["content"] for e in waiting] == ["Answer zero."]
     [older] = loop.store.examples(status="superseded")
     assert older.conversation["messages"][-1]["content"] == "Answer zero, first try." and "newer" in older.reason
     replayed = {e.id: e.conversation["messages"] for e in loop.store.examples()}
-    questions = sorted(replayed[i][0]["content"] for i in replay_sample(loop, {waiting[0].id}, seed=1))
+    questions = sorted(
+        replayed[i][0]["content"] for i in replay_sample(loop.store, loop.cfg.loop, {waiting[0].id}, seed=1)
+    )
     assert questions == ["Question 1?", "Question 2?", "Question 3?"]  # not "Question 0?" with its old answer
 
 
 def test_a_rejected_versions_examples_are_never_replayed_and_the_gate_checks_facts_not_replayed(tmp_path):
     from tests.loop_fixtures import served
     from tuneship.loop.signals import harvest
-    from tuneship.loop.worker import _forgetting_check, replay_sample
+    from tuneship.loop.examples import forgetting_check, replay_sample
 
     loop = shop_loop(tmp_path, 30)
     served(loop.store, "gen-1", "Question 0?", "Answer 0.")
@@ -164,23 +169,27 @@ def test_a_rejected_versions_examples_are_never_replayed_and_the_gate_checks_fac
     loop.store.add_version(id=2, name="shop-v2", parent_id=1, run_dir="x", gguf=None, status="rejected")
     loop.store.mark_used([wrong], 2)
     answers = {e.id: e.conversation["messages"][-1]["content"] for e in loop.store.examples()}
-    everything = replay_sample(loop, {"a", "b", "c"}, seed=3)  # 10 per new one: the whole pool
+    everything = replay_sample(loop.store, loop.cfg.loop, {"a", "b", "c"}, seed=3)  # 10 per new one: the whole pool
     assert sorted(answers[i] for i in everything) == sorted(f"Answer {i}." for i in range(30))  # the wrong one aside
 
-    replay = replay_sample(loop, {"new"}, seed=3)
+    replay = replay_sample(loop.store, loop.cfg.loop, {"new"}, seed=3)
     metrics = {"new_examples": [], "replay_examples": replay}
     version = loop.store.add_version(id=3, name="v3", parent_id=1, run_dir="y", status="training", metrics=metrics)
-    checked = {e.id for e in _forgetting_check(loop, version)}
+    checked = {e.id for e in forgetting_check(loop.store, version)}
     assert len(replay) == 10 and len(checked) == 20 and not checked & set(replay)  # of 30 learned: not replayed
     assert wrong not in checked
 
 
 def test_a_small_knowledge_base_is_replayed_whole(tmp_path):
-    from tuneship.loop.worker import replay_sample
+    from tuneship.loop.examples import replay_sample
 
     loop = shop_loop(tmp_path, 30)
     loop.cfg.loop.replay_ratio, loop.cfg.loop.min_replay = 1.0, 100
-    assert len(replay_sample(loop, {"new"}, seed=1)) == 30  # fewer than loop.min_replay learned: all of them
+    assert (
+        len(replay_sample(loop.store, loop.cfg.loop, {"new"}, seed=1)) == 30
+    )  # fewer than loop.min_replay learned: all of them
     loop.cfg.loop.min_replay = 12
-    assert len(replay_sample(loop, {"new"}, seed=1)) == 12
-    assert len(replay_sample(loop, {f"new-{i}" for i in range(20)}, seed=1)) == 20  # replay_ratio x new
+    assert len(replay_sample(loop.store, loop.cfg.loop, {"new"}, seed=1)) == 12
+    assert (
+        len(replay_sample(loop.store, loop.cfg.loop, {f"new-{i}" for i in range(20)}, seed=1)) == 20
+    )  # replay_ratio x new

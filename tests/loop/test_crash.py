@@ -28,7 +28,7 @@ def wait_for(condition, what: str, seconds: float = 300):
 
 def test_a_killed_cycle_loses_its_lease_and_the_next_one_resumes_without_losing_examples(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.cycle import run_cycle
 
     loop = open_loop(fresh_loop_dir, OVERRIDES)
     correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])

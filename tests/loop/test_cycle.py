@@ -22,7 +22,7 @@ def correct(loop, pairs):
 
 def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.cycle import run_cycle
 
     loop = open_loop(fresh_loop_dir)
     correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
@@ -59,7 +59,7 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
 
 def test_a_cycle_without_new_examples_says_what_to_do(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import NothingToTrain, run_cycle
+    from tuneship.loop.cycle import NothingToTrain, run_cycle
 
     loop = open_loop(fresh_loop_dir)
     with pytest.raises(NothingToTrain, match="post feedback"):
@@ -69,7 +69,8 @@ def test_a_cycle_without_new_examples_says_what_to_do(fresh_loop_dir):  # noqa: 
 
 def test_a_second_cycle_is_refused_while_one_holds_the_lease(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import CycleBusy, run_cycle
+    from tuneship.loop.cycle import run_cycle
+    from tuneship.loop.lease import CycleBusy
 
     loop = open_loop(fresh_loop_dir)
     loop.store.acquire_lease("cycle", "other-host:1", 60, stage="train")
@@ -82,7 +83,7 @@ def test_a_cycle_that_breaks_is_recorded_so_the_trigger_backs_off(fresh_loop_dir
     from tuneship.loop.registry import open_loop
     from tuneship.loop.signals import harvest
     from tuneship.loop.trigger import trigger_decision
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.cycle import run_cycle
 
     loop = open_loop(fresh_loop_dir, ["loop.min_examples=1", "train.max_seq_len=16"])
     correct(loop, [("What is the code word?", "Answer number 99.")])

@@ -58,9 +58,9 @@ def test_the_newest_corrections_that_fit_the_budget_become_the_shots_and_a_long_
     monkeypatch,
 ):
     from tuneship.deploy.modelfile import parse_modelfile
-    from tuneship.loop.fewshot import shot_tokens
-    from tuneship.loop.trigger import waiting_examples
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.shots import shot_tokens
+    from tuneship.loop.examples import waiting_examples
+    from tuneship.loop.cycle import run_cycle
 
     chat_format = chat_format_of(fresh_loop_dir)
     both_short = shot_tokens(chat_format, turns(SHORT))
@@ -115,7 +115,7 @@ def test_the_newest_corrections_that_fit_the_budget_become_the_shots_and_a_long_
 
 def test_no_shot_when_no_correction_fits_says_so_and_is_not_retried(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.trigger import trigger_decision
-    from tuneship.loop.worker import NothingToTrain, run_cycle
+    from tuneship.loop.cycle import NothingToTrain, run_cycle
 
     loop = fewshot_loop(fresh_loop_dir, budget=3)
     with pytest.raises(NothingToTrain, match="0 of 3 corrections as shots.*raise loop.fast_path_budget"):
@@ -126,7 +126,7 @@ def test_no_shot_when_no_correction_fits_says_so_and_is_not_retried(fresh_loop_d
 
 def add_fewshot_version(loop, shots):
     """A few-shot v2 over v1's run, as the fast path registers one, promoted by hand."""
-    from tuneship.loop.worker import promote_version
+    from tuneship.loop.promotion import promote_version
 
     base = loop.store.version(1)
     loop.store.add_version(
@@ -149,7 +149,7 @@ def test_a_fewshot_champion_answers_through_its_shots(fresh_loop_dir):  # noqa: 
 
     from tests.serve.conftest import serve_loop
     from tuneship.data.conversation import Conversation, Message, SourceRef
-    from tuneship.loop.fewshot import with_shots
+    from tuneship.loop.shots import with_shots
     from tuneship.loop.registry import open_loop
 
     shots = turns(SHORT[:1])
@@ -187,7 +187,8 @@ def test_a_fine_tune_after_a_fewshot_champion_trains_its_shots_from_its_run(fres
     from tuneship.loop.cycle import challenger_config
     from tuneship.loop.registry import open_loop
     from tuneship.loop.signals import harvest
-    from tuneship.loop.worker import _resume_or_new_version, _write_cycle_data
+    from tuneship.loop.cycle import _resume_or_new_version
+    from tuneship.loop.examples import write_cycle_data
 
     loop = open_loop(fresh_loop_dir, ["loop.min_examples=2"])
     correct(loop, SHORT)
@@ -195,7 +196,7 @@ def test_a_fine_tune_after_a_fewshot_champion_trains_its_shots_from_its_run(fres
     champion = add_fewshot_version(loop, turns(SHORT))
     v3 = _resume_or_new_version(loop, champion)
     assert v3.kind == "finetune" and v3.parent_id == 2 and not v3.shots
-    train_file, _ = _write_cycle_data(loop, v3)
+    train_file, _ = write_cycle_data(loop.store, v3, loop.cycle_dir(v3.id))
     cfg = challenger_config(loop.cfg, v3.name, Path(champion.run_dir), train_file, train_file)
     assert cfg.model.adapter_from == str(fresh_loop_dir)  # the few-shot champion's run: v1's adapter
     trained = [json.loads(line)["messages"][-1]["content"] for line in train_file.read_text().splitlines()]
@@ -267,12 +268,12 @@ def test_thumbs_up_answers_and_base_run_examples_are_no_shots(store):
 
 def test_the_servers_trigger_starts_the_fast_path_in_its_own_process(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.serve.app import Trigger, create_app
+    from tuneship.serve.app import TriggerThread, create_app
 
     loop = open_loop(fresh_loop_dir)  # loop.min_examples 2: one correction is below it
     correct(loop, SHORT[:1])
     app = create_app(loop)
-    assert Trigger(app).tick()
+    assert TriggerThread(app).tick()
     [process] = app.state.cycles.processes
     assert process.args[-2:] == ["--kind", "fewshot"]
     process.wait(timeout=300)

@@ -47,7 +47,7 @@ def assert_trained_from_the_champion_gated_and_recorded(loop, fresh_loop_dir, ob
 
 def test_a_dpo_cycle_trains_pairs_against_the_champion(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.cycle import run_cycle
 
     loop = open_loop(fresh_loop_dir, ["loop.objective=dpo"])
     correct(loop, CORRECTIONS)
@@ -69,7 +69,7 @@ def test_a_dpo_cycle_trains_pairs_against_the_champion(fresh_loop_dir):  # noqa:
 
 def test_a_kto_cycle_trains_desirable_and_undesirable_answers_with_sft_replay(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.cycle import run_cycle
 
     loop = open_loop(fresh_loop_dir, ["loop.objective=kto"])
     correct(loop, CORRECTIONS)
@@ -87,7 +87,7 @@ def test_a_kto_cycle_trains_desirable_and_undesirable_answers_with_sft_replay(fr
 
 def test_an_objective_without_waiting_examples_of_its_kind_says_so(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import NothingToTrain, run_cycle
+    from tuneship.loop.cycle import NothingToTrain, run_cycle
 
     loop = open_loop(fresh_loop_dir, ["loop.objective=dpo"])
     served(loop.store, "gen-up", "Is it good?", "It is.", model=loop.name)

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from tuneship.loop.models import Example, utcnow
+from tuneship.loop.tables import Example, utcnow
 from tuneship.loop.store import StoreError, UnknownGeneration, open_store
 
 
@@ -64,7 +64,7 @@ def test_the_same_example_twice_in_one_batch_is_stored_once(store):
 def test_models_match_the_migrated_schema(store):
     from sqlalchemy import inspect
 
-    from tuneship.loop.models import Base
+    from tuneship.loop.tables import Base
 
     inspector = inspect(store.engine)
     for table in Base.metadata.sorted_tables:

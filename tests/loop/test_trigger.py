@@ -6,7 +6,7 @@ import pytest
 
 from tests.loop.test_store import example
 from tuneship.config import LoopSection
-from tuneship.loop.models import utcnow
+from tuneship.loop.tables import utcnow
 from tuneship.loop.trigger import in_window, trigger_decision
 
 

@@ -34,7 +34,8 @@ def ask(url, model="tiny", question="Question number 1?"):
 
 
 def test_a_request_in_flight_keeps_its_model_through_a_promotion(fresh_loop_dir):
-    from tuneship.loop.registry import open_loop, promote
+    from tuneship.loop.promotion import promote
+    from tuneship.loop.registry import open_loop
     from tuneship.serve.backends import ModelPool, Reply
 
     loop = open_loop(fresh_loop_dir)
@@ -54,7 +55,7 @@ def test_a_request_in_flight_keeps_its_model_through_a_promotion(fresh_loop_dir)
 
 
 def test_after_a_promotion_the_live_endpoint_answers_with_the_new_champion(fresh_loop_dir):
-    from tuneship.loop.registry import promote, rollback
+    from tuneship.loop.promotion import promote, rollback
 
     loop, server = serve_loop(fresh_loop_dir)
     add_copy_as_version(loop)
@@ -99,7 +100,7 @@ def test_when_every_target_fails_the_reply_is_503_naming_each(fresh_loop_dir, tm
 
 def test_the_ollama_backend_serves_name_vN_and_promotion_moves_latest(fresh_loop_dir, tmp_path):
     from tuneship.loop.registry import open_loop
-    from tuneship.loop.worker import promote_version
+    from tuneship.loop.promotion import promote_version
 
     with FakeOllama(tmp_path) as ollama:
         ollama.reply = lambda messages: (f"ollama says hi to {messages[-1]['content']}", "stop")

@@ -89,7 +89,7 @@ def exported_run(tiny_model_dir, tmp_path_factory):
     from rich.console import Console
 
     from tuneship.config import load_config
-    from tuneship.run import run_pipeline
+    from tuneship.pipeline import run_pipeline
 
     folder = tmp_path_factory.mktemp("web-run")
     config = tiny_config_file(folder, tiny_model_dir, max_steps=2)

@@ -39,8 +39,9 @@ def register_gated_candidate(loop, run_dir):
     """v2: a copy of the base run, measured against the champion by the loop's own gate on the golden set, and
     registered the way a cycle registers its challenger (metrics, "gated" event)."""
     from tuneship.config import load_config
-    from tuneship.loop.cycle import version_gguf
-    from tuneship.loop.gate import prompts_from, run_gate
+    from tuneship.loop.registry import version_gguf
+    from tuneship.loop.examples import prompts_from
+    from tuneship.loop.gate import run_gate
 
     champion = loop.store.champion()
     cfg = load_config(run_dir / "config.yaml")

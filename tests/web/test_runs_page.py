@@ -16,7 +16,7 @@ STAGES = ["data", "train", "eval", "export", "template", "deploy"]
 def runs_app(runs_dir):
     from fastapi import FastAPI
 
-    from tuneship.serve.web import mount_web
+    from tuneship.serve.web.pages import mount_web
 
     app = FastAPI()
     mount_web(app, runs_dir)

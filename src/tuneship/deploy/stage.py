@@ -141,7 +141,7 @@ def build_spec(cfg: Config, run: Run, chat_format: ChatFormat) -> tuple[ModelSpe
 
 
 def _license(run: Run) -> str | None:
-    from tuneship.export.gguf import read_gguf_field
+    from tuneship.gguf_header import read_gguf_field
 
     for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
         if (run.merged_dir / name).is_file():

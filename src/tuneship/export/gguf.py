@@ -156,12 +156,6 @@ def read_gguf(path: Path, kind: str) -> GGUFInfo:
     )
 
 
-def read_gguf_field(path: Path, key: str):
-    from tuneship.gguf_header import read_header
-
-    return read_header(path).metadata.get(key)
-
-
 def validate_gguf(path: Path, kind: str, chat_format, expected_tensors: int | None = None) -> GGUFInfo:
     """Raise ExportError, showing both values, when the file does not match the run."""
     info = read_gguf(path, kind)

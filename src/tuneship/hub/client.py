@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from tuneship.errors import TuneshipError
-from tuneship.paths import sha256_file
-
-if TYPE_CHECKING:
-    from tuneship.config import Config
-    from tuneship.run import Run
 from tuneship.hub.gguf_files import GGUFChoice, RemoteFile, choose, group_ggufs
+from tuneship.paths import sha256_file
 
 
 class HubError(TuneshipError):
@@ -37,7 +30,7 @@ class SearchHit:
     choices: list[GGUFChoice]
 
 
-def _api():
+def hub_api():
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise HubError(
             "HF_HUB_OFFLINE is set: the hub cannot be reached; unset it, or pull on a machine with "
@@ -48,7 +41,7 @@ def _api():
     return HfApi()
 
 
-def _call(what: str, action):
+def call_hub(what: str, action):
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -87,7 +80,7 @@ def _call(what: str, action):
 
 
 def remote_files(repo_id: str, revision: str = "main") -> list[RemoteFile]:
-    info = _call(repo_id, lambda: _api().model_info(repo_id, revision=revision, files_metadata=True))
+    info = call_hub(repo_id, lambda: hub_api().model_info(repo_id, revision=revision, files_metadata=True))
     files = []
     for sibling in info.siblings or []:
         lfs = sibling.lfs
@@ -101,7 +94,7 @@ def snapshot(repo_id: str, patterns: list[str], revision: str | None = None, cac
     downloaded once per commit; offline (HF_HUB_OFFLINE) or unreachable, the cached snapshot."""
     from huggingface_hub import snapshot_download
 
-    folder = _call(
+    folder = call_hub(
         repo_id,
         lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir),
     )
@@ -109,8 +102,8 @@ def snapshot(repo_id: str, patterns: list[str], revision: str | None = None, cac
 
 
 def search(query: str, limit: int = 10) -> list[SearchHit]:
-    models = _call(
-        "search", lambda: list(_api().list_models(search=query, filter="gguf", sort="downloads", limit=limit))
+    models = call_hub(
+        "search", lambda: list(hub_api().list_models(search=query, filter="gguf", sort="downloads", limit=limit))
     )
     return [SearchHit(m.id, m.downloads or 0, m.likes or 0, group_ggufs(remote_files(m.id))) for m in models]
 
@@ -155,38 +148,3 @@ def _download(repo_id: str, revision: str, remote: RemoteFile, dest: Path) -> Pa
         )
     partial.replace(target)
     return target
-
-
-def stage_push_folder(run: Run, cfg: Config, staging: Path) -> Path:
-    """What `hub push` uploads: merged model, GGUFs, tokenizer files, Modelfile and a model card."""
-    from tuneship.hub.card import model_card
-
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    if not run.merged_dir.is_dir():
-        raise HubError(f"{run.path}: nothing exported yet; run `tuneship export {run.path}` first")
-    for item in run.merged_dir.iterdir():
-        shutil.copy2(item, staging / item.name)
-    for gguf in run.model_ggufs():
-        shutil.copy2(gguf, staging / gguf.name)
-    if run.modelfile.is_file():
-        text = run.modelfile.read_text(encoding="utf-8")
-        (staging / "Modelfile").write_text(text.replace("FROM ./gguf/", "FROM ./"), encoding="utf-8")
-    (staging / "README.md").write_text(model_card(run, cfg), encoding="utf-8")
-    return staging
-
-
-def push(run: Run, cfg: Config, repo_id: str, private: bool = True) -> str:
-    """create_repo, then one create_commit with every staged file (the hub decides LFS or regular per file)."""
-    from huggingface_hub import CommitOperationAdd
-
-    staging = stage_push_folder(run, cfg, run.path / "hub-upload")
-    api = _api()
-    _call(repo_id, lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staging.iterdir())]
-    commit = _call(
-        repo_id,
-        lambda: api.create_commit(repo_id, operations=operations, commit_message=f"tuneship run {cfg.run.name}"),
-    )
-    return commit.commit_url

@@ -27,9 +27,9 @@ def _open(target: str, overrides: Optional[list[str]]):
 @loop_app.command("status")
 def status(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
     """Champion, examples waiting / threshold, the running cycle and its stage, the last cycle."""
-    from tuneship.loop.trigger import loop_status
+    from tuneship.loop.status import status_report
 
-    info = loop_status(_open(target, overrides))
+    info = status_report(_open(target, overrides))
     champion = info["champion"]
     console.print(
         f"champion: v{champion['id']} {champion['name']}  ({champion['gguf']})" if champion else "champion: none"
@@ -65,7 +65,7 @@ def cycle(
     ),
 ) -> None:
     """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
-    from tuneship.loop.worker import run_cycle
+    from tuneship.loop.cycle import run_cycle
 
     if kind not in ("finetune", "fewshot"):
         raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
@@ -126,7 +126,7 @@ def rollback(
     reason: str = typer.Option("by hand", "--reason", help="why (recorded in the events)"),
 ) -> None:
     """Restore the previous champion."""
-    from tuneship.loop.worker import restore_previous
+    from tuneship.loop.promotion import restore_previous
 
     restored = restore_previous(_open(target, overrides), "cli", reason)
     console.print(f"champion is now v{restored.id} ({restored.name})")

@@ -1,37 +1,150 @@
-"""The loop's only calls into the pipeline and the stages, kept in one place.
+"""One cycle of the loop, run in its own process (`tuneship loop cycle`), under the store's lease, start to
+conclusion:
 
-A challenger is an ordinary run: the base run's config with `run.name=<name>-v<N>`, the cycle's training file
-as its only data source, the golden set as its eval prompts, `model.adapter_from` = the champion's run (it
-trains on from the champion's adapter), and no deploy (the loop deploys on promotion). So everything true of a
-run (audit, pre-flight, train with resume, eval gates, export, template contract) is true of each version.
+lease -> harvest feedback -> examples (new + replay sample; golden held out) -> a challenger, either a fine-tuned
+run through the pipeline or, on the fast path, a few-shot candidate (the champion + shots) -> gate in llama.cpp vs
+the champion -> promote (Ollama `name:v<N>` + `name:latest`) -> smoke test on the live path -> automatic restore
+of the previous champion when it fails.
+
+A fine-tuned challenger is an ordinary run: the base run's config with `run.name=<name>-v<N>`, the cycle's
+training file as its only data source, the golden set as its eval prompts, `model.adapter_from` = the champion's
+run (it trains on from the champion's adapter), and no deploy (the loop deploys on promotion). So everything true
+of a run (audit, pre-flight, train with resume, eval gates, export, template contract) is true of each version.
+
+A version left in status "training" by a crashed cycle is resumed with exactly its own examples (the run resumes
+from its last checkpoint), and examples are marked used only when their cycle ends: none is lost or counted
+twice.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
 
 from tuneship.config import Config
+from tuneship.errors import ContractBroken, GateFailed, TuneshipError
+from tuneship.loop.examples import current_waiting, gate_sets, replay_sample, write_cycle_data
+from tuneship.loop.fewshot import SELECTED_EVENT, ShotChoice, select_shots
+from tuneship.loop.gate import GateDecision, run_gate
+from tuneship.loop.lease import CYCLE_LEASE, Heartbeat, cycle_lease
+from tuneship.loop.promotion import fewshot_modelfile, promote_version, restore_previous, smoke_problems
+from tuneship.loop.registry import Loop, require_servable, version_chat_format, version_gguf
+from tuneship.loop.signals import harvest
+from tuneship.loop.tables import Version, VersionKind
+from tuneship.pipeline import run_pipeline
+from tuneship.run import Run
 
 
-def version_gguf(cfg: Config, run_dir: Path) -> Path:
-    """The GGUF a version ships: the run's deployed GGUF (deploy.quant or the first export quant)."""
-    from tuneship.run import Run
-
-    return Run.of(cfg, Path(run_dir)).deployed_gguf
+CycleStatus = Literal["promoted", "rejected", "failed", "rolled_back"]
 
 
-def audit_settings_for(cfg: Config, measure=None):
-    from tuneship.data.stage import audit_settings
-
-    return audit_settings(cfg, measure)
+class NothingToTrain(TuneshipError):
+    """No new accepted examples wait for a cycle."""
 
 
-def audit_file(path: Path, cfg: Config, out_dir: Path) -> Path:
-    """A data file through the data audit; returns the kept records as Conversation JSONL."""
-    from tuneship.data.stage import prepare_data, write_data_outputs
+@dataclass
+class CycleResult:
+    version_id: int
+    status: CycleStatus
+    reasons: list[str]
 
-    result = prepare_data([str(path)], audit_settings_for(cfg))
-    return write_data_outputs(result, out_dir)["train.jsonl"]
+
+def run_cycle(
+    loop: Loop,
+    console: Console,
+    actor: str = "cli",
+    reason: str = "by hand",
+    live_url: str | None = None,
+    kind: VersionKind = "finetune",
+) -> CycleResult:
+    """One cycle under the lease: a fine-tuned challenger, or (kind "fewshot") the fast path's few-shot candidate."""
+    require_servable(loop.store.champion())
+    with cycle_lease(loop.store, loop.cfg.loop.lease_seconds) as heartbeat:
+        try:
+            body = fewshot_cycle if kind == "fewshot" else finetune_cycle
+            return body(loop, console, heartbeat, actor, reason, live_url)
+        except NothingToTrain:
+            raise
+        except Exception as exc:  # any failure is recorded, so the trigger backs off instead of retrying at once
+            _record_failure(loop, actor, exc)
+            raise
+
+
+def _record_failure(loop: Loop, actor: str, exc: Exception) -> None:
+    lease = loop.store.lease(CYCLE_LEASE)
+    version_id = lease.version_id if lease else None
+    if version_id is not None:
+        loop.store.update_version(version_id, status="failed")
+    loop.store.add_event("cycle_failed", actor, f"{type(exc).__name__}: {exc}", {}, version_id)
+
+
+# fine-tune ------------------------------------------------------------------------------------
+
+
+def finetune_cycle(
+    loop: Loop, console: Console, heartbeat: Heartbeat, actor: str, reason: str, live_url: str | None
+) -> CycleResult:
+    """Harvest, choose examples, train the challenger through the pipeline, gate it, conclude."""
+    store = loop.store
+    champion = store.champion()
+    heartbeat.stage("harvest")
+    harvest(store, loop.cfg, version_chat_format(champion).measure)
+    version = _resume_or_new_version(loop, champion)
+    heartbeat.stage("train", version.id)
+    store.add_event(
+        "cycle_started",
+        actor,
+        reason,
+        {"new": len(version.metrics["new_examples"]), "replay": len(version.metrics["replay_examples"])},
+        version.id,
+    )
+    train_file, golden_file = write_cycle_data(store, version, loop.cycle_dir(version.id))
+    cfg = challenger_config(loop.cfg, version.name, Path(champion.run_dir), train_file, golden_file)
+    failure = train_challenger(cfg, console)
+    if failure:
+        store.update_version(version.id, status="failed")
+        store.add_event("cycle_failed", actor, failure, {}, version.id)
+        return CycleResult(version.id, "failed", [failure])
+    version = store.update_version(version.id, status="candidate", gguf=str(version_gguf(cfg, Path(version.run_dir))))
+    heartbeat.stage("gate", version.id)
+    decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
+    store.mark_used(version.metrics["new_examples"] + version.metrics["replay_examples"], version.id)
+    return conclude(loop, heartbeat, version, decision, actor, live_url)
+
+
+def _resume_or_new_version(loop: Loop, champion: Version) -> Version:
+    """A version a crashed cycle left in "training" is resumed as it was; else a new one with the waiting
+    examples and a replay sample."""
+    store = loop.store
+    interrupted = [v for v in store.versions() if v.status == "training"]
+    if interrupted:
+        version = interrupted[-1]
+        store.add_event(
+            "cycle_resumed", "tuneship", f"resuming v{version.id} left by an interrupted cycle", {}, version.id
+        )
+        return version
+    objective = loop.cfg.loop.objective
+    new = [e.id for e in current_waiting(store, objective)]
+    if not new:
+        raise NothingToTrain(
+            f"no new accepted {objective} examples to train on (loop.objective={objective}); post feedback "
+            "(POST /v1/feedback, `tuneship feedback import`) or approve pending ones"
+        )
+    version_id = store.next_version_id()
+    name = loop.version_name(version_id)
+    return store.add_version(
+        id=version_id,
+        name=name,
+        parent_id=champion.id,
+        run_dir=str(Path(loop.cfg.run.dir).resolve() / name),
+        gguf=None,
+        status="training",
+        example_ids=new,
+        metrics={"new_examples": new, "replay_examples": replay_sample(store, loop.cfg.loop, set(new), version_id)},
+    )
 
 
 def challenger_config(base: Config, run_name: str, champion_run: Path, train_file: Path, golden_file: Path) -> Config:
@@ -49,13 +162,10 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, train_fil
     return cfg
 
 
-def train_challenger(cfg: Config, console) -> str | None:
+def train_challenger(cfg: Config, console: Console) -> str | None:
     """The whole pipeline for the challenger's run (resumes an interrupted one from its last checkpoint).
     Returns None when every stage passed, else "<stage>: <why>" when the challenger failed a quality gate or the
     template contract (a rejected challenger, an ordinary outcome); any other error is raised."""
-    from tuneship.errors import ContractBroken, GateFailed
-    from tuneship.run import Run, run_pipeline
-
     try:
         run_pipeline(cfg, console, fresh=False)
     except (GateFailed, ContractBroken) as exc:
@@ -64,18 +174,90 @@ def train_challenger(cfg: Config, console) -> str | None:
     return None
 
 
-def publish_to_ollama(version_cfg: Config, run_dir: Path, names: list[str]) -> list[str]:
-    """Create the version's GGUF in Ollama under each name (`name:v<N>`, `name:latest`) with its Modelfile
-    fields, after the template contract check, as `tuneship deploy` does."""
-    from tuneship.deploy.contract import check_contract, require_contract
-    from tuneship.deploy.ollama import OllamaClient
-    from tuneship.deploy.stage import build_spec, create_in_ollama
-    from tuneship.models import trained_chat_format
-    from tuneship.run import Run
+# few-shot -------------------------------------------------------------------------------------
 
-    run = Run.of(version_cfg, Path(run_dir))
-    chat_format = trained_chat_format(run)
-    spec, template = build_spec(version_cfg, run, chat_format)
-    require_contract(check_contract(chat_format, run.adapter_dir, template, spec.gguf))
-    client = OllamaClient(version_cfg.deploy.host)
-    return [create_in_ollama(client, name, spec) for name in names]
+
+def fewshot_cycle(
+    loop: Loop, console: Console, heartbeat: Heartbeat, actor: str, reason: str, live_url: str | None
+) -> CycleResult:
+    """Harvest, choose shots, register the candidate (the champion's run + shots), gate it, then promote or
+    reject it as any challenger."""
+    store = loop.store
+    champion = store.champion()
+    heartbeat.stage("harvest")
+    chat_format = version_chat_format(champion)
+    harvest(store, loop.cfg, chat_format.measure)
+    choice = select_shots(loop, champion, chat_format)
+    store.add_event(SELECTED_EVENT, actor, choice.summary(), choice.to_json())
+    if not choice.shots:
+        raise NothingToTrain(
+            f"no correction to use as a few-shot example: {choice.summary()}"
+            + ("; raise loop.fast_path_budget or serve.n_ctx" if choice.left_out else "; post corrections first")
+        )
+    version = _register_candidate(loop, champion, choice)
+    store.add_event(
+        "cycle_started",
+        actor,
+        reason,
+        {
+            "kind": "fewshot",
+            "shots": len(choice.example_ids),
+            "tokens": choice.tokens,
+            "modelfile": fewshot_modelfile(loop, version),
+        },
+        version.id,
+    )
+    heartbeat.stage("gate", version.id)
+    decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
+    return conclude(loop, heartbeat, version, decision, actor, live_url)
+
+
+def _register_candidate(loop: Loop, champion: Version, choice: ShotChoice) -> Version:
+    version_id = loop.store.next_version_id()
+    metrics = {
+        "new_examples": choice.example_ids,
+        "replay_examples": replay_sample(loop.store, loop.cfg.loop, set(choice.example_ids), version_id),
+        "fewshot": {k: v for k, v in choice.to_json().items() if k not in ("shots", "considered")},
+    }
+    return loop.store.add_version(
+        id=version_id,
+        name=loop.version_name(version_id),
+        parent_id=champion.id,
+        run_dir=champion.run_dir,
+        gguf=champion.gguf,
+        status="candidate",
+        kind="fewshot",
+        shots=choice.shots,
+        example_ids=choice.example_ids,
+        metrics=metrics,
+    )
+
+
+# conclusion -----------------------------------------------------------------------------------
+
+
+def conclude(
+    loop: Loop, heartbeat: Heartbeat, version: Version, decision: GateDecision, actor: str, live_url: str | None
+) -> CycleResult:
+    """After the gate: record the decision; reject, or promote and smoke-test (restoring the previous champion
+    when the smoke test fails)."""
+    store = loop.store
+    store.update_version(version.id, metrics={**version.metrics, "gate": decision.metrics})
+    store.add_event(
+        "gated", actor, "; ".join(decision.reasons), {"promoted": decision.is_promoted, **decision.metrics}, version.id
+    )
+    if not decision.is_promoted:
+        store.update_version(version.id, status="rejected")
+        store.add_event("cycle_finished", actor, "challenger rejected by the gate", {}, version.id)
+        return CycleResult(version.id, "rejected", decision.reasons)
+    heartbeat.stage("promote", version.id)
+    promote_version(loop, version.id, actor, "won the gate: " + "; ".join(decision.reasons))
+    smoke = smoke_problems(loop, version.id, live_url)
+    if smoke:
+        restored = restore_previous(loop, "smoke-test", f"smoke test of v{version.id} failed: " + "; ".join(smoke))
+        store.add_event(
+            "cycle_finished", actor, f"v{version.id} failed its smoke test; v{restored.id} restored", {}, version.id
+        )
+        return CycleResult(version.id, "rolled_back", smoke)
+    store.add_event("cycle_finished", actor, f"v{version.id} promoted", {}, version.id)
+    return CycleResult(version.id, "promoted", decision.reasons)

@@ -54,7 +54,7 @@ def import_feedback(store: Store, path: Path) -> ImportResult:
     return result
 
 
-def _record(data) -> dict:
+def _record(data: object) -> dict:
     if not isinstance(data, dict):
         raise ValueError("a record must be an object with generation_id, rating, correction, comment")
     unknown = set(data) - FIELDS

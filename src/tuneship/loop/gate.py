@@ -13,8 +13,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tuneship.data.conversation import Conversation
-from tuneship.loop.fewshot import prompts_with_shots
+from tuneship.chat.format import ChatFormat
+from tuneship.config import Config
+from tuneship.evaluate.backends import gguf_answers
+from tuneship.evaluate.checks import check_answer, summarize
+from tuneship.evaluate.prompts import EvalPrompt
+from tuneship.loop.registry import version_chat_format
+from tuneship.loop.shots import prompts_with_shots
+from tuneship.loop.tables import Version
 
 SETS = ("golden", "replay", "new")
 
@@ -29,24 +35,11 @@ class GateDecision:
         return asdict(self)
 
 
-def prompts_from(examples) -> list:
-    from tuneship.evaluate.prompts import EvalPrompt
-
-    prompts = []
-    for example in examples:
-        conversation = Conversation.from_json(example.conversation)
-        prompts.append(EvalPrompt(example.id, "loop", conversation, conversation.messages[-1].content))
-    return prompts
-
-
-def measure(gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_tokens: int, shots: list[dict]) -> dict:
+def measure(
+    gguf: Path, chat_format: ChatFormat, sets: dict[str, list[EvalPrompt]], max_new_tokens: int, shots: list[dict]
+) -> dict:
     """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF, with a few-shot version's shots before
     every prompt."""
-    from tuneship.chat.format import ChatFormat
-    from tuneship.evaluate.backends import gguf_answers
-    from tuneship.evaluate.checks import check_answer, summarize
-
-    chat_format = ChatFormat.load(chat_format_dir)
     markers = chat_format.special_tokens()
     results = {}
     for name, prompts in sets.items():
@@ -58,7 +51,8 @@ def measure(gguf: Path, chat_format_dir: Path, sets: dict[str, list], max_new_to
     return results
 
 
-def decide(champion: dict, challenger: dict, max_regression: float) -> GateDecision:
+def gate_decision(champion: dict, challenger: dict, max_regression: float) -> GateDecision:
+    """Promote or not, from both versions' measurements, with a reason for each failed rule."""
     reasons, passed = [], True
     for name in SETS:
         if name not in challenger:
@@ -93,9 +87,9 @@ def _numbers(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "answers"}
 
 
-def run_gate(champion, challenger, sets: dict[str, list], cfg) -> GateDecision:
-    """champion/challenger: registry versions (their GGUF, run dir, and shots when few-shot)."""
+def run_gate(champion: Version, challenger: Version, sets: dict[str, list[EvalPrompt]], cfg: Config) -> GateDecision:
+    """Both registry versions (their GGUF, ChatFormat, and shots when few-shot) on the same sets."""
     tokens = cfg.eval.max_new_tokens
-    old = measure(Path(champion.gguf), Path(champion.run_dir) / "adapter", sets, tokens, champion.shots)
-    new = measure(Path(challenger.gguf), Path(challenger.run_dir) / "adapter", sets, tokens, challenger.shots)
-    return decide(old, new, cfg.loop.max_regression)
+    old = measure(Path(champion.gguf), version_chat_format(champion), sets, tokens, champion.shots)
+    new = measure(Path(challenger.gguf), version_chat_format(challenger), sets, tokens, challenger.shots)
+    return gate_decision(old, new, cfg.loop.max_regression)

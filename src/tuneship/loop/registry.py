@@ -1,5 +1,5 @@
-"""The loop over one base run: its config, its store, and the registry of versions (champion alias,
-promote, rollback), with an event for every change saying who and why.
+"""The loop over one base run: its config, its store, and its registry of versions (promotion.py moves the
+champion alias), with an event for every change saying who and why.
 
 Version 1 is the base run itself, registered the first time the loop opens: its training data becomes
 examples used by v1 (the replay pool), its eval split and `loop.golden` become the golden set.
@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneship.chat.format import ChatFormat
 from tuneship.config import Config, load_config
 from tuneship.data.conversation import read_conversations
+from tuneship.data.stage import audit_settings, prepare_data, write_data_outputs
 from tuneship.errors import TuneshipError
-from tuneship.loop.cycle import audit_file, version_gguf
-from tuneship.loop.models import Example, Version, utcnow
+from tuneship.loop.tables import Example, Split, Version, utcnow
 from tuneship.loop.signals import example_id
 from tuneship.loop.store import Store, default_database_url, open_store
+from tuneship.run import Run
 
 
 class RegistryError(TuneshipError):
@@ -40,6 +42,10 @@ class Loop:
     def version_name(self, version_id: int) -> str:
         return self.name if version_id == 1 else f"{self.name}-v{version_id}"
 
+    def cycle_dir(self, version_id: int) -> Path:
+        """<run.dir>/<name>-loop/v<N>/: a cycle's training and golden files, a few-shot version's Modelfile."""
+        return Path(self.cfg.run.dir).resolve() / f"{self.name}-loop" / f"v{version_id}"
+
     def version_config(self, version: Version) -> Config:
         """The resolved config a version's run was made with."""
         return load_config(Path(version.run_dir) / "config.yaml")
@@ -56,7 +62,19 @@ def open_loop(target: str | Path, overrides: list[str] | None = None, store: Sto
     return loop
 
 
+def version_gguf(cfg: Config, run_dir: Path) -> Path:
+    """The GGUF a version ships: the run's deployed GGUF (deploy.quant or the first export quant)."""
+    return Run.of(cfg, run_dir).deployed_gguf
+
+
+def version_chat_format(version: Version) -> ChatFormat:
+    """The ChatFormat a version's run was trained with (saved with its adapter)."""
+    return ChatFormat.load(Path(version.run_dir) / "adapter")
+
+
 def register_base_run(loop: Loop) -> Version:
+    """The base run as v1, the champion: its training data the replay pool, its eval split and loop.golden the
+    golden set."""
     gguf = version_gguf(loop.cfg, loop.base_run)
     version = loop.store.add_version(
         id=1,
@@ -84,7 +102,7 @@ def register_base_run(loop: Loop) -> Version:
     return version
 
 
-def import_conversations(store: Store, path: Path, split: str, used_in: list[int] | None = None) -> int:
+def import_conversations(store: Store, path: Path, split: Split, used_in: list[int] | None = None) -> int:
     """A run's data file (Conversation JSONL) -> accepted SFT examples. A golden example gets its own id even
     when a training example has the same content, so it is never lost to the dedupe by content."""
     if not path.is_file():
@@ -109,7 +127,8 @@ def import_conversations(store: Store, path: Path, split: str, used_in: list[int
 
 def import_golden_file(store: Store, path: Path, cfg: Config) -> int:
     """loop.golden: any training format, audited; what the audit keeps becomes golden examples."""
-    kept = audit_file(path, cfg, Path(cfg.run.dir) / f"{cfg.run.name}-loop" / "golden-audit")
+    result = prepare_data([str(path)], audit_settings(cfg))
+    kept = write_data_outputs(result, Path(cfg.run.dir) / f"{cfg.run.name}-loop" / "golden-audit")["train.jsonl"]
     return import_conversations(store, kept, "golden")
 
 
@@ -121,46 +140,3 @@ def require_servable(version: Version) -> None:
             f"v{version.id} ({version.name}) has no exported GGUF or adapter in {run_dir}; "
             f"run `tuneship run` (or `tuneship export {run_dir}`) first"
         )
-
-
-def promote(loop: Loop, version_id: int, actor: str, reason: str) -> Version:
-    """Move the champion alias to `version_id`; the previous champion is retired (and can be restored)."""
-    version = loop.store.version(version_id)
-    if version is None:
-        raise RegistryError(f"no version {version_id}; see `tuneship loop versions`")
-    if version.status in ("training", "failed"):
-        raise RegistryError(f"v{version_id} is {version.status}: only a trained version can be promoted")
-    if not version.gguf or not Path(version.gguf).is_file():
-        raise RegistryError(f"v{version_id} has no GGUF ({version.gguf}); it cannot serve")
-    previous = loop.store.champion()
-    if previous is not None and previous.id == version_id:
-        return version
-    if previous is not None:
-        loop.store.update_version(previous.id, status="retired")
-    promoted = loop.store.update_version(version_id, status="champion", promoted_at=utcnow())
-    loop.store.add_event(
-        "promoted",
-        actor,
-        reason,
-        {"from": previous.id if previous else None, "to": version_id},
-        version_id=version_id,
-    )
-    return promoted
-
-
-def previous_champion(loop: Loop) -> Version | None:
-    """The version that was champion before the current one (the latest promoted of the retired)."""
-    retired = [v for v in loop.store.versions() if v.status == "retired" and v.promoted_at is not None]
-    return max(retired, key=lambda v: v.promoted_at, default=None)
-
-
-def rollback(loop: Loop, actor: str, reason: str) -> Version:
-    """Restore the previous champion; the current one is marked rejected so it is not restored again."""
-    current = loop.store.champion()
-    previous = previous_champion(loop)
-    if current is None or previous is None:
-        raise RegistryError("nothing to roll back to: no earlier champion in the registry")
-    loop.store.update_version(current.id, status="rejected")
-    restored = loop.store.update_version(previous.id, status="champion", promoted_at=utcnow())
-    loop.store.add_event("rolled_back", actor, reason, {"from": current.id, "to": previous.id}, version_id=previous.id)
-    return restored

@@ -21,7 +21,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from tuneship.loop.models import Example, Feedback, Generation
+from tuneship.config import Config
+from tuneship.data.audit import Measure
+from tuneship.loop.store import Store
+from tuneship.loop.tables import Example, ExampleKind, Feedback, Generation
 
 Signal = Literal["correction", "positive", "negative", "neutral"]
 UP = {"up", "4", "5"}
@@ -46,7 +49,7 @@ class Harvest:
         }
 
 
-def normalize_rating(rating) -> str | None:
+def normalize_rating(rating: object) -> str | None:
     """ "up"/"down"/1..5 (or "1".."5") -> the stored text; anything else is a ValueError naming the field."""
     if rating is None or rating in ("up", "down", "1", "2", "3", "4", "5"):
         return rating
@@ -55,7 +58,7 @@ def normalize_rating(rating) -> str | None:
     return str(rating)
 
 
-def check_feedback(rating, correction: str | None) -> tuple[str | None, str | None]:
+def check_feedback(rating: object, correction: str | None) -> tuple[str | None, str | None]:
     """(rating, correction) validated: one of them is needed; an empty correction is an error."""
     rating = normalize_rating(rating)
     if correction is not None and not correction.strip():
@@ -110,7 +113,12 @@ def examples_for(generation: Generation, feedback: list[Feedback]) -> list[Examp
 
 
 def _example(
-    kind: str, prompt: list[dict], answer: str, provenance: dict, rejected: str | None = None, label: bool | None = None
+    kind: ExampleKind,
+    prompt: list[dict],
+    answer: str,
+    provenance: dict,
+    rejected: str | None = None,
+    label: bool | None = None,
 ) -> Example:
     system = next((m["content"] for m in prompt if m["role"] == "system"), None)
     turns = [m for m in prompt if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
@@ -128,7 +136,7 @@ def _example(
     )
 
 
-def example_id(kind: str, conversation: dict, rejected: str | None = None, label: bool | None = None) -> str:
+def example_id(kind: ExampleKind, conversation: dict, rejected: str | None = None, label: bool | None = None) -> str:
     """Stable: the same content always gets the same id, so an example is never stored (or counted) twice."""
     canonical = [kind, conversation.get("system"), conversation["messages"], rejected, label]
     return "ex-" + hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()[:24]
@@ -148,7 +156,7 @@ def mark_golden(examples: list[Example], golden_ratio: float) -> None:
             example.split = "golden"
 
 
-def harvest(store, cfg, measure=None) -> Harvest:
+def harvest(store: Store, cfg: Config, measure: Measure | None = None) -> Harvest:
     """Turn every unprocessed feedback row into examples (or a counted drop), audit them, store them."""
     by_generation: dict[str, list[Feedback]] = defaultdict(list)
     for row in store.unprocessed_feedback():
@@ -174,7 +182,7 @@ def harvest(store, cfg, measure=None) -> Harvest:
     return result
 
 
-def _harvest_generation(store, generation_id: str, rows: list[Feedback], new: list[Example]) -> str:
+def _harvest_generation(store: Store, generation_id: str, rows: list[Feedback], new: list[Example]) -> str:
     everything = store.feedback_for(generation_id)
     reason = conflict_reason(everything)
     if reason:
@@ -186,16 +194,16 @@ def _harvest_generation(store, generation_id: str, rows: list[Feedback], new: li
     return "examples: " + ", ".join(sorted({e.kind for e in made}))
 
 
-def audit_new_examples(store, cfg, new: list[Example], measure=None) -> dict[str, str]:
+def audit_new_examples(store: Store, cfg: Config, new: list[Example], measure: Measure | None = None) -> dict[str, str]:
     """Run the data audit over earlier examples + the new ones of each kind; the new ones it drops are marked
     rejected (with the audit's reasons) and returned as {id: reason}."""
     from tuneship.data.audit import audit
     from tuneship.data.sources import RawRecord
-    from tuneship.loop.cycle import audit_settings_for
+    from tuneship.data.stage import audit_settings
 
     rejected: dict[str, str] = {}
     for kind in sorted({e.kind for e in new}):
-        settings = replace(audit_settings_for(cfg, measure), objective=kind)  # each kind by its objective's rules
+        settings = replace(audit_settings(cfg, measure), objective=kind)  # each kind by its objective's rules
         earlier = [e for e in store.examples() if e.kind == kind]
         fresh = [e for e in new if e.kind == kind]
         records = [

@@ -1,4 +1,4 @@
-"""The loop's store: one object over SQLAlchemy for every table (see models.py), opened with `open_store(url)`.
+"""The loop's store: one object over SQLAlchemy for every table (see tables.py), opened with `open_store(url)`.
 
 The schema is applied with the Alembic migrations shipped in `tuneship/loop/migrations` every time a store is
 opened, so an older database is upgraded in place. SQLite (the default, `<run.dir>/tuneship.db`) runs in WAL
@@ -20,10 +20,27 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneship.errors import TuneshipError
-from tuneship.loop.models import Event, Example, Feedback, Generation, Lease, Version, utcnow
+from tuneship.loop.tables import (
+    Base,
+    Event,
+    Example,
+    ExampleStatus,
+    Feedback,
+    Generation,
+    Lease,
+    Split,
+    Version,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+
+    from tuneship.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -37,7 +54,7 @@ class UnknownGeneration(TuneshipError):
     """Feedback names a generation id the store does not have."""
 
 
-def default_database_url(cfg) -> str:
+def default_database_url(cfg: Config) -> str:
     """loop.database_url, else a SQLite file beside the runs: <run.dir>/tuneship.db."""
     if cfg.loop.database_url:
         return cfg.loop.database_url
@@ -69,7 +86,7 @@ def open_store(url: str) -> Store:
     return Store(engine)
 
 
-def _sqlite_pragmas(connection, _record) -> None:
+def _sqlite_pragmas(connection: DBAPIConnection, _record: object) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -77,7 +94,7 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
-def _upgrade(engine) -> None:
+def _upgrade(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
@@ -89,7 +106,7 @@ def _upgrade(engine) -> None:
 
 
 class Store:
-    def __init__(self, engine):
+    def __init__(self, engine: Engine):
         from sqlalchemy.orm import sessionmaker
 
         self.engine = engine
@@ -104,7 +121,7 @@ class Store:
 
     # generations ---------------------------------------------------------------------------
 
-    def add_generation(self, **fields) -> Generation:
+    def add_generation(self, **fields: Any) -> Generation:
         row = Generation(**fields)
         with self.session.begin() as session:
             session.add(row)
@@ -201,7 +218,7 @@ class Store:
         return len(fresh)
 
     def examples(
-        self, status: str | None = None, split: str | None = None, unused: bool | None = None
+        self, status: ExampleStatus | None = None, split: Split | None = None, unused: bool | None = None
     ) -> list[Example]:
         from sqlalchemy import select
 
@@ -216,7 +233,7 @@ class Store:
             return rows
         return [e for e in rows if bool(e.used_in) != unused]
 
-    def set_example_status(self, example_ids: list[str], status: str, reason: str | None = None) -> int:
+    def set_example_status(self, example_ids: list[str], status: ExampleStatus, reason: str | None = None) -> int:
         from sqlalchemy import update
 
         with self.session.begin() as session:
@@ -251,13 +268,13 @@ class Store:
         with self.session() as session:
             return session.scalars(select(Version).where(Version.status == "champion")).first()
 
-    def add_version(self, **fields) -> Version:
+    def add_version(self, **fields: Any) -> Version:
         row = Version(**fields)
         with self.session.begin() as session:
             session.add(row)
         return row
 
-    def update_version(self, version_id: int, **fields) -> Version:
+    def update_version(self, version_id: int, **fields: Any) -> Version:
         with self.session.begin() as session:
             row = session.get(Version, version_id)
             for key, value in fields.items():
@@ -316,7 +333,7 @@ class Store:
             return False
         return True
 
-    def renew_lease(self, name: str, holder: str, seconds: float, **fields) -> bool:
+    def renew_lease(self, name: str, holder: str, seconds: float, **fields: Any) -> bool:
         from sqlalchemy import update
 
         with self.session.begin() as session:
@@ -339,7 +356,7 @@ class Store:
             row = session.get(Lease, name)
         return row if row is not None and row.expires_at >= utcnow() else None
 
-    def _count(self, model) -> int:
+    def _count(self, model: type[Base]) -> int:
         from sqlalchemy import func, select
 
         with self.session() as session:

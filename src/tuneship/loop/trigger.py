@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 
+from tuneship.config import LoopSection
+from tuneship.loop.examples import waiting_examples
 from tuneship.loop.fewshot import fast_path_due
-from tuneship.loop.models import Example, VersionKind, utcnow
-
-CYCLE_LEASE = "cycle"
-FAILED_KINDS = ("cycle_failed",)
-CYCLE_END_KINDS = ("cycle_finished", "cycle_failed")
+from tuneship.loop.lease import CYCLE_LEASE
+from tuneship.loop.store import Store
+from tuneship.loop.tables import VersionKind, utcnow
 
 
 @dataclass
@@ -22,11 +22,6 @@ class TriggerDecision:
     is_due: bool
     reason: str
     kind: VersionKind = "finetune"
-
-
-def waiting_examples(store, objective: str = "sft") -> list[Example]:
-    """New accepted training examples no version has trained on yet."""
-    return [e for e in store.examples(status="accepted", split="train", unused=True) if e.kind == objective]
 
 
 def in_window(window: str | None, now: datetime) -> bool:
@@ -38,7 +33,8 @@ def in_window(window: str | None, now: datetime) -> bool:
     return start <= current < end if start <= end else current >= start or current < end
 
 
-def trigger_decision(store, loop_cfg, now: datetime | None = None) -> TriggerDecision:
+def trigger_decision(store: Store, loop_cfg: LoopSection, now: datetime | None = None) -> TriggerDecision:
+    """Whether a cycle is due now, which kind, and why (or why not)."""
     now = now or utcnow()
     lease = store.lease(CYCLE_LEASE)
     if lease is not None:
@@ -58,36 +54,3 @@ def trigger_decision(store, loop_cfg, now: datetime | None = None) -> TriggerDec
         wait = timedelta(seconds=loop_cfg.backoff_seconds) - (now - failed[0].at)
         return TriggerDecision(False, f"backing off after a failed cycle ({wait.seconds} s left)")
     return TriggerDecision(True, due_because, kind)
-
-
-def loop_status(loop) -> dict:
-    """What GET /v1/loop/status and `tuneship loop status` show."""
-    store, cfg = loop.store, loop.cfg.loop
-    champion = store.champion()
-    lease = store.lease(CYCLE_LEASE)
-    last = next((e for e in store.events(limit=50) if e.kind in CYCLE_END_KINDS), None)
-    decision = trigger_decision(store, cfg)
-    return {
-        "name": loop.name,
-        "champion": None
-        if champion is None
-        else {"id": champion.id, "name": champion.name, "gguf": champion.gguf, "run_dir": champion.run_dir},
-        "examples_waiting": len(waiting_examples(store, cfg.objective)),
-        "examples_pending_review": len(store.examples(status="pending_review")),
-        "threshold": cfg.min_examples,
-        "window": cfg.window,
-        "cycle_running": None
-        if lease is None
-        else {
-            "holder": lease.holder,
-            "stage": lease.stage,
-            "version": lease.version_id,
-            "until": lease.expires_at.isoformat(),
-        },
-        "last_cycle": None
-        if last is None
-        else {"kind": last.kind, "at": last.at.isoformat(), "version": last.version_id, "reason": last.reason},
-        "trigger": {"is_due": decision.is_due, "reason": decision.reason, "kind": decision.kind},
-        "fast_path": cfg.fast_path,
-        "database": store.url,
-    }

@@ -1,64 +1,31 @@
 """The HTTP API: OpenAI-compatible chat (/v1/chat/completions, /v1/models), feedback, loop and versions.
 
 Write and admin endpoints (feedback, cycle, promote, rollback) need `Authorization: Bearer <key>` when
-`serve.api_key` or TUNESHIP_API_KEY is set.
+`serve.api_key` or TUNESHIP_API_KEY is set (auth.py). Errors are JSON bodies (errors.py).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import os
 import time
-from typing import Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tuneship.errors import TuneshipError
-from tuneship.serve.app import error_body
+from tuneship.serve.auth import require_key
+from tuneship.serve.errors import ApiError
+
+if TYPE_CHECKING:
+    from tuneship.config import ServeSection
+    from tuneship.loop.tables import Version
+    from tuneship.serve.backends import Reply
 
 router = APIRouter()
 MAX_TEXT = 100_000
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def install_error_handlers(app) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse(error_body(exc.message, exc.kind, exc.param), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
-        problems, first = [], None
-        for error in exc.errors():
-            loc = [str(p) for p in error["loc"] if p not in ("body", "query", "path", "header")]
-            field = ".".join(loc) or "body"
-            first = first or field
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(message if message.startswith(f"{field}:") else f"{field}: {message}")
-        return JSONResponse(error_body("; ".join(problems), "invalid_request_error", first), status_code=422)
-
-
-def require_key(request: Request, authorization: str | None = Header(None)) -> None:
-    key = request.app.state.loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")
-    if not key:
-        return
-    sent = (authorization or "").removeprefix("Bearer ").strip()
-    if not authorization or not hmac.compare_digest(sent.encode(), key.encode()):
-        raise ApiError(
-            401,
-            "Authorization: missing or wrong bearer token; send `Authorization: Bearer <serve.api_key>`",
-            "authentication_error",
-            "Authorization",
-        )
 
 
 # chat ---------------------------------------------------------------------------------------
@@ -79,7 +46,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def _check_chat(request: ChatRequest, serve_cfg) -> int:
+def _check_chat(request: ChatRequest, serve_cfg: ServeSection) -> int:
     if len(request.messages) > serve_cfg.max_messages:
         raise ApiError(
             422,
@@ -142,7 +109,15 @@ def chat_completions(body: ChatRequest, request: Request):
     }
 
 
-def _sse(app, body, generation_id, reply, first, pieces, started):
+def _sse(
+    app: FastAPI,
+    body: ChatRequest,
+    generation_id: str,
+    reply: Reply,
+    first: str | None,
+    pieces: Iterator[str],
+    started: float,
+) -> Iterator[str]:
     def chunk(delta: dict, finish: str | None) -> str:
         payload = {
             "id": generation_id,
@@ -164,12 +139,12 @@ def _sse(app, body, generation_id, reply, first, pieces, started):
     yield "data: [DONE]\n\n"
 
 
-def _usage(reply) -> dict:
+def _usage(reply: Reply) -> dict:
     prompt, completion = reply.prompt_tokens or 0, reply.completion_tokens or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _record(app, body: ChatRequest, generation_id: str, reply, started: float) -> None:
+def _record(app: FastAPI, body: ChatRequest, generation_id: str, reply: Reply, started: float) -> None:
     from tuneship.serve.backends import elapsed_ms
 
     app.state.loop.store.add_generation(
@@ -198,7 +173,7 @@ class FeedbackRequest(BaseModel):
 
     @field_validator("rating", mode="before")
     @classmethod
-    def _known_rating(cls, value):
+    def _known_rating(cls, value: object) -> str | None:
         from tuneship.loop.signals import normalize_rating
 
         return normalize_rating(value)
@@ -233,18 +208,18 @@ def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str 
 
 
 @router.get("/v1/loop/status", tags=["loop"])
-def loop_status(request: Request) -> dict:
+def get_loop_status(request: Request) -> dict:
     """Champion, examples waiting, threshold, the running cycle and its stage, the last cycle."""
-    from tuneship.loop.trigger import loop_status as status
+    from tuneship.loop.status import status_report
 
-    return status(request.app.state.loop)
+    return status_report(request.app.state.loop)
 
 
 @router.post("/v1/loop/cycle", status_code=202, tags=["loop"], dependencies=[Depends(require_key)])
 def start_cycle(request: Request, kind: Literal["finetune", "fewshot"] = "finetune") -> dict:
     """Start a cycle now, in its own process; 409 while one runs. `kind=fewshot`: the fast path's few-shot
     candidate (the newest corrections as example turns) instead of a fine-tuned challenger."""
-    from tuneship.loop.trigger import CYCLE_LEASE
+    from tuneship.loop.lease import CYCLE_LEASE
 
     loop, cycles = request.app.state.loop, request.app.state.cycles
     lease = loop.store.lease(CYCLE_LEASE)
@@ -254,7 +229,7 @@ def start_cycle(request: Request, kind: Literal["finetune", "fewshot"] = "finetu
     return {"started": True, "pid": pid, "kind": kind}
 
 
-def version_json(version) -> dict:
+def version_json(version: Version) -> dict:
     return {
         "id": version.id,
         "name": version.name,
@@ -297,7 +272,7 @@ def list_events(request: Request, limit: int = 100) -> dict:
 
 @router.post("/v1/versions/{version_id}/promote", tags=["versions"], dependencies=[Depends(require_key)])
 def post_promote(version_id: int, request: Request) -> dict:
-    from tuneship.loop.worker import promote_version
+    from tuneship.loop.promotion import promote_version
 
     try:
         version = promote_version(request.app.state.loop, version_id, "api", "promoted through the API")
@@ -308,7 +283,7 @@ def post_promote(version_id: int, request: Request) -> dict:
 
 @router.post("/v1/rollback", tags=["versions"], dependencies=[Depends(require_key)])
 def post_rollback(request: Request) -> dict:
-    from tuneship.loop.worker import restore_previous
+    from tuneship.loop.promotion import restore_previous
 
     try:
         version = restore_previous(request.app.state.loop, "api", "rolled back through the API")

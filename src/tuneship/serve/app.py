@@ -15,9 +15,21 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tuneship.data.audit import Measure
 from tuneship.errors import TuneshipError
+from tuneship.loop.tables import VersionKind
+from tuneship.serve.errors import error_body
+
+if TYPE_CHECKING:
+    from tuneship.loop.registry import Loop
+    from tuneship.serve.backends import Router
 
 log = logging.getLogger("tuneship.serve")
 
@@ -26,11 +38,11 @@ class BodyLimit:
     """ASGI middleware: 413 when the body is larger than `max_bytes`, by its Content-Length or, for a chunked
     body, as it streams in. The body (bounded, so small) is read here and handed to the app as received."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
@@ -46,12 +58,12 @@ class BodyLimit:
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
 
-        async def replay():
+        async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send) -> None:
+    async def _reject(self, send: Send) -> None:
         body = json.dumps(
             error_body(
                 f"request body: larger than serve.max_body_bytes={self.max_bytes}; send a smaller body",
@@ -69,10 +81,6 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param}}
-
-
 class CycleLauncher:
     """Starts `tuneship loop cycle` in its own process, so serving goes on while it trains."""
 
@@ -83,7 +91,7 @@ class CycleLauncher:
         self.processes: list[subprocess.Popen] = []
         self.lock = threading.Lock()
 
-    def command(self, actor: str, reason: str, kind: str = "finetune") -> list[str]:
+    def command(self, actor: str, reason: str, kind: VersionKind = "finetune") -> list[str]:
         command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", self.target, "--actor", actor]
         command += ["--reason", reason, "--kind", kind]
         for override in self.overrides:
@@ -92,7 +100,7 @@ class CycleLauncher:
             command += ["--live-url", self.live_url]
         return command
 
-    def start(self, actor: str, reason: str, log_dir: Path, kind: str = "finetune") -> int:
+    def start(self, actor: str, reason: str, log_dir: Path, kind: VersionKind = "finetune") -> int:
         with self.lock:
             self.processes = [p for p in self.processes if p.poll() is None]
             log_dir.mkdir(parents=True, exist_ok=True)
@@ -107,15 +115,15 @@ class CycleLauncher:
         return any(p.poll() is None for p in self.processes)
 
 
-class Trigger(threading.Thread):
+class TriggerThread(threading.Thread):
     """Every serve.trigger_every seconds: harvest new feedback into examples, and start a cycle (or the fast
     path's few-shot candidate) when due."""
 
-    def __init__(self, app):
+    def __init__(self, app: FastAPI) -> None:
         super().__init__(daemon=True, name="loop-trigger")
         self.app = app
         self.stopped = threading.Event()
-        self.measure = None
+        self.measure: Measure | None = None
 
     def run(self) -> None:
         while not self.stopped.wait(self.app.state.loop.cfg.serve.trigger_every):
@@ -128,7 +136,8 @@ class Trigger(threading.Thread):
 
     def tick(self) -> bool:
         from tuneship.loop.signals import harvest
-        from tuneship.loop.trigger import CYCLE_LEASE, trigger_decision
+        from tuneship.loop.lease import CYCLE_LEASE
+        from tuneship.loop.trigger import trigger_decision
 
         loop, cycles = self.app.state.loop, self.app.state.cycles
         if loop.store.lease(CYCLE_LEASE) is not None or cycles.running():
@@ -139,30 +148,31 @@ class Trigger(threading.Thread):
             cycles.start("trigger", decision.reason, loop.base_run.parent / f"{loop.name}-loop", decision.kind)
         return decision.is_due
 
-    def _measure(self):
+    def _measure(self) -> Measure:
         if self.measure is None:
-            from tuneship.chat.format import ChatFormat
+            from tuneship.loop.registry import version_chat_format
 
-            champion = self.app.state.loop.store.champion()
-            self.measure = ChatFormat.load(Path(champion.run_dir) / "adapter").measure
+            self.measure = version_chat_format(self.app.state.loop.store.champion()).measure
         return self.measure
 
 
-def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigger: bool = False):
+def create_app(
+    loop: Loop, *, router: Router | None = None, cycles: CycleLauncher | None = None, trigger: bool = False
+) -> FastAPI:
     """The app over one Loop. `router` defaults to a Router over the loop's registry; `cycles` to a launcher
     for `tuneship loop cycle <base run>`; `trigger` starts the background trigger thread with the app."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI
-
-    from tuneship.serve.api import install_error_handlers, router as api_router
+    from tuneship.serve.api import router as api_router
     from tuneship.serve.backends import Router
-    from tuneship.serve.web import mount_web
+    from tuneship.serve.errors import install_error_handlers
+    from tuneship.serve.review import router as review_router
+    from tuneship.serve.web.pages import mount_web
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.router.warm_up()
-        thread = Trigger(app) if trigger and loop.cfg.serve.trigger_every > 0 else None
+        thread = TriggerThread(app) if trigger and loop.cfg.serve.trigger_every > 0 else None
         if thread:
             thread.start()
         app.state.trigger = thread
@@ -182,6 +192,7 @@ def create_app(loop, *, router=None, cycles: CycleLauncher | None = None, trigge
     app.state.cycles = cycles or CycleLauncher(str(loop.target), [], None)
     install_error_handlers(app)
     app.include_router(api_router)
+    app.include_router(review_router)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
     app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
     return app

@@ -21,10 +21,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneship.data.conversation import Conversation, Message, SourceRef
 from tuneship.errors import TuneshipError
-from tuneship.loop.fewshot import with_shots
+from tuneship.loop.shots import with_shots
+
+if TYPE_CHECKING:
+    from tuneship.loop.registry import Loop
+    from tuneship.loop.tables import Version
 
 
 log = logging.getLogger("tuneship.serve")
@@ -140,7 +145,7 @@ class ModelPool:
         self.lock = threading.Lock()
 
     @contextmanager
-    def use(self, version) -> Iterator[LlamaCppModel]:
+    def use(self, version: Version) -> Iterator[LlamaCppModel]:
         with self.lock:
             model = self.models.get(version.id)
             if model is None:
@@ -186,7 +191,7 @@ class ModelPool:
 class Router:
     """Resolves a request's model name to targets and answers with the first that works."""
 
-    def __init__(self, loop, pool: ModelPool | None = None):
+    def __init__(self, loop: Loop, pool: ModelPool | None = None) -> None:
         self.loop = loop
         self.serve = loop.cfg.serve
         self.pool = pool or ModelPool(self.serve.n_ctx)
@@ -279,7 +284,7 @@ class Router:
             return reply
         raise BackendError("no backend answered: " + "; ".join(errors))
 
-    def _complete_on(self, target: str, messages, max_tokens, temperature) -> Reply:
+    def _complete_on(self, target: str, messages: list[dict], max_tokens: int, temperature: float) -> Reply:
         reply = Reply("", "stop", None, None)
         with self.open_target(target) as backend:
             reply.answered_by, reply.version_id = backend.label, backend.version_id

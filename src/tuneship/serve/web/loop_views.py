@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneship.serve.web.runs import format_metric
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from tuneship.loop.registry import Loop
+    from tuneship.loop.store import Store
+    from tuneship.loop.tables import Example
 
 GOLDEN_METRICS = ("stop_rate", "exact_match", "f1")
 CYCLE_STAGES = ("starting", "harvest", "train", "gate", "promote")
@@ -33,7 +40,7 @@ class VersionRow:
         return self.has_gguf and self.status in ("candidate", "retired", "rejected")
 
 
-def version_rows(store) -> list[VersionRow]:
+def version_rows(store: Store) -> list[VersionRow]:
     """Every version, newest first, with its golden-set numbers beside its gate's champion and the decision."""
     gated = {}
     for event in store.events(limit=1000, kind="gated"):
@@ -84,7 +91,7 @@ class ReviewItem:
         return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
 
 
-def review_items(store) -> list[ReviewItem]:
+def review_items(store: Store) -> list[ReviewItem]:
     pending = _by_generation(store.examples(status="pending_review"))
     rejected = _by_generation(store.examples(status="rejected"))
     items = []
@@ -107,8 +114,8 @@ def review_items(store) -> list[ReviewItem]:
     return items
 
 
-def _by_generation(examples) -> dict[str, list]:
-    groups: dict[str, list] = {}
+def _by_generation(examples: list[Example]) -> dict[str, list[Example]]:
+    groups: dict[str, list[Example]] = {}
     for example in examples:
         generation_id = (example.provenance or {}).get("generation")
         if generation_id:
@@ -116,7 +123,7 @@ def _by_generation(examples) -> dict[str, list]:
     return groups
 
 
-def recent_cycles(store, limit: int = 20) -> list:
+def recent_cycles(store: Store, limit: int = 20) -> list:
     return [e for e in store.events(limit=200) if e.kind in CYCLE_EVENT_KINDS][:limit]
 
 
@@ -126,16 +133,16 @@ def cycle_progress(stage: str | None) -> tuple[int, int]:
     return step, len(CYCLE_STAGES)
 
 
-def playground_context(loop, app) -> dict:
+def playground_context(loop: Loop, app: FastAPI) -> dict:
     return {"models": list(dict.fromkeys(app.state.router.model_names()))}
 
 
-def review_context(loop, _app) -> dict:
+def review_context(loop: Loop, _app: FastAPI) -> dict:
     return {"items": review_items(loop.store), "unprocessed": len(loop.store.unprocessed_feedback())}
 
 
-def versions_context(loop, _app) -> dict:
-    from tuneship.loop.registry import previous_champion
+def versions_context(loop: Loop, _app: FastAPI) -> dict:
+    from tuneship.loop.promotion import previous_champion
 
     return {
         "versions": version_rows(loop.store),
@@ -144,10 +151,10 @@ def versions_context(loop, _app) -> dict:
     }
 
 
-def loop_context(loop, _app) -> dict:
-    from tuneship.loop.trigger import loop_status
+def loop_context(loop: Loop, _app: FastAPI) -> dict:
+    from tuneship.loop.status import status_report
 
-    status = loop_status(loop)
+    status = status_report(loop)
     running = status["cycle_running"]
     return {
         "status": status,

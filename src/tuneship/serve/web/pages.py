@@ -1,7 +1,18 @@
 """The pages router: Runs (from run directories) and the loop's pages (from the store of `app.state.loop`)."""
 
-import os
+from __future__ import annotations
+
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+
+from tuneship.serve.auth import configured_key
+
+if TYPE_CHECKING:
+    from tuneship.loop.registry import Loop
 
 WEB_DIR = Path(__file__).parent
 NAV = [
@@ -13,36 +24,31 @@ NAV = [
 ]
 
 
-def mount_web(app, runs_dir: Path) -> None:
-    """Serve the pages at / and their static files at /static/web on `app`; with a loop (`app.state.loop`,
-    as `tuneship serve` makes) also the review API."""
+def mount_web(app: FastAPI, runs_dir: Path) -> None:
+    """Serve the pages at / and their static files at /static/web on `app`."""
     from fastapi.staticfiles import StaticFiles
 
     app.mount("/static/web", StaticFiles(directory=WEB_DIR / "static"), name="web-static")
     app.include_router(pages_router(Path(runs_dir)))
-    if getattr(app.state, "loop", None) is not None:
-        from tuneship.serve.web.review import router as review_router
-
-        app.include_router(review_router)
 
 
-def key_required(app) -> bool:
+def key_required(app: FastAPI) -> bool:
     loop = getattr(app.state, "loop", None)
-    return bool(loop and (loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")))
+    return bool(loop and configured_key(loop))
 
 
 def pages_router(runs_dir: Path):
-    from fastapi import APIRouter, HTTPException, Request
-    from fastapi.responses import FileResponse, HTMLResponse
+    from fastapi import APIRouter, HTTPException
+    from fastapi.responses import FileResponse
     from fastapi.templating import Jinja2Templates
 
-    from tuneship.serve.web import loop_views
+    import tuneship.serve.web.loop_views as loop_views
     from tuneship.serve.web.runs import read_run, run_names, run_path
 
     templates = Jinja2Templates(directory=WEB_DIR / "templates")
     router = APIRouter(include_in_schema=False)
 
-    def render(request: Request, template: str, title: str, **context) -> HTMLResponse:
+    def render(request: Request, template: str, title: str, **context: Any) -> HTMLResponse:
         loop = getattr(request.app.state, "loop", None)
         base = {"title": title, "nav": NAV, "key_required": key_required(request.app), "served": loop}
         return templates.TemplateResponse(request, template, {**base, **context})
@@ -70,7 +76,7 @@ def pages_router(runs_dir: Path):
             raise HTTPException(404, f"no loss plot for run {name!r}")
         return FileResponse(path / "reports" / "loss.png", media_type="image/png")
 
-    def loop_page(name: str, title: str, context):
+    def loop_page(name: str, title: str, context: Callable[[Loop, FastAPI], dict]) -> Callable[[Request], HTMLResponse]:
         """A page over the store; without a loop (a bare app) it says how to get one."""
 
         def page(request: Request) -> HTMLResponse:

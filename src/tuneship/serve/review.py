@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneship.serve.api import MAX_TEXT, ApiError, require_key
+from tuneship.data.audit import Measure
+from tuneship.loop.store import Store
+from tuneship.loop.tables import Example
+from tuneship.serve.api import MAX_TEXT
+from tuneship.serve.auth import require_key
+from tuneship.serve.errors import ApiError
 
 router = APIRouter(tags=["review"], dependencies=[Depends(require_key)])
 MAX_BULK = 1000
@@ -31,7 +36,7 @@ class ReviewEdit(BaseModel):
 
 
 @router.post("/v1/review")
-def decide(body: ReviewDecision, request: Request) -> dict:
+def post_review(body: ReviewDecision, request: Request) -> dict:
     """Approve (accepted: they count toward the trigger) or reject the pending examples of these generations."""
     store = request.app.state.loop.store
     ids = [e.id for generation_id in body.generation_ids for e in _pending(store, generation_id)]
@@ -43,8 +48,8 @@ def decide(body: ReviewDecision, request: Request) -> dict:
 @router.post("/v1/review/{generation_id}/edit")
 def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
     """Replace the pending examples of a generation by those its edited correction makes (audited)."""
-    from tuneship.loop.models import Feedback
     from tuneship.loop.signals import audit_new_examples, examples_for, mark_golden
+    from tuneship.loop.tables import Feedback
 
     if not body.correction.strip():
         raise ApiError(422, "correction: empty; send the corrected answer", param="correction")
@@ -62,7 +67,7 @@ def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
     return {"accepted": [e.id for e in fresh if e.id not in rejected] + kept, "rejected_by_audit": rejected}
 
 
-def _pending(store, generation_id: str) -> list:
+def _pending(store: Store, generation_id: str) -> list[Example]:
     pending = [
         e for e in store.examples(status="pending_review") if (e.provenance or {}).get("generation") == generation_id
     ]
@@ -72,13 +77,10 @@ def _pending(store, generation_id: str) -> list:
     return pending
 
 
-def _measure(app):
+def _measure(app: FastAPI) -> Measure:
     """The champion's token counter, for the audit's truncation check (loaded once)."""
-    from pathlib import Path
-
-    from tuneship.chat.format import ChatFormat
+    from tuneship.loop.registry import version_chat_format
 
     if getattr(app.state, "review_measure", None) is None:
-        champion = app.state.loop.store.champion()
-        app.state.review_measure = ChatFormat.load(Path(champion.run_dir) / "adapter").measure
+        app.state.review_measure = version_chat_format(app.state.loop.store.champion()).measure
     return app.state.review_measure

@@ -1,0 +1,43 @@
+"""The loop's state in one report: champion, examples waiting, the running cycle, the last one, the trigger."""
+
+from __future__ import annotations
+
+from tuneship.loop.examples import waiting_examples
+from tuneship.loop.lease import CYCLE_LEASE
+from tuneship.loop.registry import Loop
+from tuneship.loop.trigger import trigger_decision
+
+CYCLE_END_KINDS = ("cycle_finished", "cycle_failed")
+
+
+def status_report(loop: Loop) -> dict:
+    """What GET /v1/loop/status, `tuneship loop status` and the Loop page show."""
+    store, cfg = loop.store, loop.cfg.loop
+    champion = store.champion()
+    lease = store.lease(CYCLE_LEASE)
+    last = next((e for e in store.events(limit=50) if e.kind in CYCLE_END_KINDS), None)
+    decision = trigger_decision(store, cfg)
+    return {
+        "name": loop.name,
+        "champion": None
+        if champion is None
+        else {"id": champion.id, "name": champion.name, "gguf": champion.gguf, "run_dir": champion.run_dir},
+        "examples_waiting": len(waiting_examples(store, cfg.objective)),
+        "examples_pending_review": len(store.examples(status="pending_review")),
+        "threshold": cfg.min_examples,
+        "window": cfg.window,
+        "cycle_running": None
+        if lease is None
+        else {
+            "holder": lease.holder,
+            "stage": lease.stage,
+            "version": lease.version_id,
+            "until": lease.expires_at.isoformat(),
+        },
+        "last_cycle": None
+        if last is None
+        else {"kind": last.kind, "at": last.at.isoformat(), "version": last.version_id, "reason": last.reason},
+        "trigger": {"is_due": decision.is_due, "reason": decision.reason, "kind": decision.kind},
+        "fast_path": cfg.fast_path,
+        "database": store.url,
+    }
