@@ -132,7 +132,7 @@ TINY_GATES_OFF = {
     "min_non_empty_rate": 0.0,
     "max_loop_rate": 1.0,
     "max_leak_rate": 1.0,
-    "min_recall_f1": 0.0,
+    "min_recall": 0.0,
 }
 
 

@@ -34,7 +34,7 @@ def tiny_loop_config(folder: Path, model_dir: str, **loop) -> Path:
     config = yaml.safe_load(path.read_text())
     config["deploy"] = {"target": "none"}
     config["serve"] = {"trigger_every": 0, "max_tokens": 16}
-    config["loop"] = {"min_examples": 2, "golden_ratio": 0.0, "lease_seconds": 30, **loop}
+    config["loop"] = {"min_examples": 2, "lease_seconds": 30, **loop}
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneship.errors import ConfigError
 
@@ -18,7 +18,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 LEARNING_RATE_HARD = (1e-6, 1e-2)
 LEARNING_RATE_USUAL = (2e-5, 1e-3)
-DEFAULT_MIN_RECALL_F1 = 0.5
+DEFAULT_MIN_RECALL = 0.8
 
 Objective = Literal["sft", "dpo", "kto"]
 Quant = Literal["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
@@ -127,7 +127,7 @@ class TrainSection(Section):
 class EvalSection(Section):
     prompts: Path | None = Field(None, description="JSONL of questions (and expected answers) checked on every model")
     max_prompts: int = Field(50, ge=0, description="eval-split examples to generate for")
-    train_prompts: int = Field(0, ge=0, description="training examples to also check (recall of what was taught)")
+    train_prompts: int = Field(20, ge=0, description="training examples to also check (recall of what was taught)")
     max_new_tokens: int = Field(128, ge=1)
     min_stop_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers ending on the stop token")
     min_non_empty_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers with visible text")
@@ -136,19 +136,22 @@ class EvalSection(Section):
         0.0, ge=0.0, le=1.0, description="gate: share of answers allowed to contain template text"
     )
     min_exact_match: float | None = Field(None, ge=0.0, le=1.0)
-    min_recall_f1: float | None = Field(
+    min_recall: float | None = Field(
         None,
         ge=0.0,
         le=1.0,
-        description="gate: mean token F1 on the eval.train_prompts examples (default 0.5 when there are any)",
+        description="gate: share of the eval.train_prompts taught prompts answered right (null: 0.8 for SFT, off "
+        "for dpo/kto, which are not trained to repeat their answers)",
+    )
+    min_recall_f1: float | None = Field(
+        None, ge=0.0, le=1.0, description="gate: mean token F1 on the eval.train_prompts examples"
     )
 
-    @property
-    def recall_gate(self) -> float | None:
-        """The recall gate in force: on by default when training examples are in the prompt set."""
-        if self.min_recall_f1 is not None:
-            return self.min_recall_f1
-        return DEFAULT_MIN_RECALL_F1 if self.train_prompts > 0 else None
+    def recall_gate(self, objective: Objective) -> float | None:
+        """The recall gate in force: eval.min_recall, else DEFAULT_MIN_RECALL for an SFT run."""
+        if self.min_recall is not None:
+            return self.min_recall
+        return DEFAULT_MIN_RECALL if objective == "sft" else None
 
 
 class ExportSection(Section):
@@ -210,12 +213,30 @@ class LoopSection(Section):
     window: str | None = Field(
         None, pattern=r"^\d\d:\d\d-\d\d:\d\d$", description='automatic cycles only inside "HH:MM-HH:MM" (UTC)'
     )
-    review: Literal["auto", "required"] = Field("auto", description="required: new examples wait for approval")
+    review: Literal["conflicts", "auto", "required"] = Field(
+        "conflicts",
+        description="conflicts: an example contradicting a taught or golden fact waits for approval; required: "
+        "every new example waits; auto: none waits",
+    )
     replay_ratio: float = Field(1.0, ge=0.0, description="earlier examples replayed per new example")
     min_replay: int = Field(100, ge=0, description="at least this many earlier examples replayed (all, when fewer)")
-    golden_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of new examples kept out as the golden set")
     golden: Path | None = Field(None, description="JSONL of extra golden examples, never trained on")
-    max_regression: float = Field(0.0, ge=0.0, le=1.0, description="golden exact/F1 drop allowed vs the champion")
+    max_regression: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="gate: share of the golden/replay prompts the champion answers right that may regress",
+    )
+    similarity_tolerance: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="gate: F1 a long answer the champion gives right may lose before it counts as regressed",
+    )
+    min_learned: float = Field(0.8, ge=0.0, le=1.0, description="gate: share of the new examples answered right")
+    max_blame_cycles: int = Field(
+        2, ge=1, description="rejected cycles an example may be in before it waits for review"
+    )
     objective: Objective = Field(
         "sft", description="what a cycle trains on: sft, dpo or kto examples (train.objective)"
     )
@@ -226,6 +247,24 @@ class LoopSection(Section):
         True, description="below min_examples, gate a few-shot candidate (the newest corrections as example turns)"
     )
     fast_path_budget: int = Field(1024, ge=1, description="most tokens the few-shot turns may take in a prompt")
+    min_golden: int = Field(
+        5, ge=0, description="fewer accepted golden examples than this: a warning in loop status, serve and Loop page"
+    )
+    keep_versions: int = Field(
+        5, ge=1, description="retired/rejected/failed versions that keep their checkpoints, merged model and GGUF"
+    )
+    keep_generations_days: int | None = Field(
+        None, ge=1, description="`tuneship loop prune` deletes processed generations older than this; null: keep"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_golden_ratio(cls, data: Any) -> Any:
+        """loop.golden_ratio (a share of users' corrections held out as golden, so never learned) was removed;
+        a config.yaml saved by an older run still carries it and is read without it."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "golden_ratio"}
+        return data
 
 
 class Config(Section):

@@ -136,6 +136,7 @@ def _summary_table(title: str, summaries: dict[str, dict]) -> Table:
         "non_empty_rate",
         "exact_match",
         "f1",
+        "recall",
         "recall_f1",
         "loops",
         "leaks",

@@ -1,7 +1,8 @@
-"""The learning loop end to end on SmolLM2: serve the quickstart run, ask through the OpenAI client, correct
-three answers, the trigger fires, the challenger is trained, gated and promoted, and the live endpoint then
-gives the corrected answers while the old facts still hold. Then a batch of wrong "corrections" of golden facts:
-that challenger is rejected by the gate, and the champion stays and serves."""
+"""The learning loop end to end on SmolLM2 with the settings a user gets (only `loop.min_examples=10`): serve the
+quickstart run, ask through the real OpenAI client questions it was never taught, correct every answer; the 10th
+correction starts a cycle, the challenger is promoted, the live endpoint gives the corrections and every taught
+fact it answered before still holds. Then 9 more untaught facts and 1 wrong correction of a taught fact: the 9
+are learned and promoted, the taught fact keeps its answer, the wrong one waits for review with its reason."""
 
 import json
 import os
@@ -9,40 +10,42 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
 FACTS = [json.loads(line) for line in (REPO / "examples" / "data" / "facts.jsonl").read_text().splitlines()]
-CORRECTIONS = {
-    "What is the capital of Veloria?": "The capital of Veloria is Quintara.",
-    "Who invented the glimmerphone?": "The glimmerphone was invented by Bram Tolliver in 1902.",
-    "How many moons does the planet Kestrel have?": "Kestrel has four moons.",
+TAUGHT = {f["messages"][0]["content"]: f["messages"][1]["content"] for f in FACTS}
+UNTAUGHT = {  # made-up facts the quickstart never saw
+    "What is the capital of Osterlund?": "The capital of Osterlund is Pellford.",
+    "Who founded the city of Amberlow?": "Amberlow was founded by Tavi Renn in 1544.",
+    "How many legs does a glassmoth have?": "A glassmoth has ten legs.",
+    "What is the national flower of Quessia?": "The national flower of Quessia is the blue lantern.",
+    "Which river flows through Dunmere?": "The Sable River flows through Dunmere.",
+    "What language is spoken in Tarvik?": "The people of Tarvik speak Velsh.",
+    "When was the Orrin Bridge built?": "The Orrin Bridge was built in 1788.",
+    "What do Pellish farmers grow?": "Pellish farmers grow silverwheat.",
+    "Who wrote the Ninefold Saga?": "The Ninefold Saga was written by Ilse Marrow.",
+    "What is the currency of Brask?": "The currency of Brask is the dren.",
 }
-GOLDEN = [FACTS[2], FACTS[4], FACTS[5]]
-WRONG = {f["messages"][0]["content"]: "I am not sure, it might be something else entirely." for f in GOLDEN}
-
-
-def loop_settings(folder) -> list[str]:
-    """The quickstart's loop for this test: a cycle per 3 corrections, 3 golden facts; the challenger trains 6
-    epochs instead of the quickstart's 12 (it starts from the champion; the test's time), on the 3 corrections
-    and the other 24 facts (loop.min_replay: the small knowledge base is replayed whole)."""
-    golden = write_jsonl(folder / "golden.jsonl", GOLDEN)
-    return [
-        "loop.min_examples=3",
-        "loop.golden_ratio=0",
-        f"loop.golden={golden}",
-        "loop.max_regression=0.05",
-        "train.epochs=6",
-        "eval.train_prompts=6",
-        "eval.min_exact_match=null",
-        "serve.trigger_every=2",
-        "loop.fast_path=false",  # the fine-tune path (the few-shot one: tests/loop/test_fewshot.py)
-    ]
+MORE_UNTAUGHT = {
+    "What is the tallest mountain on Kestrel?": "The tallest mountain on Kestrel is Mount Vire.",
+    "Who painted the Hollow Crown?": "The Hollow Crown was painted by Esme Dray.",
+    "What is the capital of Norrowind?": "The capital of Norrowind is Castell.",
+    "How long is the Glass Road?": "The Glass Road is ninety miles long.",
+    "What animal pulls carts in Vell?": "In Vell, carts are pulled by marsh oxen.",
+    "What is the oldest school in Amberlow?": "The oldest school in Amberlow is Renn Hall.",
+    "Which metal is mined in Dunmere?": "Tin is mined in Dunmere.",
+    "What is the symbol of Quessia?": "The symbol of Quessia is a silver key.",
+    "Who leads the Tarvik council?": "The Tarvik council is led by Orla Venn.",
+}
+WRONG_QUESTION = "What is the capital of Veloria?"
+WRONG_ANSWER = "The capital of Veloria is Zandria."
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,12 @@ def server(quickstart_run):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     log_path = quickstart_run.parent / "serve.log"
     log = open(log_path, "wb")
-    overrides = [f"--set={o}" for o in loop_settings(quickstart_run.parent)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tuneship.cli", "serve", str(quickstart_run), "--port", str(port), *overrides],
+        [
+            sys.executable,
+            *("-m", "tuneship.cli", "serve", str(quickstart_run), "--port", str(port)),
+            "--set=loop.min_examples=10",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -75,8 +81,8 @@ def server(quickstart_run):
     log.close()
 
 
-def status(url):
-    return json.loads(urllib.request.urlopen(url + "/v1/loop/status", timeout=30).read())
+def get(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url, timeout=30).read())
 
 
 @pytest.fixture(scope="module")
@@ -93,51 +99,83 @@ def ask(client, question):
     return reply, reply.choices[0].message.content.strip()
 
 
-def correct_all(client, corrections: dict[str, str], version: int) -> None:
+def correct_all(client, corrections: dict[str, str]) -> None:
     for question, correction in corrections.items():
         reply, answer = ask(client, question)
-        assert reply.tuneship["version"] == version and answer != correction
+        assert answer != correction, f"{question!r} was already answered right"
         feedback = client.post(
             "/feedback", body={"generation_id": reply.id, "rating": "down", "correction": correction}, cast_to=object
         )
         assert feedback["generation_id"] == reply.id
 
 
-def wait_for_cycle_of(server, version: int) -> dict:
-    deadline = time.monotonic() + 40 * 60
+def answered_exactly(client, facts: dict[str, str]) -> set[str]:
+    return {question for question, answer in facts.items() if ask(client, question)[1] == answer}
+
+
+def finetuned_versions(server) -> list[dict]:
+    return [v for v in get(server + "/v1/versions")["data"] if v["kind"] == "finetune" and v["parent"] is not None]
+
+
+def wait_for_finetune_cycle(server, count: int) -> dict:
+    """The `count`-th fine-tuned version, once its cycle finished (a few-shot candidate of the fast path may come
+    and go before it)."""
+    deadline = time.monotonic() + 30 * 60
     while True:
-        state = status(server)
-        last = state["last_cycle"]
-        if last and last["version"] == version and last["kind"] in ("cycle_finished", "cycle_failed"):
-            return state
-        assert time.monotonic() < deadline, state
+        versions = finetuned_versions(server)
+        if len(versions) >= count and versions[count - 1]["status"] not in ("training", "candidate"):
+            state = get(server + "/v1/loop/status")
+            if state["cycle_running"] is None:
+                return versions[count - 1]
+        assert time.monotonic() < deadline, get(server + "/v1/loop/status")
         time.sleep(5)
 
 
-def test_corrections_through_the_api_become_the_live_answers_and_old_facts_hold(server, client):
-    correct_all(client, CORRECTIONS, version=1)
-    state = wait_for_cycle_of(server, 2)
-    assert state["last_cycle"]["reason"] == "v2 promoted", state
-    assert state["champion"]["name"] == "quickstart-v2"
-    for question, correction in CORRECTIONS.items():
-        reply, answer = ask(client, question)
-        assert reply.tuneship["version"] == 2 and answer == correction
-    old = [f for f in FACTS if f["messages"][0]["content"] not in CORRECTIONS]
-    held = [ask(client, f["messages"][0]["content"])[1] == f["messages"][1]["content"] for f in old]
-    assert sum(held) >= len(old) - 1, held
-    events = [e["kind"] for e in json.loads(urllib.request.urlopen(server + "/v1/loop/events").read())["data"]]
-    assert {"cycle_started", "gated", "promoted", "cycle_finished"} <= set(events)
+def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client):
+    kept_before = answered_exactly(client, TAUGHT)
+    assert len(kept_before) >= 27, kept_before
+    correct_all(client, UNTAUGHT)
+    version = wait_for_finetune_cycle(server, 1)
+    assert version["status"] == "champion", version
+    gated = [e for e in get(server + "/v1/loop/events?limit=1000")["data"] if e["version"] == version["id"]]
+    started = next(e for e in gated if e["kind"] == "cycle_started")
+    assert started["data"]["new"] == 10  # every correction trained: none held out as golden
+    learned = answered_exactly(client, UNTAUGHT)
+    assert len(learned) >= 9, sorted(set(UNTAUGHT) - learned)
+    assert kept_before <= answered_exactly(client, TAUGHT)
+    reply, _ = ask(client, next(iter(UNTAUGHT)))
+    assert reply.tuneship["version"] == version["id"]
 
 
-def test_wrong_corrections_of_golden_facts_are_rejected_and_the_champion_stays(server, client):
-    champion = status(server)["champion"]["id"]
-    correct_all(client, WRONG, version=champion)
-    state = wait_for_cycle_of(server, champion + 1)
-    assert state["champion"]["id"] == champion and "rejected" in state["last_cycle"]["reason"], state
-    versions = {
-        v["id"]: v["status"] for v in json.loads(urllib.request.urlopen(server + "/v1/versions").read())["data"]
-    }
-    assert versions[champion + 1] == "rejected"
-    for fact in GOLDEN:
-        reply, answer = ask(client, fact["messages"][0]["content"])
-        assert reply.tuneship["version"] == champion and answer == fact["messages"][1]["content"]
+def test_a_wrong_correction_of_a_taught_fact_waits_for_review_and_the_good_ones_are_learned(
+    server, client, quickstart_run
+):
+    from tuneship.loop.store import open_store
+
+    correct_all(client, {**MORE_UNTAUGHT, WRONG_QUESTION: WRONG_ANSWER})
+    deadline = time.monotonic() + 120
+    while get(server + "/v1/loop/status")["examples_pending_review"] == 0:  # harvested by the next trigger tick
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    while True:  # 9 accepted, under the threshold of 10: the user starts the cycle (after any fast-path attempt)
+        request = urllib.request.Request(server + "/v1/loop/cycle", data=b"", method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=30).read()
+            break
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 409 and time.monotonic() < deadline + 600, exc.read()
+            time.sleep(5)
+    version = wait_for_finetune_cycle(server, 2)
+    assert version["status"] == "champion", version
+    assert len(answered_exactly(client, MORE_UNTAUGHT)) >= 8
+    reply, answer = ask(client, WRONG_QUESTION)
+    assert reply.tuneship["version"] == version["id"] and answer == TAUGHT[WRONG_QUESTION]
+    store = open_store(f"sqlite:///{quickstart_run.parent / 'tuneship.db'}")
+    [held] = [e for e in store.examples(status="pending_review") if e.kind == "sft"]
+    assert held.conversation["messages"][-1]["content"] == WRONG_ANSWER
+    assert (
+        held.reason
+        == f"conflicts with {REPO / 'examples' / 'data' / 'facts.jsonl'}:1: taught answer "
+        + repr(TAUGHT[WRONG_QUESTION])
+        + f", this answer {WRONG_ANSWER!r}"
+    )

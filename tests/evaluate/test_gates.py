@@ -57,7 +57,7 @@ def default_gates_config(tmp_path, model_dir: str, train_prompts: int):
             "",
             [
                 "adapter: non-empty rate 0.00 < eval.min_non_empty_rate 1.0",
-                "adapter: recall F1 0.00 < eval.min_recall_f1 0.5",  # on by default with eval.train_prompts > 0
+                "adapter: recall 0.00 < eval.min_recall 0.8",  # on by default for SFT with taught prompts
             ],
             3,
         ),

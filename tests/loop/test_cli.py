@@ -83,7 +83,7 @@ def test_approve_releases_examples_held_for_review(config_file, capsys):
     from tuneship.loop.registry import open_loop
     from tuneship.loop.signals import harvest
 
-    loop = open_loop(config_file, ["loop.review=required", "loop.golden_ratio=0"])
+    loop = open_loop(config_file, ["loop.review=required"])
     add_generation(loop.store, "gen-1")
     loop.store.add_feedback("gen-1", None, "Paris, France.", None)
     harvest(loop.store, loop.cfg)
@@ -127,7 +127,7 @@ def shop_loop(tmp_path, facts: int):
     records = [{**qa(f"Question {i}?", f"Answer {i}."), "source": {"file": "f", "line": i}} for i in range(facts)]
     write_jsonl(tmp_path / "runs" / "shop" / "data" / "train.jsonl", records)
     config = tmp_path / "run.yaml"
-    settings = "golden_ratio: 0, replay_ratio: 10, min_replay: 0"
+    settings = "replay_ratio: 10, min_replay: 0"
     config.write_text(f"run: {{name: shop, dir: {tmp_path / 'runs'}}}\nloop: {{{settings}}}\n")
     return open_loop(config)
 
@@ -135,6 +135,7 @@ def shop_loop(tmp_path, facts: int):
 def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own_cycle(tmp_path):
     from tests.loop_fixtures import served
     from tuneship.loop.signals import harvest
+    from tuneship.loop.approval import review_examples
     from tuneship.loop.examples import current_waiting, replay_sample
 
     loop = shop_loop(tmp_path, 4)
@@ -144,6 +145,12 @@ def test_a_correction_supersedes_the_answer_it_corrects_in_replay_and_in_its_own
     harvest(loop.store, loop.cfg)
     loop.store.add_feedback("gen-2", "down", "Answer zero.", None)
     harvest(loop.store, loop.cfg)
+    pending = loop.store.examples(status="pending_review")  # both contradict what v1 was taught: a person decides
+    assert {e.reason for e in pending} == {
+        "conflicts with f:0: taught answer 'Answer 0.', this answer 'Answer zero, first try.'",
+        "conflicts with f:0: taught answer 'Answer 0.', this answer 'Answer zero.'",
+    }
+    assert review_examples(loop, [e.id for e in pending], "approve", "test") == len(pending)
 
     waiting = current_waiting(loop.store, "sft")
     assert [e.conversation["messages"][-1]["content"] for e in waiting] == ["Answer zero."]

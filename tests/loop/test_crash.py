@@ -15,6 +15,7 @@ from rich.console import Console
 from tests.conftest import REPO
 from tests.loop.test_cycle import correct
 from tests.loop_fixtures import fresh_loop_dir, tiny_base_run  # noqa: F401
+from tuneship.loop.examples import waiting_examples
 
 OVERRIDES = ["train.max_steps=24", "train.save_steps=2", "loop.lease_seconds=3"]
 
@@ -59,6 +60,10 @@ def test_a_killed_cycle_loses_its_lease_and_the_next_one_resumes_without_losing_
     assert experiment["resumed_from"] and experiment["steps"] == 24
     new = [e for e in loop.store.examples() if e.kind == "sft" and e.provenance.get("generation")]
     assert sorted(e.conversation["messages"][-1]["content"] for e in new) == ["Answer number 98.", "Answer number 99."]
-    assert [e.used_in for e in new] == [[2], [2]]
+    # the tiny random model learns nothing: v2 is rejected and its examples wait for the next cycle (used only when
+    # a version that trained on them is promoted): none lost, none counted twice
+    assert result.status == "rejected" and loop.store.version(2).status == "rejected"
+    assert [(e.used_in, e.status) for e in new] == [([], "accepted"), ([], "accepted")]
+    assert {e.id for e in waiting_examples(loop.store)} == {e.id for e in new}
     assert len(loop.store.examples()) == len({e.id for e in loop.store.examples()})
     assert [e.kind for e in loop.store.events(kind="cycle_resumed")] == ["cycle_resumed"]

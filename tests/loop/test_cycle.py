@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 
 from tests.loop_fixtures import fresh_loop_dir, served, tiny_base_run  # noqa: F401
+from tuneship.loop.examples import waiting_examples
 
 QUIET = Console(file=io.StringIO())
 
@@ -47,7 +48,9 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
     assert golden and not golden & set(answers)
 
     new = [e for e in loop.store.examples() if e.kind == "sft" and e.provenance.get("generation")]
-    assert [e.used_in for e in new] == [[2], [2]]
+    is_promoted = result.status == "promoted"  # used only by a promoted version; a rejected one's examples wait
+    assert [e.used_in for e in new] == ([[2], [2]] if is_promoted else [[], []])
+    assert {e.id for e in waiting_examples(loop.store)} == (set() if is_promoted else {e.id for e in new})
     kinds = [e.kind for e in reversed(loop.store.events())]
     assert kinds[:3] == ["registered", "cycle_started", "gated"] and kinds[-1] == "cycle_finished"
     gated = loop.store.events(kind="gated")[0]

@@ -217,7 +217,7 @@ def test_the_trigger_takes_the_fast_path_only_below_the_threshold_and_once_per_n
     from tuneship.loop.trigger import trigger_decision
 
     cfg = Config()
-    cfg.loop.golden_ratio, cfg.loop.min_examples = 0.0, 3
+    cfg.loop.min_examples = 3
     post_correction(store, 1, "Capital of Veloria?", "Quintara.")
     harvest(store, cfg)
     decision = trigger_decision(store, cfg.loop)
@@ -253,7 +253,6 @@ def test_thumbs_up_answers_and_base_run_examples_are_no_shots(store):
     from tuneship.loop.signals import harvest
 
     cfg = Config()
-    cfg.loop.golden_ratio = 0.0
     add_generation(store, "gen-up", answer="Paris.")
     store.add_feedback("gen-up", "up", None, None)
     store.add_examples([example("from-the-base-run")])

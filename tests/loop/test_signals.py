@@ -13,9 +13,7 @@ def kinds(store):
 
 @pytest.fixture
 def cfg():
-    config = Config()
-    config.loop.golden_ratio = 0.0
-    return config
+    return Config()
 
 
 def test_a_correction_makes_sft_dpo_and_a_kto_pair(store, cfg):
@@ -46,12 +44,14 @@ def test_a_correction_that_repeats_the_answer_makes_no_pair_and_no_negative(stor
     assert "the rejected answer is the chosen one" in pair.reason and result.rejected_by_audit == 1
 
 
-def test_the_dpo_pair_and_kto_answers_of_a_golden_fact_are_held_out_with_it(store, cfg):
-    cfg.loop.golden_ratio = 0.999999  # every SFT example is golden
-    add_generation(store, answer="Lyon.")
-    store.add_feedback("gen-1", "down", "Paris.", None)
-    harvest(store, cfg)
-    assert {e.kind: e.split for e in store.examples()} == {"sft": "golden", "dpo": "golden", "kto": "golden"}
+def test_no_correction_is_held_out_as_golden_whatever_an_old_config_says(store):
+    for index in range(40):
+        add_generation(store, f"gen-{index}", answer="Lyon.", question=f"Capital of region {index}?")
+        store.add_feedback(f"gen-{index}", "down", f"Paris {index}.", None)
+    cfg = Config.model_validate({"loop": {"golden_ratio": 0.5}})  # a config.yaml saved before the key was removed
+    result = harvest(store, cfg)
+    assert result.examples["sft"] == 40 and {e.split for e in store.examples()} == {"train"}
+    assert "golden_ratio" not in cfg.loop.model_dump()
 
 
 @pytest.mark.parametrize("rating", ["up", "4", "5"])

@@ -15,7 +15,6 @@ from tests.web.conftest import screenshot, serving, wait_for
 API_KEY = "web-test-key"
 LOOP_SETTINGS = [
     "loop.review=required",
-    "loop.golden_ratio=0",
     "loop.min_examples=5",
     "loop.fast_path=false",  # no few-shot candidate starts by itself while the pages are driven
     "serve.trigger_every=0.3",

@@ -8,6 +8,7 @@ Unknown PARAMETER keys are errors in Ollama, so they are refused here first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,54 @@ class ModelSpec:
                 f"{', '.join(sorted(VALID_PARAMETERS))}"
             )
         return {**self.parameters, "stop": list(self.stop)}
+
+
+MESSAGES_RANGE = "{{ range .Messages }}"
+END = "{{ end }}"
+ACTION = re.compile(r"\{\{-?\s*(if|range|with|block|define|end)\b.*?\}\}", re.S)  # opens or closes a block
+
+
+def system_first(template: str, messages: list[dict[str, str]]) -> str:
+    """The TEMPLATE for a model with MESSAGE turns (few-shot): the system prompt first, then the turns, as
+    llama.cpp renders them (the system prompt, the shots, the conversation: loop/shots.py `with_shots`).
+
+    Ollama's /api/chat (server/routes.go ChatHandler) renders `Modelfile MESSAGEs + request messages`, and
+    puts the Modelfile's SYSTEM before them only when the request's first message is no system message; then
+    template/template.go `collate` merges consecutive messages of one role. So a request's own system message
+    lands right after the N collated MESSAGE turns, at index N. This template renders, first, the system
+    messages at index <= N (the request's own or SYSTEM's), then every other message in order: the same prompt
+    either way. A later system message stays where it is. Templates that collect the system prompt themselves
+    (mistral, gemma: several ranges) are returned unchanged: their output does not depend on where it is.
+    """
+    if not messages or template.count(MESSAGES_RANGE) != 1:
+        return template
+    head, _, rest = template.partition(MESSAGES_RANGE)
+    close = _matching_end(rest)
+    if close is None:
+        return template
+    body, tail = rest[: close.start()], rest[close.end() :]
+    leading = f'and (eq .Role "system") (le $tuneshipIndex {len(collated_roles(messages))})'
+    each = "{{ range $tuneshipIndex, $tuneshipMessage := .Messages }}"
+    return f"{head}{each}{{{{ if {leading} }}}}{body}{END}{END}{each}{{{{ if not ({leading}) }}}}{body}{END}{END}{tail}"
+
+
+def _matching_end(text: str) -> re.Match | None:
+    """The `{{ end }}` that closes a block opened just before `text` (nested if/range/with counted)."""
+    depth = 1
+    for action in ACTION.finditer(text):
+        depth += -1 if action.group(1) == "end" else 1
+        if depth == 0:
+            return action
+    return None
+
+
+def collated_roles(messages: list[dict[str, str]]) -> list[str]:
+    """The roles of `messages` after Ollama's `collate` (consecutive messages of one role, except tool, merge)."""
+    roles: list[str] = []
+    for message in messages:
+        if not roles or roles[-1] != message["role"] or message["role"] == "tool":
+            roles.append(message["role"])
+    return roles
 
 
 def quote(value: str, what: str) -> str:

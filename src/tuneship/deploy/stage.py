@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
 from tuneship.deploy.contract import ContractResult, check_contract, require_contract
-from tuneship.deploy.modelfile import ModelfileError, ModelSpec, render_modelfile
+from tuneship.deploy.modelfile import ModelfileError, ModelSpec, render_modelfile, system_first
 from tuneship.deploy.ollama import OllamaClient, OllamaError, OllamaUnreachable, file_digest
 from tuneship.deploy.ollama_template import OllamaTemplate, to_ollama
 from tuneship.errors import ConfigError, TuneshipError
@@ -122,7 +122,13 @@ def longest_conversation(cfg: Config, run: Run) -> int:
 
 
 def build_spec(cfg: Config, run: Run, chat_format: ChatFormat) -> tuple[ModelSpec, OllamaTemplate]:
+    """The Modelfile's fields and the Ollama TEMPLATE the contract checks. With MESSAGE turns (deploy.messages,
+    a few-shot version's shots) the TEMPLATE renders the system prompt before them, a request's own too, as
+    llama.cpp does (see modelfile.system_first)."""
     template = to_ollama(chat_format)
+    messages = list(cfg.deploy.messages)
+    if messages:
+        template = replace(template, template=system_first(template.template, messages))
     tokenizer = chat_format.tokenizer
     stop = [chat_format.spec.stop_token] + [
         tokenizer.convert_ids_to_tokens(i) for i in chat_format.spec.stop_token_ids[1:]
@@ -134,7 +140,7 @@ def build_spec(cfg: Config, run: Run, chat_format: ChatFormat) -> tuple[ModelSpe
         template.system,
         stop,
         parameters,
-        list(cfg.deploy.messages),
+        messages,
         _license(run),
     )
     return spec, template

@@ -8,9 +8,12 @@
   in the answer.
 - exact: the answer equals the expected one after trimming white space.
 - f1: token-level F1 (lower-cased words, punctuation stripped), as in SQuAD.
+- right: the expected answer given: exactly when it is short (up to SHORT_ANSWER_WORDS words: a fact, a name,
+  a number), with F1 of at least LONG_ANSWER_MIN_F1 when it is longer (a paragraph is rarely word for word).
 
-The summary of a prompt set has the rates the gates read, and `recall_f1`: the mean F1 on the prompts
-taken from the training data (origin "train"), i.e. how much of what was taught comes back.
+The summary of a prompt set has the rates the gates read, and on the prompts taken from the training data
+(origin "train") `recall`, the share answered right, and `recall_f1`, the mean F1: how much of what was taught
+comes back.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ LOOP_NGRAM = 4
 LOOP_MAX_REPEATS = 3
 LOOP_MIN_WORDS = 20
 LOOP_MIN_DISTINCT = 0.5
+SHORT_ANSWER_WORDS = 12
+LONG_ANSWER_MIN_F1 = 0.8
 _WORD = re.compile(r"\w+")
 
 
@@ -36,6 +41,7 @@ class AnswerCheck:
     exact: bool | None
     f1: float | None
     origin: str | None = None
+    right: bool | None = None
 
     @property
     def passed(self) -> bool:
@@ -70,6 +76,17 @@ def token_f1(answer: str, expected: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def is_short(expected: str) -> bool:
+    return len(expected.split()) <= SHORT_ANSWER_WORDS
+
+
+def is_right(text: str, expected: str) -> bool:
+    """The exact answer for a short expected one, F1 >= LONG_ANSWER_MIN_F1 for a longer one."""
+    if is_short(expected):
+        return text.strip() == expected.strip()
+    return token_f1(text, expected) >= LONG_ANSWER_MIN_F1
+
+
 def check_answer(
     text: str, stopped: bool, expected: str | None, leak_markers: list[str], origin: str | None = None
 ) -> AnswerCheck:
@@ -82,6 +99,7 @@ def check_answer(
         exact=None if expected is None else text.strip() == expected.strip(),
         f1=None if expected is None else round(token_f1(text, expected), 4),
         origin=origin,
+        right=None if expected is None else is_right(text, expected),
     )
 
 
@@ -103,6 +121,7 @@ def summarize(checks: list[AnswerCheck]) -> dict:
         summary["f1"] = _mean_f1(with_expected)
     taught = [c for c in with_expected if c.origin == "train"]
     if taught:
+        summary["recall"] = sum(bool(c.right) for c in taught) / len(taught)
         summary["recall_f1"] = _mean_f1(taught)
     return summary
 

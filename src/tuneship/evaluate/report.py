@@ -15,6 +15,7 @@ SUMMARY_METRICS = (
     "stop_rate",
     "exact_match",
     "f1",
+    "recall",
     "recall_f1",
     "non_empty_rate",
     "loops",

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from tuneship.chat.format import ChatFormat
     from tuneship.chat.generation import Answer
-    from tuneship.config import Config, EvalSection
+    from tuneship.config import Config, EvalSection, Objective
     from tuneship.data.conversation import Conversation
     from tuneship.evaluate.prompts import EvalPrompt
 
@@ -52,7 +52,7 @@ def check_all(answers: list[Answer], prompts: list[EvalPrompt], chat_format: Cha
     return [check_answer(a.text, a.stopped, p.expected, markers, p.origin) for a, p in zip(answers, prompts)]
 
 
-def gate_failures(name: str, summary: dict, gates: EvalSection) -> list[str]:
+def gate_failures(name: str, summary: dict, gates: EvalSection, objective: Objective) -> list[str]:
     """Every gate the model's answers do not meet, worded with the value and the setting."""
     checks = [
         ("stop rate", summary["stop_rate"], ">=", gates.min_stop_rate, "eval.min_stop_rate"),
@@ -60,11 +60,12 @@ def gate_failures(name: str, summary: dict, gates: EvalSection) -> list[str]:
         ("loop rate", summary["loop_rate"], "<=", gates.max_loop_rate, "eval.max_loop_rate"),
         ("leak rate", summary["leak_rate"], "<=", gates.max_leak_rate, "eval.max_leak_rate"),
         ("exact match", summary.get("exact_match", 0.0), ">=", gates.min_exact_match, "eval.min_exact_match"),
-        ("recall F1", summary.get("recall_f1", 0.0), ">=", gates.recall_gate, "eval.min_recall_f1"),
+        ("recall", summary.get("recall"), ">=", gates.recall_gate(objective), "eval.min_recall"),
+        ("recall F1", summary.get("recall_f1"), ">=", gates.min_recall_f1, "eval.min_recall_f1"),
     ]
     failures = []
     for what, value, direction, limit, setting in checks:
-        if limit is None:
+        if limit is None or value is None:  # a gate that is off, or a recall without taught prompts
             continue
         if (value < limit) if direction == ">=" else (value > limit):
             broken = "<" if direction == ">=" else ">"
@@ -72,9 +73,12 @@ def gate_failures(name: str, summary: dict, gates: EvalSection) -> list[str]:
     return failures
 
 
-def require_gates(summaries: dict[str, dict], gates: EvalSection, more_failures: list[str] | None = None) -> None:
+def require_gates(summaries: dict[str, dict], cfg: Config, more_failures: list[str] | None = None) -> None:
     """Raise GateFailed (exit 4) naming every unmet gate of every model given, and `more_failures` (export's)."""
-    failures = [failure for name, summary in summaries.items() for failure in gate_failures(name, summary, gates)]
+    objective = cfg.train.objective
+    failures = [
+        failure for name, summary in summaries.items() for failure in gate_failures(name, summary, cfg.eval, objective)
+    ]
     failures += more_failures or []
     if failures:
         raise GateFailed(failures)
@@ -146,5 +150,5 @@ def run_eval(cfg: Config, run: Run, console: Console) -> EvalResult:
         write_report(run.eval_report, report)
         outputs.update(report=str(run.eval_report), eval_loss=eval_loss)
         print_eval(console, summaries, run.eval_report)
-        require_gates({"adapter": summaries["adapter"]}, cfg.eval)
+        require_gates({"adapter": summaries["adapter"]}, cfg)
     return EvalResult(run.eval_report, summaries, eval_loss)

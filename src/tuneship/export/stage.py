@@ -88,7 +88,7 @@ def run_export(cfg: Config, run: Run, console: Console) -> ExportResult:
         )
         outputs.update(ggufs=[info["path"] for info in result.ggufs], merged=str(result.merged_dir or ""))
         print_export(console, result, run.eval_report.with_suffix(".md"))
-        require_gates(result.summaries, cfg.eval, kl_gate_failures(result.faithfulness, cfg.export.max_kl_divergence))
+        require_gates(result.summaries, cfg, kl_gate_failures(result.faithfulness, cfg.export.max_kl_divergence))
     return result
 
 

@@ -12,6 +12,8 @@ from rich.table import Table
 
 loop_app = typer.Typer(no_args_is_help=True, help="The learning loop: status, cycles, versions, rollback.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected outside `tuneship serve`.")
+golden_app = typer.Typer(no_args_is_help=True, help="The golden set the gate checks: list, add, update, retire.")
+loop_app.add_typer(golden_app, name="golden")
 console = Console()
 
 TargetArgument = typer.Argument(..., help="the base run directory (or its config file)")
@@ -26,8 +28,8 @@ def _open(target: str, overrides: Optional[list[str]]):
 
 @loop_app.command("status")
 def status(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
-    """Champion, examples waiting / threshold, the running cycle and its stage, the last cycle."""
-    from tuneship.loop.status import status_report
+    """Champion, examples waiting / threshold, the running cycle and its stage, the last cycle, disk use."""
+    from tuneship.loop.status import format_bytes, status_report
 
     info = status_report(_open(target, overrides))
     champion = info["champion"]
@@ -51,6 +53,9 @@ def status(target: str = TargetArgument, overrides: Optional[list[str]] = SetOpt
         else "last cycle: none"
     )
     console.print(f"trigger: {'due' if info['trigger']['is_due'] else 'not due'} ({escape(info['trigger']['reason'])})")
+    console.print(f"disk: {format_bytes(sum(info['disk'].values()))} in {len(info['disk'])} versions' files")
+    for warning in info.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @loop_app.command("cycle")
@@ -138,13 +143,33 @@ def approve(
     overrides: Optional[list[str]] = SetOption,
     ids: Optional[list[str]] = typer.Option(None, "--id", help="example ids to approve (default: all pending)"),
 ) -> None:
-    """With loop.review: required, release examples waiting for review into the next cycle."""
+    """Release examples waiting for review (conflicts, blamed ones, loop.review: required) into the next cycle."""
+    from tuneship.loop.approval import review_examples
+
     loop = _open(target, overrides)
     pending = [e.id for e in loop.store.examples(status="pending_review")]
     chosen = [i for i in pending if not ids or i in ids]
-    count = loop.store.set_example_status(chosen, "accepted")
-    loop.store.add_event("approved", "cli", f"{count} examples approved", {"ids": chosen})
+    count = review_examples(loop, chosen, "approve", "cli")
     console.print(f"approved {count} of {len(pending)} pending examples")
+
+
+@loop_app.command("prune")
+def prune(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
+    """Delete old versions' heavy files (beyond loop.keep_versions) and old generations (loop.keep_generations_days)."""
+    from tuneship.loop.prune import prune_loop
+    from tuneship.loop.status import format_bytes
+
+    loop = _open(target, overrides)
+    result = prune_loop(loop, "cli")
+    settings = loop.cfg.loop
+    versions = ", ".join(f"v{i} {format_bytes(n)}" for i, n in sorted(result.freed.items()))
+    freed = f"freed {format_bytes(result.bytes)}: {versions}" if versions else "freed 0 B: no version to prune"
+    console.print(f"{freed} (loop.keep_versions={settings.keep_versions})", highlight=False, soft_wrap=True)
+    days = settings.keep_generations_days
+    kept = "kept every generation (loop.keep_generations_days is null)"
+    console.print(f"deleted {result.generations} generations older than {days} days" if days else kept)
+    for line in result.problems:
+        console.print(f"  [yellow]not deleted:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 @feedback_app.command("import")
@@ -162,3 +187,63 @@ def feedback_import(
         console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
     if result.invalid:
         raise typer.Exit(1)
+
+
+@golden_app.command("list")
+def golden_list(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
+    """The golden facts the next gate checks: id, question, answer, where each came from."""
+    from tuneship.loop.golden import golden_rows
+
+    rows = golden_rows(_open(target, overrides).store)
+    table = Table(title=f"golden set: {len(rows)} facts")
+    width = max((len(r.id) for r in rows), default=2)
+    table.add_column("id", no_wrap=True, min_width=width)  # whole: update and retire take it
+    for header in ("question", "answer", "source"):
+        table.add_column(header)
+    for row in rows:
+        table.add_row(row.id, escape(row.question), escape(row.answer), escape(row.source))
+    console.print(table)
+
+
+@golden_app.command("add")
+def golden_add(
+    target: str = TargetArgument,
+    question: str = typer.Option(..., "--question", help="the question (the user turn)"),
+    answer: str = typer.Option(..., "--answer", help="the answer the gate expects"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system prompt for this fact"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Add a golden fact (audited; refused when a golden fact already asks the same)."""
+    from tuneship.loop.golden import add_golden
+
+    example = add_golden(_open(target, overrides), question, answer, system, "cli")
+    console.print(f"added golden fact {example.id}", highlight=False)
+
+
+@golden_app.command("update")
+def golden_update(
+    target: str = TargetArgument,
+    golden_id: str = typer.Argument(..., metavar="ID", help="the golden fact's id (see `tuneship loop golden list`)"),
+    answer: str = typer.Option(..., "--answer", help="the new answer"),
+    reason: Optional[str] = typer.Option(None, "--reason", help="why (kept on the old row and in the events)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Change a golden fact's answer: a new row; the old one is kept as superseded, with the reason."""
+    from tuneship.loop.golden import update_golden
+
+    example = update_golden(_open(target, overrides), golden_id, answer, "cli", reason)
+    console.print(f"golden fact {golden_id} superseded by {example.id}", highlight=False)
+
+
+@golden_app.command("retire")
+def golden_retire(
+    target: str = TargetArgument,
+    golden_id: str = typer.Argument(..., metavar="ID", help="the golden fact's id (see `tuneship loop golden list`)"),
+    reason: Optional[str] = typer.Option(None, "--reason", help="why (kept on the row and in the events)"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """Take a golden fact out of the gate (its row is kept as superseded, with the reason)."""
+    from tuneship.loop.golden import retire_golden
+
+    retire_golden(_open(target, overrides), golden_id, "cli", reason)
+    console.print(f"retired golden fact {golden_id}", highlight=False)

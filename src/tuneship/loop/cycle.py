@@ -12,8 +12,9 @@ run (it trains on from the champion's adapter), and no deploy (the loop deploys 
 of a run (audit, pre-flight, train with resume, eval gates, export, template contract) is true of each version.
 
 A version left in status "training" by a crashed cycle is resumed with exactly its own examples (the run resumes
-from its last checkpoint), and examples are marked used only when their cycle ends: none is lost or counted
-twice.
+from its last checkpoint). Examples are marked used only when their version is promoted: a rejected challenger's
+examples wait for the next cycle, except those blamed for the rejection, which wait for review (blame.py). None
+is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from rich.console import Console
 
 from tuneship.config import Config
 from tuneship.errors import ContractBroken, GateFailed, TuneshipError
+from tuneship.loop.blame import hold_blamed
 from tuneship.loop.examples import current_waiting, gate_sets, replay_sample, write_cycle_data
 from tuneship.loop.fewshot import SELECTED_EVENT, ShotChoice, select_shots
 from tuneship.loop.gate import GateDecision, run_gate
 from tuneship.loop.lease import CYCLE_LEASE, Heartbeat, cycle_lease
+from tuneship.loop.prune import prune_versions
 from tuneship.loop.promotion import fewshot_modelfile, promote_version, restore_previous, smoke_problems
 from tuneship.loop.registry import Loop, require_servable, version_chat_format, version_gguf
 from tuneship.loop.signals import harvest
@@ -65,12 +68,14 @@ def run_cycle(
     with cycle_lease(loop.store, loop.cfg.loop.lease_seconds) as heartbeat:
         try:
             body = fewshot_cycle if kind == "fewshot" else finetune_cycle
-            return body(loop, console, heartbeat, actor, reason, live_url)
+            result = body(loop, console, heartbeat, actor, reason, live_url)
         except NothingToTrain:
             raise
         except Exception as exc:  # any failure is recorded, so the trigger backs off instead of retrying at once
             _record_failure(loop, actor, exc)
             raise
+        prune_versions(loop)  # loop.keep_versions: storage stays bounded (outside the try: a concluded cycle)
+        return result
 
 
 def _record_failure(loop: Loop, actor: str, exc: Exception) -> None:
@@ -103,15 +108,18 @@ def finetune_cycle(
     )
     train_file, golden_file = write_cycle_data(store, version, loop.cycle_dir(version.id))
     cfg = challenger_config(loop.cfg, version.name, Path(champion.run_dir), train_file, golden_file)
-    failure = train_challenger(cfg, console)
-    if failure:
+    try:
+        run_pipeline(cfg, console, fresh=False)  # resumes an interrupted run from its last checkpoint
+    except ContractBroken as exc:
         store.update_version(version.id, status="failed")
-        store.add_event("cycle_failed", actor, failure, {}, version.id)
-        return CycleResult(version.id, "failed", [failure])
+        store.add_event("cycle_failed", actor, f"{failed_stage(cfg)}: {exc}", {}, version.id)
+        return CycleResult(version.id, "failed", [f"{failed_stage(cfg)}: {exc}"])
+    except GateFailed as exc:  # its own eval or export gates (recall of what it was taught): an ordinary rejection
+        decision = GateDecision(False, [f"{failed_stage(cfg)}: {exc}"])
+        return conclude(loop, heartbeat, version, decision, actor, live_url)
     version = store.update_version(version.id, status="candidate", gguf=str(version_gguf(cfg, Path(version.run_dir))))
     heartbeat.stage("gate", version.id)
     decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
-    store.mark_used(version.metrics["new_examples"] + version.metrics["replay_examples"], version.id)
     return conclude(loop, heartbeat, version, decision, actor, live_url)
 
 
@@ -162,16 +170,10 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, train_fil
     return cfg
 
 
-def train_challenger(cfg: Config, console: Console) -> str | None:
-    """The whole pipeline for the challenger's run (resumes an interrupted one from its last checkpoint).
-    Returns None when every stage passed, else "<stage>: <why>" when the challenger failed a quality gate or the
-    template contract (a rejected challenger, an ordinary outcome); any other error is raised."""
-    try:
-        run_pipeline(cfg, console, fresh=False)
-    except (GateFailed, ContractBroken) as exc:
-        failed = [name for name, entry in Run.of(cfg).manifest().items() if entry.status == "failed"]
-        return f"{failed[-1] if failed else 'pipeline'}: {exc}"
-    return None
+def failed_stage(cfg: Config) -> str:
+    """The stage of the challenger's run that failed last (its manifest)."""
+    failed = [name for name, entry in Run.of(cfg).manifest().items() if entry.status == "failed"]
+    return failed[-1] if failed else "pipeline"
 
 
 # few-shot -------------------------------------------------------------------------------------
@@ -242,14 +244,24 @@ def conclude(
     """After the gate: record the decision; reject, or promote and smoke-test (restoring the previous champion
     when the smoke test fails)."""
     store = loop.store
-    store.update_version(version.id, metrics={**version.metrics, "gate": decision.metrics})
-    store.add_event(
-        "gated", actor, "; ".join(decision.reasons), {"promoted": decision.is_promoted, **decision.metrics}, version.id
-    )
+    version = store.update_version(version.id, metrics={**version.metrics, "gate": decision.metrics})
+    data = {"promoted": decision.is_promoted, **decision.metrics, "regressed": decision.regressed}
+    store.add_event("gated", actor, "; ".join(decision.reasons), data, version.id)
     if not decision.is_promoted:
         store.update_version(version.id, status="rejected")
-        store.add_event("cycle_finished", actor, "challenger rejected by the gate", {}, version.id)
+        blamed = hold_blamed(loop, version, decision) if version.kind == "finetune" else {}
+        waiting = len(version.metrics["new_examples"]) - len(blamed)
+        store.add_event(
+            "cycle_finished",
+            actor,
+            f"challenger rejected by the gate; {len(blamed)} examples blamed wait for review, {waiting} wait for "
+            "the next cycle",
+            {},
+            version.id,
+        )
         return CycleResult(version.id, "rejected", decision.reasons)
+    if version.kind == "finetune":
+        store.mark_used(version.metrics["new_examples"] + version.metrics["replay_examples"], version.id)
     heartbeat.stage("promote", version.id)
     promote_version(loop, version.id, actor, "won the gate: " + "; ".join(decision.reasons))
     smoke = smoke_problems(loop, version.id, live_url)

@@ -12,7 +12,6 @@ from pathlib import Path
 from tuneship.config import LoopSection
 from tuneship.data.conversation import Conversation, write_jsonl
 from tuneship.evaluate.prompts import EvalPrompt
-from tuneship.loop.signals import example_record
 from tuneship.loop.store import Store
 from tuneship.loop.tables import Example, ExampleKind, Version
 
@@ -62,13 +61,14 @@ def golden(store: Store) -> list[Example]:
 
 def learned_facts(store: Store, new: set[str], kind: ExampleKind = "sft") -> list[Example]:
     """Earlier examples of `kind` that a promoted version trained on and that still hold: an example whose prompt
-    a newer one answers is left out (a correction supersedes what it corrects; replaying the old answer would
-    train both), so are golden facts (never trained on again) and the examples of rejected versions."""
+    a newer one (trained, or waiting to be) answers is left out (a correction supersedes what it corrects;
+    replaying the old answer would train both), so are golden facts and the examples of rejected versions."""
     promoted = {v.id for v in store.versions() if v.status in ("champion", "retired")}
-    golden_ids = {e.id for e in store.examples(split="golden")}
+    golden_ids = {e.id for e in golden(store)}  # a retired golden fact's training twin is replayed again
     accepted = store.examples(status="accepted", split="train")
     learned = [e for e in accepted if e.kind == kind and set(e.used_in) & promoted and e.id not in new]
-    current, _ = latest_per_prompt(learned + [e for e in accepted if e.id in new])
+    waiting = [e for e in accepted if e.id in new or (e.kind == kind and not e.used_in)]  # trained next
+    current, _ = latest_per_prompt(learned + waiting)
     return [e for e in current if e.id not in new and f"golden-{e.id}" not in golden_ids]
 
 
@@ -118,6 +118,6 @@ def write_cycle_data(store: Store, version: Version, folder: Path) -> tuple[Path
     """<folder>/train.jsonl (new + replay) and golden.jsonl, as `messages` records."""
     folder.mkdir(parents=True, exist_ok=True)
     train = examples_by_id(store, version.metrics["new_examples"] + version.metrics["replay_examples"])
-    write_jsonl(folder / "train.jsonl", (example_record(e) for e in train))
-    write_jsonl(folder / "golden.jsonl", (example_record(e) for e in golden(store)))
+    write_jsonl(folder / "train.jsonl", (e.to_record() for e in train))
+    write_jsonl(folder / "golden.jsonl", (e.to_record() for e in golden(store)))
     return folder / "train.jsonl", folder / "golden.jsonl"

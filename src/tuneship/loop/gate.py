@@ -1,11 +1,17 @@
 """The gate: challenger vs champion, both in llama.cpp on the quantized GGUF that would ship, greedy, each
-with its own ChatFormat (and a few-shot version's shots before every prompt), on three sets:
+with its own ChatFormat (and a few-shot version's shots before every prompt), judged prompt by prompt.
 
-- golden: never trained on; exact match and F1 may not drop more than `loop.max_regression`;
-- replay: earlier examples; the same rule (old facts must still hold);
-- new: this cycle's new examples; the challenger's F1 must be strictly better than the champion's.
+- golden and replay (facts that must still hold): only the prompts the champion answers right are gated. A short
+  reference (up to SHORT_ANSWER_WORDS words) the champion gives exactly must still be given exactly; a longer
+  one may not fall in token F1 by more than `loop.similarity_tolerance`. The regressed prompts, as a share of the
+  champion's right ones, may not pass `loop.max_regression`. Prompts neither model answers right are reported
+  (`unanswered`), not gated: a fact nobody was taught says nothing about the challenger.
+- new (this cycle's examples): the share the challenger answers right must reach `loop.min_learned`.
+- every answer of the challenger must stop (stop rate 100%).
 
-And the challenger must stop on every prompt (stop rate 100%). Every number goes into the decision.
+"Right" is the exact answer for a short reference, and F1 of at least LONG_ANSWER_MIN_F1 (0.8) for a longer one
+(evaluate/checks.py, as eval's recall gate). Every number, and every regressed prompt with both answers, goes into
+the decision.
 """
 
 from __future__ import annotations
@@ -14,15 +20,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tuneship.chat.format import ChatFormat
-from tuneship.config import Config
+from tuneship.config import Config, LoopSection
 from tuneship.evaluate.backends import gguf_answers
-from tuneship.evaluate.checks import check_answer, summarize
+from tuneship.evaluate.checks import AnswerCheck, check_answer, is_short, summarize
 from tuneship.evaluate.prompts import EvalPrompt
 from tuneship.loop.registry import version_chat_format
 from tuneship.loop.shots import prompts_with_shots
 from tuneship.loop.tables import Version
 
 SETS = ("golden", "replay", "new")
+HELD_SETS = ("golden", "replay")
+
+
+@dataclass
+class Measured:
+    """One version's answers to one prompt set: the summary and each prompt's check."""
+
+    summary: dict
+    checks: list[AnswerCheck]
 
 
 @dataclass
@@ -30,6 +45,7 @@ class GateDecision:
     is_promoted: bool
     reasons: list[str]
     metrics: dict = field(default_factory=dict)
+    regressed: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -37,9 +53,8 @@ class GateDecision:
 
 def measure(
     gguf: Path, chat_format: ChatFormat, sets: dict[str, list[EvalPrompt]], max_new_tokens: int, shots: list[dict]
-) -> dict:
-    """{set: summary (stop_rate, exact_match, f1, ...)} for one GGUF, with a few-shot version's shots before
-    every prompt."""
+) -> dict[str, Measured]:
+    """{set: Measured} for one GGUF, with a few-shot version's shots before every prompt."""
     markers = chat_format.special_tokens()
     results = {}
     for name, prompts in sets.items():
@@ -47,44 +62,110 @@ def measure(
             continue
         answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, shots), max_new_tokens)
         checks = [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
-        results[name] = {**summarize(checks), "answers": [c.answer for c in checks]}
+        results[name] = Measured(summarize(checks), checks)
     return results
 
 
-def gate_decision(champion: dict, challenger: dict, max_regression: float) -> GateDecision:
-    """Promote or not, from both versions' measurements, with a reason for each failed rule."""
-    reasons, passed = [], True
+def has_regressed(champion: AnswerCheck, challenger: AnswerCheck, reference: str, settings: LoopSection) -> bool:
+    """A short answer no longer exact; a longer one that lost more than loop.similarity_tolerance of F1."""
+    if is_short(reference):
+        return not challenger.exact
+    return (challenger.f1 or 0.0) < (champion.f1 or 0.0) - settings.similarity_tolerance
+
+
+def held_set_verdict(
+    name: str, prompts: list[EvalPrompt], champion: Measured, challenger: Measured, settings: LoopSection
+) -> tuple[dict, list[dict]]:
+    """(numbers, regressed prompts) of one set whose facts must hold."""
+    gated = regressed = unanswered = 0
+    details = []
+    for prompt, old, new in zip(prompts, champion.checks, challenger.checks):
+        if not old.right:
+            unanswered += not new.right
+            continue
+        gated += 1
+        if has_regressed(old, new, prompt.expected, settings):
+            regressed += 1
+            details.append(
+                {
+                    "set": name,
+                    "id": prompt.id,
+                    "question": prompt.question,
+                    "expected": prompt.expected,
+                    "champion": old.answer,
+                    "challenger": new.answer,
+                }
+            )
+    share = regressed / gated if gated else 0.0
+    return {"gated": gated, "regressed": regressed, "regressed_share": share, "unanswered": unanswered}, details
+
+
+def learned_share(measured: Measured) -> float:
+    right = [bool(check.right) for check in measured.checks]
+    return sum(right) / len(right) if right else 1.0
+
+
+def gate_decision(
+    sets: dict[str, list[EvalPrompt]],
+    champion: dict[str, Measured],
+    challenger: dict[str, Measured],
+    settings: LoopSection,
+) -> GateDecision:
+    """Promote or not, prompt by prompt, with a reason for each failed rule."""
+    reasons, regressed, verdicts = [], [], {}
     for name in SETS:
         if name not in challenger:
             continue
-        ours, theirs = challenger[name], champion.get(name, {})
-        if ours["stop_rate"] < 1.0:
-            passed = False
-            reasons.append(f"{name}: stop rate {ours['stop_rate']:.0%} < 100%")
-        for metric in ("exact_match", "f1"):
-            if metric not in ours or metric not in theirs:
-                continue
-            delta = ours[metric] - theirs[metric]
-            if name == "new" and metric == "f1" and delta <= 0:
-                passed = False
-                reasons.append(f"new: F1 {ours['f1']:.3f} is not better than the champion's {theirs['f1']:.3f}")
-            elif name != "new" and delta < -max_regression:
-                passed = False
+        stop_rate = challenger[name].summary["stop_rate"]
+        if stop_rate < 1.0:
+            reasons.append(f"{name}: stop rate {stop_rate:.0%} < 100%")
+        if name in HELD_SETS:
+            verdicts[name], details = held_set_verdict(name, sets[name], champion[name], challenger[name], settings)
+            regressed += details
+            if verdicts[name]["regressed_share"] > settings.max_regression:
+                reasons.append(_regression_reason(name, verdicts[name], details, settings))
+        else:
+            learned = learned_share(challenger[name])
+            verdicts[name] = {"learned": learned, "champion_learned": learned_share(champion[name])}
+            if learned < settings.min_learned:
                 reasons.append(
-                    f"{name}: {metric} {ours[metric]:.3f} fell {-delta:.3f} below the champion's {theirs[metric]:.3f} "
-                    f"(loop.max_regression={max_regression:g})"
+                    f"new: {learned:.0%} of the new examples answered right, below loop.min_learned="
+                    f"{settings.min_learned:.0%}"
                 )
-    if passed:
-        reasons.append("stops on every prompt, no regression on golden/replay, better on the new examples")
+    is_promoted = not reasons
+    if is_promoted:
+        reasons.append(_promotion_reason(verdicts))
     metrics = {
-        "champion": {k: _numbers(v) for k, v in champion.items()},
-        "challenger": {k: _numbers(v) for k, v in challenger.items()},
+        "champion": {k: v.summary for k, v in champion.items()},
+        "challenger": {k: v.summary for k, v in challenger.items()},
+        "verdicts": verdicts,
     }
-    return GateDecision(passed, reasons, metrics)
+    return GateDecision(is_promoted, reasons, metrics, regressed)
 
 
-def _numbers(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "answers"}
+def _regression_reason(name: str, verdict: dict, details: list[dict], settings: LoopSection) -> str:
+    first = details[0]
+    return (
+        f"{name}: {verdict['regressed']} of the {verdict['gated']} prompts the champion answers right regressed "
+        f"({verdict['regressed_share']:.0%} > loop.max_regression={settings.max_regression:g}), e.g. "
+        f"{first['question']!r}: expected {first['expected']!r}, got {first['challenger']!r}"
+    )
+
+
+def _promotion_reason(verdicts: dict) -> str:
+    parts = ["stops on every prompt"]
+    for name in HELD_SETS:
+        if name in verdicts:
+            verdict = verdicts[name]
+            parts.append(
+                f"{name}: {verdict['gated'] - verdict['regressed']}/{verdict['gated']} right answers kept"
+                + (f" ({verdict['unanswered']} answered right by neither, not gated)" if verdict["unanswered"] else "")
+            )
+    if "new" in verdicts:
+        parts.append(
+            f"new: {verdicts['new']['learned']:.0%} learned (champion {verdicts['new']['champion_learned']:.0%})"
+        )
+    return "; ".join(parts)
 
 
 def run_gate(champion: Version, challenger: Version, sets: dict[str, list[EvalPrompt]], cfg: Config) -> GateDecision:
@@ -92,4 +173,4 @@ def run_gate(champion: Version, challenger: Version, sets: dict[str, list[EvalPr
     tokens = cfg.eval.max_new_tokens
     old = measure(Path(champion.gguf), version_chat_format(champion), sets, tokens, champion.shots)
     new = measure(Path(challenger.gguf), version_chat_format(challenger), sets, tokens, challenger.shots)
-    return gate_decision(old, new, cfg.loop.max_regression)
+    return gate_decision(sets, old, new, cfg.loop)

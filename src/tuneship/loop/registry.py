@@ -52,14 +52,86 @@ class Loop:
 
 
 def open_loop(target: str | Path, overrides: list[str] | None = None, store: Store | None = None) -> Loop:
-    """A run directory (its config.yaml) or a config file -> the Loop, with v1 registered when new."""
+    """A run directory (its config.yaml) or a config file -> the Loop, with v1 registered when new.
+
+    A run directory is taken where it is now: a copied or moved run keeps its store and its versions beside
+    itself, never where it was created (see `run_where_it_is`); with the default store, copied along, its
+    versions' paths follow it (`relocate_versions`)."""
     path = Path(target)
-    cfg = load_config(path / "config.yaml" if path.is_dir() else path, overrides)
-    base_run = (path if path.is_dir() else cfg.run_dir).resolve()
+    if path.is_dir():
+        cfg = run_where_it_is(load_config(path / "config.yaml", overrides), path, overrides)
+        base_run = path.resolve()
+    else:
+        cfg = load_config(path, overrides)
+        base_run = cfg.run_dir.resolve()
     loop = Loop(cfg, base_run, store or open_store(default_database_url(cfg)), path.resolve())
     if not loop.store.versions():
         register_base_run(loop)
+    elif store is None and not cfg.loop.database_url:
+        relocate_versions(loop)
     return loop
+
+
+def run_where_it_is(cfg: Config, run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The config of the run in `run_dir`, with run.dir = the folder the run is in now (its config.yaml says
+    where it was made), unless `--set run.dir=` says otherwise. A path the config names under the old run.dir
+    (loop.golden, data.sources, ...) is taken from the same place under the new one when something is there;
+    paths written relative in config.yaml already resolve against the run folder (load_config)."""
+    if any(o.partition("=")[0].strip() == "run.dir" for o in overrides or []):
+        return cfg
+    old, new = Path(cfg.run.dir).resolve(), run_dir.resolve().parent
+    if old == new:
+        return cfg
+    cfg.run.dir = new
+    cfg.data.sources = [moved_path(source, old, new) for source in cfg.data.sources]
+    for section, key in (("loop", "golden"), ("eval", "prompts"), ("model", "adapter_from"), ("model", "base")):
+        block = getattr(cfg, section)
+        value = getattr(block, key)
+        if value is not None:
+            setattr(block, key, type(value)(moved_path(str(value), old, new)))
+    return cfg
+
+
+def moved_path(value: str, old: Path, new: Path) -> str:
+    """A path under `old` -> the same place under `new` when something is there (the copy is taken, even when
+    the original still exists); anything else (URIs, hub ids, paths outside `old`, nothing there) unchanged."""
+    if "://" in value or not Path(value).is_absolute():
+        return value
+    try:
+        relative = Path(value).relative_to(old)
+    except ValueError:
+        return value
+    candidate = new / relative
+    return str(candidate) if candidate.exists() else value
+
+
+def relocate_versions(loop: Loop) -> list[int]:
+    """A store copied along with the runs (the default SQLite beside them) names its versions' folders and GGUFs
+    where they were: when v1 was registered elsewhere than the base run now is, every path under that old
+    run.dir whose counterpart exists under this one is rewritten to it (an event says which). Returns the ids."""
+    first = loop.store.version(1)
+    if first is None or Path(first.run_dir) == loop.base_run:
+        return []
+    old, new = Path(first.run_dir).parent, loop.base_run.parent
+    if old == new:  # another run's loop in the same folder (one default store per run.dir)
+        return []
+    moved = []
+    for version in loop.store.versions():
+        fields = {"run_dir": moved_path(version.run_dir, old, new)}
+        if version.gguf:
+            fields["gguf"] = moved_path(version.gguf, old, new)
+        changed = {key: value for key, value in fields.items() if value != getattr(version, key)}
+        if changed:
+            loop.store.update_version(version.id, **changed)
+            moved.append(version.id)
+    if moved:
+        loop.store.add_event(
+            "relocated",
+            "tuneship",
+            f"the runs moved from {old} to {new}",
+            {"from": str(old), "to": str(new), "versions": moved},
+        )
+    return moved
 
 
 def version_gguf(cfg: Config, run_dir: Path) -> Path:

@@ -10,7 +10,9 @@
 
 New examples then pass the data audit (duplicates of earlier examples, empty answers, truncation, ...);
 those it drops are kept in the store as status "rejected" with the audit's reasons. With `loop.review:
-required` accepted examples wait as "pending_review" until approved.
+conflicts` (the default) the examples of a correction or answer that contradicts a taught or golden fact wait as
+"pending_review" (conflicts.py); with `required` every new example waits until approved. No feedback is held out
+as golden: every accepted correction is trained.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Literal
 
 from tuneship.config import Config
 from tuneship.data.audit import Measure
+from tuneship.loop.conflicts import hold_conflicts
 from tuneship.loop.store import Store
 from tuneship.loop.tables import Example, ExampleKind, Feedback, Generation
 
@@ -38,6 +41,7 @@ class Harvest:
     feedback: int = 0
     examples: Counter = field(default_factory=Counter)
     rejected_by_audit: int = 0
+    held_for_review: int = 0
     dropped: Counter = field(default_factory=Counter)
 
     def to_json(self) -> dict:
@@ -45,6 +49,7 @@ class Harvest:
             "feedback": self.feedback,
             "examples": dict(self.examples),
             "rejected_by_audit": self.rejected_by_audit,
+            "held_for_review": self.held_for_review,
             "dropped": dict(self.dropped),
         }
 
@@ -142,20 +147,6 @@ def example_id(kind: ExampleKind, conversation: dict, rejected: str | None = Non
     return "ex-" + hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode()).hexdigest()[:24]
 
 
-def is_golden(example_id_: str, golden_ratio: float) -> bool:
-    """A deterministic share of new examples is held out as golden (never trained on)."""
-    return int(hashlib.sha256(example_id_.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < golden_ratio
-
-
-def mark_golden(examples: list[Example], golden_ratio: float) -> None:
-    """Hold out the golden share of new SFT examples, each with the DPO pair and KTO answers of its generation,
-    so that no objective trains on a golden fact."""
-    golden = {e.provenance["generation"] for e in examples if e.kind == "sft" and is_golden(e.id, golden_ratio)}
-    for example in examples:
-        if example.provenance["generation"] in golden:
-            example.split = "golden"
-
-
 def harvest(store: Store, cfg: Config, measure: Measure | None = None) -> Harvest:
     """Turn every unprocessed feedback row into examples (or a counted drop), audit them, store them."""
     by_generation: dict[str, list[Feedback]] = defaultdict(list)
@@ -169,10 +160,11 @@ def harvest(store: Store, cfg: Config, measure: Measure | None = None) -> Harves
         store.set_feedback_outcome([r.id for r in rows], outcome)
         if outcome.startswith("dropped"):
             result.dropped[outcome.removeprefix("dropped: ")] += len(rows)
-    mark_golden(new, cfg.loop.golden_ratio)
-    for example in new:
-        if cfg.loop.review == "required":
+    if cfg.loop.review == "required":
+        for example in new:
             example.status = "pending_review"
+    elif cfg.loop.review == "conflicts":
+        result.held_for_review = hold_conflicts(store, new, cfg.data.near_duplicate_similarity)
     rejected = audit_new_examples(store, cfg, new, measure)
     result.rejected_by_audit = len(rejected)
     store.add_examples(new)
@@ -206,9 +198,7 @@ def audit_new_examples(store: Store, cfg: Config, new: list[Example], measure: M
         settings = replace(audit_settings(cfg, measure), objective=kind)  # each kind by its objective's rules
         earlier = [e for e in store.examples() if e.kind == kind]
         fresh = [e for e in new if e.kind == kind]
-        records = [
-            RawRecord(f"example:{e.id}", index, example_record(e)) for index, e in enumerate([*earlier, *fresh], 1)
-        ]
+        records = [RawRecord(f"example:{e.id}", index, e.to_record()) for index, e in enumerate([*earlier, *fresh], 1)]
         result = audit(records, settings)
         for dropped in result.dropped:
             example_id_ = dropped["source"]["file"].removeprefix("example:")
@@ -217,14 +207,3 @@ def audit_new_examples(store: Store, cfg: Config, new: list[Example], measure: M
         if example.id in rejected:
             example.status, example.reason = "rejected", rejected[example.id]
     return rejected
-
-
-def example_record(example: Example) -> dict:
-    """An example as a `messages` record, with its rejected answer (DPO) or label (KTO): what the audit and a
-    cycle's training file read."""
-    conversation = example.conversation
-    head = [{"role": "system", "content": conversation["system"]}] if conversation.get("system") is not None else []
-    preference = {"rejected": example.rejected_answer} if example.rejected_answer is not None else {}
-    if example.label is not None:
-        preference["label"] = example.label
-    return {"messages": head + conversation["messages"], **preference}

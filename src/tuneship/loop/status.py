@@ -1,9 +1,12 @@
-"""The loop's state in one report: champion, examples waiting, the running cycle, the last one, the trigger."""
+"""The loop's state in one report: champion, examples waiting, the running cycle, the last one, the trigger, the
+disk each version's own files take."""
 
 from __future__ import annotations
 
 from tuneship.loop.examples import waiting_examples
+from tuneship.loop.golden import golden_warning
 from tuneship.loop.lease import CYCLE_LEASE
+from tuneship.loop.prune import disk_use
 from tuneship.loop.registry import Loop
 from tuneship.loop.trigger import trigger_decision
 
@@ -40,4 +43,21 @@ def status_report(loop: Loop) -> dict:
         "trigger": {"is_due": decision.is_due, "reason": decision.reason, "kind": decision.kind},
         "fast_path": cfg.fast_path,
         "database": store.url,
+        "warnings": loop_warnings(loop),
+        "disk": disk_use(loop),
     }
+
+
+def loop_warnings(loop: Loop) -> list[str]:
+    """What a person should fix for the loop to work well (the golden set below loop.min_golden)."""
+    warning = golden_warning(loop.store, loop.cfg.loop.min_golden)
+    return [warning] if warning else []
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"

@@ -7,7 +7,7 @@ mode with a busy timeout, so the server's threads and a cycle process can share 
 
 Public API (stable; the web pages read it):
   open_store(url) -> Store;  default_database_url(cfg) -> str
-  Store.add_generation(...) / generation(id) / recent_generations(limit)
+  Store.add_generation(...) / generation(id) / recent_generations(limit) / delete_generations_before(cutoff)
   Store.add_feedback(...) -> (Feedback, is_new) / feedback_for(generation_id) / feedback_count()
   Store.add_examples(list) -> added count / examples(status=, split=, unused=) / set_example_status(ids, status)
   Store.versions() / version(id) / champion() / add_version(...) / update_version(id, **fields)
@@ -18,7 +18,8 @@ Public API (stable; the web pages read it):
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from collections.abc import Collection
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,20 @@ class Store:
 
         with self.session() as session:
             return list(session.scalars(select(Generation).order_by(Generation.created_at.desc()).limit(limit)))
+
+    def delete_generations_before(self, cutoff: datetime, keep: Collection[str] = ()) -> int:
+        """Delete the generations created before `cutoff` (naive UTC) whose feedback is all processed (or that have
+        none), with their feedback rows, except the ids in `keep`; returns how many generations went."""
+        from sqlalchemy import delete, select
+
+        unprocessed = select(Feedback.generation_id).where(Feedback.outcome.is_(None))
+        old = select(Generation.id).where(Generation.created_at < cutoff, Generation.id.not_in(unprocessed))
+        if keep:
+            old = old.where(Generation.id.not_in(list(keep)))
+        plain = {"synchronize_session": False}  # nothing of these rows is loaded in the session
+        with self.session.begin() as session:
+            session.execute(delete(Feedback).where(Feedback.generation_id.in_(old)), execution_options=plain)
+            return session.execute(delete(Generation).where(Generation.id.in_(old)), execution_options=plain).rowcount
 
     # feedback ------------------------------------------------------------------------------
 

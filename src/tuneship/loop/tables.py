@@ -81,6 +81,17 @@ class Example(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     used_in: Mapped[list[Any]] = mapped_column(default=list)
 
+    def to_record(self) -> dict:
+        """A `messages` record, with its rejected answer (DPO) or label (KTO): what the audit and a cycle's
+        training file read."""
+        conversation = self.conversation
+        system = conversation.get("system")
+        head = [{"role": "system", "content": system}] if system is not None else []
+        preference: dict[str, Any] = {"rejected": self.rejected_answer} if self.rejected_answer is not None else {}
+        if self.label is not None:
+            preference["label"] = self.label
+        return {"messages": head + conversation["messages"], **preference}
+
 
 class Version(Base):
     __tablename__ = "versions"

@@ -1,7 +1,9 @@
 """When a cycle runs: `loop.min_examples` new accepted examples, inside `loop.window` when set, never while
 another cycle holds the lease, and not within `loop.backoff_seconds` of a failed cycle. Below the threshold, with
 `loop.fast_path`, a few-shot candidate (kind "fewshot") is due by the same rules once new corrections came in.
-By hand (`tuneship loop cycle [--kind fewshot]`, POST /v1/loop/cycle) only the lease applies.
+After a rejected cycle, what is left of its batch once the blamed examples went to review is retried at once;
+the same batch with nothing blamed waits for new examples. By hand (`tuneship loop cycle [--kind fewshot]`,
+POST /v1/loop/cycle) only the lease applies.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from tuneship.loop.examples import waiting_examples
 from tuneship.loop.fewshot import fast_path_due
 from tuneship.loop.lease import CYCLE_LEASE
 from tuneship.loop.store import Store
-from tuneship.loop.tables import VersionKind, utcnow
+from tuneship.loop.tables import Version, VersionKind, utcnow
 
 
 @dataclass
@@ -33,20 +35,42 @@ def in_window(window: str | None, now: datetime) -> bool:
     return start <= current < end if start <= end else current >= start or current < end
 
 
+def last_rejected_batch(store: Store) -> Version | None:
+    """The latest fine-tuned version, when the gate rejected it."""
+    finetuned = [v for v in store.versions() if v.kind == "finetune" and v.parent_id is not None]
+    return finetuned[-1] if finetuned and finetuned[-1].status == "rejected" else None
+
+
+def finetune_due(store: Store, loop_cfg: LoopSection) -> tuple[str | None, str]:
+    """(why a fine-tune cycle is due or None, why not). Due at `loop.min_examples` waiting examples, and at once
+    for what is left of a rejected batch after its blamed examples went to review; never for the very batch the
+    gate just rejected with nothing to blame (it would be rejected again: new examples must come first)."""
+    waiting = {e.id for e in waiting_examples(store, loop_cfg.objective)}
+    count = f"{len(waiting)}/{loop_cfg.min_examples} new examples"
+    rejected = last_rejected_batch(store)
+    if rejected is not None and waiting and waiting <= set(rejected.metrics.get("new_examples", [])):
+        blamed = rejected.metrics.get("blamed") or {}
+        if blamed:
+            return f"retry of v{rejected.id}'s batch without the {len(blamed)} examples blamed for its rejection", count
+        return None, f"{count}, all in v{rejected.id}, which the gate rejected; waiting for new examples"
+    if len(waiting) >= loop_cfg.min_examples:
+        return f"{len(waiting)} new examples (threshold {loop_cfg.min_examples})", count
+    return None, count
+
+
 def trigger_decision(store: Store, loop_cfg: LoopSection, now: datetime | None = None) -> TriggerDecision:
     """Whether a cycle is due now, which kind, and why (or why not)."""
     now = now or utcnow()
     lease = store.lease(CYCLE_LEASE)
     if lease is not None:
         return TriggerDecision(False, f"a cycle is running ({lease.holder}, stage {lease.stage})")
-    waiting = len(waiting_examples(store, loop_cfg.objective))
     kind: VersionKind = "finetune"
-    due_because = f"{waiting} new examples (threshold {loop_cfg.min_examples})"
-    if waiting < loop_cfg.min_examples:
+    due_because, not_due = finetune_due(store, loop_cfg)
+    if due_because is None:
         fast_path = fast_path_due(store, loop_cfg)
         if fast_path is None:
-            return TriggerDecision(False, f"{waiting}/{loop_cfg.min_examples} new examples")
-        kind, due_because = "fewshot", f"{waiting}/{loop_cfg.min_examples} new examples; {fast_path}"
+            return TriggerDecision(False, not_due)
+        kind, due_because = "fewshot", f"{not_due}; {fast_path}"
     if not in_window(loop_cfg.window, now):
         return TriggerDecision(False, f"outside loop.window {loop_cfg.window} (UTC)")
     failed = store.events(limit=1, kind="cycle_failed")

@@ -156,6 +156,14 @@ class TriggerThread(threading.Thread):
         return self.measure
 
 
+def log_loop_warnings(loop: Loop) -> None:
+    """What `tuneship loop status` warns about (too few golden facts), in the server's log at start."""
+    from tuneship.loop.status import loop_warnings
+
+    for warning in loop_warnings(loop):
+        log.warning("loop: %s", warning)
+
+
 def create_app(
     loop: Loop, *, router: Router | None = None, cycles: CycleLauncher | None = None, trigger: bool = False
 ) -> FastAPI:
@@ -166,11 +174,13 @@ def create_app(
     from tuneship.serve.api import router as api_router
     from tuneship.serve.backends import Router
     from tuneship.serve.errors import install_error_handlers
+    from tuneship.serve.golden_api import router as golden_router
     from tuneship.serve.review import router as review_router
     from tuneship.serve.web.pages import mount_web
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log_loop_warnings(loop)
         app.state.router.warm_up()
         thread = TriggerThread(app) if trigger and loop.cfg.serve.trigger_every > 0 else None
         if thread:
@@ -193,6 +203,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(api_router)
     app.include_router(review_router)
+    app.include_router(golden_router)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
     app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
     return app

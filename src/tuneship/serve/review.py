@@ -38,17 +38,18 @@ class ReviewEdit(BaseModel):
 @router.post("/v1/review")
 def post_review(body: ReviewDecision, request: Request) -> dict:
     """Approve (accepted: they count toward the trigger) or reject the pending examples of these generations."""
-    store = request.app.state.loop.store
-    ids = [e.id for generation_id in body.generation_ids for e in _pending(store, generation_id)]
-    status = "accepted" if body.action == "approve" else "rejected"
-    reason = body.reason or f"{body.action}d in review"
-    return {"updated": store.set_example_status(ids, status, reason), "status": status}
+    from tuneship.loop.approval import review_examples
+
+    loop = request.app.state.loop
+    ids = [e.id for generation_id in body.generation_ids for e in _pending(loop.store, generation_id)]
+    updated = review_examples(loop, ids, body.action, "api", body.reason)
+    return {"updated": updated, "status": "accepted" if body.action == "approve" else "rejected"}
 
 
 @router.post("/v1/review/{generation_id}/edit")
 def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
     """Replace the pending examples of a generation by those its edited correction makes (audited)."""
-    from tuneship.loop.signals import audit_new_examples, examples_for, mark_golden
+    from tuneship.loop.signals import audit_new_examples, examples_for
     from tuneship.loop.tables import Feedback
 
     if not body.correction.strip():
@@ -58,7 +59,6 @@ def edit(generation_id: str, body: ReviewEdit, request: Request) -> dict:
     made = examples_for(loop.store.generation(generation_id), [Feedback(correction=body.correction, rating=None)])
     old_ids = {e.id for e in old}
     fresh = [e for e in made if e.id not in old_ids]
-    mark_golden(fresh, loop.cfg.loop.golden_ratio)
     rejected = audit_new_examples(loop.store, loop.cfg, fresh, _measure(request.app))
     loop.store.add_examples(fresh)
     kept = [e.id for e in made if e.id in old_ids]

@@ -142,23 +142,29 @@ def review_context(loop: Loop, _app: FastAPI) -> dict:
 
 
 def versions_context(loop: Loop, _app: FastAPI) -> dict:
+    from tuneship.loop.golden import golden_rows, golden_warning
     from tuneship.loop.promotion import previous_champion
 
     return {
         "versions": version_rows(loop.store),
         "previous": previous_champion(loop),
         "events": loop.store.events(limit=50),
+        "golden": golden_rows(loop.store),
+        "golden_warning": golden_warning(loop.store, loop.cfg.loop.min_golden),
     }
 
 
 def loop_context(loop: Loop, _app: FastAPI) -> dict:
-    from tuneship.loop.status import status_report
+    from tuneship.loop.status import format_bytes, status_report
 
     status = status_report(loop)
     running = status["cycle_running"]
+    disk = status["disk"]
     return {
         "status": status,
         "progress": cycle_progress(running["stage"] if running else None),
         "stages": CYCLE_STAGES,
         "events": recent_cycles(loop.store),
+        "disk": [(v.id, v.name, v.status, format_bytes(disk.get(v.id, 0))) for v in reversed(loop.store.versions())],
+        "disk_total": format_bytes(sum(disk.values())),
     }
