@@ -60,11 +60,16 @@ def tokenizer(smollm2_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> str:
     """A 2-layer, 32-wide random Llama with the real SmolLM2 tokenizer: trains in seconds on CPU."""
+    return make_tiny_model(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_model(tokenizer_dir: str, folder: Path) -> str:
+    """The tiny random Llama saved into `folder` (also used by benchmarks/serve_load.py)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -77,7 +82,6 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> str:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)

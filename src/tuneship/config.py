@@ -193,8 +193,23 @@ class RouteSection(Section):
     fallbacks: list[str] = Field(default_factory=list, description="tried in order when the primary fails")
 
 
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
+LOOPBACK_ORIGINS = ["http://localhost", "http://127.0.0.1", "http://[::1]"]
+
+
 class ServeSection(Section):
-    api_key: str | None = Field(None, description="bearer token for feedback and admin endpoints; env TUNESHIP_API_KEY")
+    api_key: str | None = Field(None, description="the admin key (every endpoint and page); env TUNESHIP_API_KEY")
+    client_keys_file: Path | None = Field(
+        None, description="file of `name:key` lines: client keys that may chat, list models and send feedback"
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_HOSTS),
+        description="Host names answered (`name` any port, `name:port`, `*`); the address a request came to too",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_ORIGINS),
+        description="browser Origins allowed (`scheme://host` any port, with `:port`, `*`); same-origin always",
+    )
     backend: Literal["llamacpp", "ollama"] = Field("llamacpp", description="what answers for the champion")
     routes: dict[str, RouteSection] = Field(
         default_factory=dict, description="model name -> {primary, fallbacks}; default: run.name -> champion"
@@ -205,6 +220,25 @@ class ServeSection(Section):
     max_tokens: int = Field(512, ge=1, description="upper bound (and default) for a request's max_tokens")
     n_ctx: int = Field(2048, ge=256, description="llama.cpp context length")
     trigger_every: float = Field(30.0, ge=0, description="seconds between trigger checks while serving (0: off)")
+    db_timeout: float = Field(
+        5.0, gt=0, description="seconds a request waits for the loop's database (lock, connection); then 503"
+    )
+    max_concurrent: int = Field(
+        1, ge=1, description="generations at once per model (llama.cpp in-process runs one at a time per model)"
+    )
+    feedback_per_minute: int = Field(
+        60, ge=1, description="feedback a client may send per minute; beyond it 429 + Retry-After"
+    )
+    max_queue: int = Field(16, ge=0, description="chats waiting for their turn per model; beyond it 429 + Retry-After")
+    max_loaded_models: int = Field(
+        2, ge=0, description="versions kept loaded besides the champion and routes' targets (least recently used go)"
+    )
+
+    def admin_key(self) -> str | None:
+        """serve.api_key, else the environment's TUNESHIP_API_KEY; None: no admin key."""
+        import os
+
+        return self.api_key or os.environ.get("TUNESHIP_API_KEY") or None
 
 
 class LoopSection(Section):
@@ -234,6 +268,9 @@ class LoopSection(Section):
         description="gate: F1 a long answer the champion gives right may lose before it counts as regressed",
     )
     min_learned: float = Field(0.8, ge=0.0, le=1.0, description="gate: share of the new examples answered right")
+    distrust_after: int = Field(
+        3, ge=1, description="a client whose examples were blamed or rejected this often: its feedback waits for review"
+    )
     max_blame_cycles: int = Field(
         2, ge=1, description="rejected cycles an example may be in before it waits for review"
     )
@@ -317,9 +354,16 @@ def config_warnings(cfg: Config) -> list[str]:
     return warnings
 
 
+SECRET_KEYS = (("serve", "api_key"),)  # never written to a run's config.yaml (a `--set` key stays out of it)
+
+
 def save_config(cfg: Config, path: Path) -> None:
+    """The resolved config as YAML, without the secrets (SECRET_KEYS)."""
+    data = cfg.model_dump(mode="json")
+    for section, key in SECRET_KEYS:
+        data[section][key] = None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -345,7 +389,8 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("sources"), list):
         data["sources"] = [resolve(s) if isinstance(s, str) else s for s in data["sources"]]
-    for section, key in (("run", "dir"), ("eval", "prompts"), ("model", "adapter_from"), ("loop", "golden")):
+    paths = (("run", "dir"), ("eval", "prompts"), ("model", "adapter_from"), ("loop", "golden"))
+    for section, key in (*paths, ("serve", "client_keys_file")):
         block = raw.get(section)
         if isinstance(block, dict) and isinstance(block.get(key), str):
             block[key] = resolve(block[key])

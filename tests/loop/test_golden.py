@@ -212,7 +212,7 @@ def client(loop):
 
 
 def test_the_api_lists_adds_updates_and_retires(client, loop):
-    listed = client.get("/v1/golden").json()
+    listed = client.get("/v1/golden", headers=KEY).json()
     assert listed["count"] == 3 and listed["min_golden"] == 5 and "only 3 golden examples" in listed["warning"]
     added = client.post("/v1/golden", json={"question": "Capital of Veloria?", "answer": "Quintara."}, headers=KEY)
     assert added.status_code == 201 and added.json()["question"] == "Capital of Veloria?"
@@ -222,13 +222,14 @@ def test_the_api_lists_adds_updates_and_retires(client, loop):
     assert gate_facts(loop)["Capital of Veloria?"] == "Quintara City."
     retired = client.post(f"/v1/golden/{updated.json()['id']}/retire", headers=KEY)
     assert retired.status_code == 200 and retired.json()["status"] == "superseded"
-    assert "Capital of Veloria?" not in gate_facts(loop) and client.get("/v1/golden").json()["count"] == 3
+    assert "Capital of Veloria?" not in gate_facts(loop) and client.get("/v1/golden", headers=KEY).json()["count"] == 3
     kinds = [e.kind for e in loop.store.events() if e.actor == "api"]
     assert sorted(kinds) == ["golden_added", "golden_retired", "golden_updated"]
 
 
-def test_api_writes_need_the_key_and_errors_are_4xx(client, loop):
-    some_id = client.get("/v1/golden").json()["data"][0]["id"]
+def test_the_api_needs_the_key_and_errors_are_4xx(client, loop):
+    some_id = client.get("/v1/golden", headers=KEY).json()["data"][0]["id"]
+    assert client.get("/v1/golden").status_code == 401  # the golden set is the gate's answers: admin only
     assert client.post("/v1/golden", json={"question": "Q?", "answer": "A."}).status_code == 401
     assert client.post(f"/v1/golden/{some_id}/update", json={"answer": "A."}).status_code == 401
     assert client.post(f"/v1/golden/{some_id}/retire").status_code == 401
@@ -247,11 +248,11 @@ def test_api_writes_need_the_key_and_errors_are_4xx(client, loop):
 
 
 def test_the_pages_show_the_golden_set_and_the_warning(client):
-    versions = client.get("/versions").text
+    versions = client.get("/versions", headers=KEY).text
     assert 'id="golden-count">3</span> facts' in versions and "Question 2?" in versions and "Answer 2." in versions
     assert "only 3 golden examples" in versions
-    assert "only 3 golden examples (loop.min_golden=5)" in client.get("/loop").text
-    assert "only 3 golden examples" in client.get("/v1/loop/status").json()["warnings"][0]
+    assert "only 3 golden examples (loop.min_golden=5)" in client.get("/loop", headers=KEY).text
+    assert "only 3 golden examples" in client.get("/v1/loop/status", headers=KEY).json()["warnings"][0]
 
 
 def test_serve_logs_the_warning_at_start(loop, caplog):

@@ -176,3 +176,24 @@ def test_racing_workers_get_the_lease_once(store):
 def test_timestamps_are_naive_utc(store):
     add_generation(store)
     assert abs(store.generation("gen-1").created_at - utcnow()) < timedelta(seconds=30)
+
+
+def test_models_indexes_and_unique_constraints_match_the_migrated_schema(store):
+    from sqlalchemy import UniqueConstraint, inspect
+
+    from tuneship.loop.tables import ONE_CHAMPION, Base
+
+    inspector = inspect(store.engine)
+    for table in Base.metadata.sorted_tables:
+        migrated = {
+            (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+            for i in inspector.get_indexes(table.name)
+            if not i.get("duplicates_constraint")
+        }
+        assert migrated == {(i.name, tuple(c.name for c in i.columns), bool(i.unique)) for i in table.indexes}
+        migrated_unique = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)}
+        declared = {tuple(c.name for c in u.columns) for u in table.constraints if isinstance(u, UniqueConstraint)}
+        assert migrated_unique == declared, table.name
+    [champion_index] = [i for i in inspector.get_indexes("versions") if i["name"] == ONE_CHAMPION]
+    where = champion_index["dialect_options"].get(f"{store.engine.dialect.name}_where")
+    assert "champion" in str(where)  # partial: only the champion row is unique

@@ -22,7 +22,7 @@ def post(server, path, body, headers=None, raw: bytes | None = None):
 
 
 def get(server, path):
-    with urllib.request.urlopen(server.url + path, timeout=60) as response:
+    with urllib.request.urlopen(urllib.request.Request(server.url + path, headers=AUTH), timeout=60) as response:
         return json.loads(response.read())
 
 
@@ -129,7 +129,7 @@ def test_an_oversized_body_is_413_and_malformed_json_is_422(served):
     ],
 )
 def test_bad_chat_requests_are_4xx_naming_the_field(served, body, status, param):
-    code, reply, _ = post(served[1], "/v1/chat/completions", body)
+    code, reply, _ = post(served[1], "/v1/chat/completions", body, AUTH)
     assert code == status and reply["error"]["param"] == param
 
 
@@ -163,3 +163,30 @@ def test_openapi_documents_every_endpoint(served):
         "/v1/versions/{version_id}/promote",
         "/v1/rollback",
     } <= paths
+
+
+def test_feedback_beyond_the_clients_limit_per_minute_is_429_with_retry_after(client, served):
+    from tuneship.serve.ratelimit import PerClientLimit
+
+    loop, server = served
+    app = server.server.config.app
+    app.state.feedback_limit, before = PerClientLimit(2), app.state.feedback_limit
+    try:
+        generation = ask(client).id
+        statuses = [
+            post(server, "/v1/feedback", {"generation_id": generation, "rating": "up"}, AUTH)[0] for _ in range(2)
+        ]
+        status, body, headers = post(server, "/v1/feedback", {"generation_id": generation, "rating": "up"}, AUTH)
+    finally:
+        app.state.feedback_limit = before
+    assert statuses == [201, 201] and status == 429 and 1 <= int(headers["Retry-After"]) <= 60
+    assert body["error"]["type"] == "rate_limit_exceeded" and "serve.feedback_per_minute=2" in body["error"]["message"]
+    assert len(loop.store.feedback_for(generation)) == 2
+
+
+def test_the_window_forgets_feedback_older_than_a_minute():
+    from tuneship.serve.ratelimit import PerClientLimit
+
+    limit = PerClientLimit(1)
+    assert limit.retry_after("shop", now=0.0) is None and limit.retry_after("shop", now=10.0) == 50
+    assert limit.retry_after("other", now=10.0) is None and limit.retry_after("shop", now=60.0) is None

@@ -84,12 +84,20 @@ def text_of(driver, element_id: str) -> str:
     return driver.find_element(By.ID, element_id).text
 
 
-def use_key(driver, key: str) -> None:
+def sign_in(driver, url: str, page: str, key: str = API_KEY) -> None:
+    """Open `page`; where it sends to the sign-in form, sign in with `key` and come back to it."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    driver.find_element(By.ID, "api-key").send_keys(key + Keys.ENTER)
-    wait_for(driver, lambda d: text_of(d, "key-state") == "key set for this tab", "the key was not taken")
+    driver.get(url + page)
+    if "/signin" in driver.current_url and page != "/signin":
+        driver.find_element(By.ID, "admin-key").send_keys(key + Keys.ENTER)
+        wait_for(driver, lambda d: d.current_url == url + page, f"signing in did not lead back to {page}")
+
+
+def session_cookie(driver) -> dict:
+    [cookie] = [c for c in driver.get_cookies() if c["name"].startswith("tuneship_session_")]
+    return cookie
 
 
 def test_ask_rate_down_correct_review_approve_and_the_waiting_count_rises(browser, loop_site, tmp_path):
@@ -98,12 +106,21 @@ def test_ask_rate_down_correct_review_approve_and_the_waiting_count_rises(browse
 
     url, loop, _ = loop_site
     browser.get(url + "/loop")
+    browser.delete_all_cookies()
+    browser.get(url + "/loop")  # a stranger gets the sign-in form and nothing of the store
+    assert browser.current_url == url + "/signin?next=/loop" and not browser.find_elements(By.ID, "waiting")
+    assert browser.find_element(By.ID, "admin-key").accessible_name == "Admin key"
+    browser.find_element(By.ID, "admin-key").send_keys("not-the-key" + Keys.ENTER)
+    wait_for(browser, lambda d: "not the admin key" in text_of(d, "signin-error"), "a wrong key was not refused")
+    sign_in(browser, url, "/loop")
+    cookie = session_cookie(browser)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert browser.execute_script("return document.cookie") == ""  # out of the pages' scripts' reach
     waiting_before = int(text_of(browser, "waiting"))
     assert text_of(browser, "threshold") == "5"
     screenshot(browser, tmp_path, "loop")
 
     browser.get(url + "/playground")
-    browser.execute_script("sessionStorage.clear()")
     assert browser.find_element(By.ID, "chat-input").accessible_name == "Your message"
     assert browser.find_element(By.ID, "chat-model").accessible_name == "Model"
     browser.find_element(By.ID, "chat-input").send_keys("Question number 1?")
@@ -115,11 +132,12 @@ def test_ask_rate_down_correct_review_approve_and_the_waiting_count_rises(browse
     assert loop.store.generation(generation_id).messages[-1]["content"] == "Question number 1?"
     down = answer.find_element(By.CSS_SELECTOR, ".rate-down")
     assert down.accessible_name == "Thumbs down"
-    down.click()  # no key yet: the page says so instead of failing
-    wait_for(browser, lambda d: "needs the API key" in text_of(d, "notice"), "no word about the missing key")
+    browser.delete_cookie(cookie["name"])
+    down.click()  # the session ended meanwhile: the page says so instead of failing
+    wait_for(browser, lambda d: "sign-in has ended" in text_of(d, "notice"), "no word about the ended sign-in")
     assert loop.store.feedback_for(generation_id) == []
 
-    use_key(browser, API_KEY)
+    browser.add_cookie(cookie)
     down.click()
     state = answer.find_element(By.CSS_SELECTOR, ".feedback-state")
     wait_for(browser, lambda d: state.text == "thanks: rated down", "thumbs down was not recorded")
@@ -174,8 +192,7 @@ def test_review_edits_and_bulk_rejects(browser, loop_site):
         loop.store.add_feedback(generation.id, "up", None, None)
         ids.append(generation.id)
     harvest(loop.store, loop.cfg)
-    browser.get(url + "/review")
-    use_key(browser, API_KEY)
+    sign_in(browser, url, "/review")
     first = browser.find_element(By.CSS_SELECTOR, f'.review-item[data-generation="{ids[0]}"]')
     first.find_element(By.CSS_SELECTOR, '[data-action="edit"]').click()
     edited = browser.switch_to.active_element
@@ -202,7 +219,7 @@ def test_loop_page_shows_the_running_cycles_stage_live_and_refuses_a_second_cycl
     from selenium.webdriver.common.by import By
 
     url, loop, _ = loop_site
-    browser.get(url + "/loop")
+    sign_in(browser, url, "/loop")
     assert text_of(browser, "cycle-stage") == "no cycle running"
     assert browser.find_element(By.ID, "cycle-progress").accessible_name == "Cycle progress"
     assert loop.store.acquire_lease("cycle", "web-test", 60, stage="train")
@@ -211,7 +228,6 @@ def test_loop_page_shows_the_running_cycles_stage_live_and_refuses_a_second_cycl
         assert browser.find_element(By.ID, "cycle-progress").get_attribute("value") == "3"
         loop.store.renew_lease("cycle", "web-test", 60, stage="gate")
         wait_for(browser, lambda d: text_of(d, "cycle-stage") == "gate", "the next stage did not show up live")
-        use_key(browser, API_KEY)
         browser.find_element(By.ID, "start-cycle").click()  # never two cycles at once: the API's 409, in words
         wait_for(browser, lambda d: "a cycle is already running (gate)" in text_of(d, "notice"), "no 409 shown")
     finally:
@@ -224,8 +240,7 @@ def test_versions_page_promotes_and_rolls_back_after_a_confirmation(browser, loo
     from selenium.webdriver.support import expected_conditions
 
     url, loop, decision = loop_site
-    browser.get(url + "/versions")
-    use_key(browser, API_KEY)
+    sign_in(browser, url, "/versions")
 
     def row_status(version_id):
         return browser.find_element(By.CSS_SELECTOR, f'#versions tr[data-version="{version_id}"] .status').text
@@ -273,8 +288,8 @@ def test_every_visible_control_on_every_page_has_an_accessible_name(browser, loo
 
     url, _, _ = loop_site
     unnamed = []
-    for page in ("/", "/playground", "/review", "/versions", "/loop"):
-        browser.get(url + page)
+    for page in ("/", "/playground", "/review", "/versions", "/loop", "/signin"):
+        sign_in(browser, url, page)
         controls = browser.find_elements(By.CSS_SELECTOR, "a, button, input, select, textarea, progress, img")
         assert len(controls) > 5, page
         unnamed += [

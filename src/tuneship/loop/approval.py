@@ -14,6 +14,7 @@ from tuneship.loop.registry import Loop
 from tuneship.loop.tables import Example
 
 GOLDEN_CONFLICT = "conflicts with golden"
+DONE = {"approve": "approved", "reject": "rejected"}  # the event kinds
 
 
 def review_examples(
@@ -22,14 +23,15 @@ def review_examples(
     """Accept or reject the pending examples among `ids`; returns how many changed."""
     store = loop.store
     pending = [e for e in examples_by_id(store, ids) if e.status == "pending_review"]
-    reason = reason or f"{action}d in review by {actor}"
+    done = DONE[action]
+    reason = reason or f"{done} in review by {actor}"
     status = "accepted" if action == "approve" else "rejected"
     count = store.set_example_status([e.id for e in pending], status, reason)
     if action == "approve":
         for example in pending:
             if example.kind == "sft" and (example.reason or "").startswith(GOLDEN_CONFLICT):
                 _update_contradicted_golden(loop, example, actor)
-    store.add_event(f"{action}d", actor, f"{count} examples {action}d: {reason}", {"ids": [e.id for e in pending]})
+    store.add_event(done, actor, f"{count} examples {done}: {reason}", {"ids": [e.id for e in pending]})
     return count
 
 

@@ -38,7 +38,13 @@ def golden_facts(store: Store) -> list[KnownFact]:
 def _fact(example: Example, origin: str) -> KnownFact:
     messages = example.conversation["messages"]
     prompt = prompt_key(example.conversation)
-    return KnownFact(prompt, messages[-2]["content"], messages[-1]["content"], origin, example.id)
+    return KnownFact(prompt, question_of(example), messages[-1]["content"], origin, example.id)
+
+
+def question_of(example: Example) -> str:
+    """The last user turn before the answer ("" for an answer without one)."""
+    asked = [m["content"] for m in example.conversation["messages"][:-1] if m["role"] == "user"]
+    return asked[-1] if asked else ""
 
 
 def _taught_origin(store: Store, example: Example) -> str:
@@ -58,8 +64,8 @@ def same_prompt(example: Example, facts: list[KnownFact], similarity: float) -> 
     """The known fact asking the example's prompt, or a near-duplicate of its question, if any."""
     prompt = prompt_key(example.conversation)
     fact = next((f for f in facts if f.prompt == prompt), None)
-    if fact is None:
-        question = shingles(example.conversation["messages"][-2]["content"])
+    if fact is None and question_of(example).strip():
+        question = shingles(question_of(example))
         fact = next((f for f in facts if jaccard(question, shingles(f.question)) >= similarity), None)
     return fact
 

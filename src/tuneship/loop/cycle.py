@@ -6,6 +6,10 @@ run through the pipeline or, on the fast path, a few-shot candidate (the champio
 the champion -> promote (Ollama `name:v<N>` + `name:latest`) -> smoke test on the live path -> automatic restore
 of the previous champion when it fails.
 
+The promotion re-checks, in its own transaction, that the challenger's parent is still the champion: when a
+manual promote or rollback moved the champion meanwhile, the cycle ends "stale" (the challenger is rejected, its
+examples wait for the next cycle, an event says why) instead of undoing that move.
+
 A fine-tuned challenger is an ordinary run: the base run's config with `run.name=<name>-v<N>`, the cycle's
 training file as its only data source, the golden set as its eval prompts, `model.adapter_from` = the champion's
 run (it trains on from the champion's adapter), and no deploy (the loop deploys on promotion). So everything true
@@ -36,12 +40,14 @@ from tuneship.loop.prune import prune_versions
 from tuneship.loop.promotion import fewshot_modelfile, promote_version, restore_previous, smoke_problems
 from tuneship.loop.registry import Loop, require_servable, version_chat_format, version_gguf
 from tuneship.loop.signals import harvest
+from tuneship.loop.store import StaleChampion
 from tuneship.loop.tables import Version, VersionKind
 from tuneship.pipeline import run_pipeline
 from tuneship.run import Run
 
 
-CycleStatus = Literal["promoted", "rejected", "failed", "rolled_back"]
+CycleStatus = Literal["promoted", "rejected", "failed", "rolled_back", "stale"]
+UNCONCLUDED = ("training", "candidate")  # a version a failure may mark failed: nothing concluded it yet
 
 
 class NothingToTrain(TuneshipError):
@@ -79,10 +85,13 @@ def run_cycle(
 
 
 def _record_failure(loop: Loop, actor: str, exc: Exception) -> None:
+    """The cycle's version is marked failed unless the cycle concluded it (promoted, rolled back, rejected) before
+    the failure: a failure after its promotion (the smoke test, the cleanup) leaves the champion the champion."""
     lease = loop.store.lease(CYCLE_LEASE)
     version_id = lease.version_id if lease else None
-    if version_id is not None:
-        loop.store.update_version(version_id, status="failed")
+    version = loop.store.version(version_id) if version_id is not None else None
+    if version is not None and version.status in UNCONCLUDED:
+        loop.store.update_version(version.id, status="failed")
     loop.store.add_event("cycle_failed", actor, f"{type(exc).__name__}: {exc}", {}, version_id)
 
 
@@ -260,16 +269,33 @@ def conclude(
             version.id,
         )
         return CycleResult(version.id, "rejected", decision.reasons)
-    if version.kind == "finetune":
-        store.mark_used(version.metrics["new_examples"] + version.metrics["replay_examples"], version.id)
+    used = version.metrics["new_examples"] + version.metrics["replay_examples"] if version.kind == "finetune" else []
     heartbeat.stage("promote", version.id)
-    promote_version(loop, version.id, actor, "won the gate: " + "; ".join(decision.reasons))
+    why = "won the gate: " + "; ".join(decision.reasons)
+    try:
+        promote_version(loop, version.id, actor, why, version.parent_id, used)
+    except StaleChampion as exc:
+        return _stale(loop, version, actor, str(exc))
     smoke = smoke_problems(loop, version.id, live_url)
     if smoke:
-        restored = restore_previous(loop, "smoke-test", f"smoke test of v{version.id} failed: " + "; ".join(smoke))
+        try:
+            why = f"smoke test of v{version.id} failed: " + "; ".join(smoke)
+            restored = restore_previous(loop, "smoke-test", why, champion=version.id)
+        except StaleChampion as exc:  # replaced by hand meanwhile: that move stands
+            store.add_event("cycle_finished", actor, f"v{version.id} failed its smoke test; {exc}", {}, version.id)
+            return CycleResult(version.id, "stale", smoke)
         store.add_event(
             "cycle_finished", actor, f"v{version.id} failed its smoke test; v{restored.id} restored", {}, version.id
         )
         return CycleResult(version.id, "rolled_back", smoke)
     store.add_event("cycle_finished", actor, f"v{version.id} promoted", {}, version.id)
     return CycleResult(version.id, "promoted", decision.reasons)
+
+
+def _stale(loop: Loop, version: Version, actor: str, why: str) -> CycleResult:
+    """The champion moved while the cycle ran (a manual promote or rollback): the challenger is not promoted over
+    it; rejected, its examples wait for the next cycle."""
+    loop.store.update_version(version.id, status="rejected", metrics={**version.metrics, "stale": why})
+    reason = f"stale: {why}; not promoted, its examples wait for the next cycle"
+    loop.store.add_event("cycle_finished", actor, reason, {"stale": True}, version.id)
+    return CycleResult(version.id, "stale", [reason])

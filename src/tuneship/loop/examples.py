@@ -32,9 +32,14 @@ def latest_per_prompt(examples: list[Example]) -> tuple[list[Example], list[Exam
     return [e for e in examples if e.id in current_ids], [e for e in examples if e.id not in current_ids]
 
 
-def waiting_examples(store: Store, objective: str = "sft") -> list[Example]:
-    """New accepted training examples no version has trained on yet."""
-    return [e for e in store.examples(status="accepted", split="train", unused=True) if e.kind == objective]
+def waiting_examples(store: Store, objective: ExampleKind = "sft") -> list[Example]:
+    """New accepted training examples no version has trained on yet (selected by the database)."""
+    return store.examples(status="accepted", split="train", unused=True, kind=objective)
+
+
+def waiting_count(store: Store, objective: ExampleKind = "sft") -> int:
+    """How many examples `waiting_examples` returns, counted by the database."""
+    return store.count_examples(status="accepted", split="train", unused=True, kind=objective)
 
 
 def current_waiting(store: Store, objective: str) -> list[Example]:
@@ -56,7 +61,11 @@ def examples_by_id(store: Store, ids: list[str]) -> list[Example]:
 
 def golden(store: Store) -> list[Example]:
     """The golden set: SFT examples (their DPO and KTO twins are held out with them, never expected answers)."""
-    return [e for e in store.examples(status="accepted", split="golden") if e.kind == "sft"]
+    return store.examples(status="accepted", split="golden", kind="sft")
+
+
+def golden_count(store: Store) -> int:
+    return store.count_examples(status="accepted", split="golden", kind="sft")
 
 
 def learned_facts(store: Store, new: set[str], kind: ExampleKind = "sft") -> list[Example]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tuneship.errors import TuneshipError
-from tuneship.loop.examples import examples_by_id, golden, prompt_key
+from tuneship.loop.examples import examples_by_id, golden, golden_count, prompt_key
 from tuneship.loop.signals import example_id
 from tuneship.loop.store import Store
 from tuneship.loop.tables import Example, ExampleStatus
@@ -86,7 +86,7 @@ def _source(example: Example) -> str:
 
 def golden_warning(store: Store, min_golden: int) -> str | None:
     """A warning when fewer than `loop.min_golden` golden facts exist (the gate then checks too little)."""
-    count = len(golden(store))
+    count = golden_count(store)
     if count >= min_golden:
         return None
     return (

@@ -1,10 +1,13 @@
 """The cycle lease: one cycle at a time across processes and machines, renewed by a heartbeat.
 
-A worker killed with -9 stops renewing, so the lease expires and the next cycle takes over.
+A worker killed with -9 stops renewing, so the lease expires and the next cycle takes over. A renewal that fails
+(the database locked or unreachable for a moment) is logged and tried again at the next beat: the heartbeat
+outlives it, and the lease holds as long as one renewal in three succeeds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -17,6 +20,7 @@ from tuneship.errors import TuneshipError
 from tuneship.loop.store import Store
 
 CYCLE_LEASE = "cycle"
+log = logging.getLogger("tuneship.loop")
 
 
 class CycleBusy(TuneshipError):
@@ -34,11 +38,19 @@ class Heartbeat(threading.Thread):
 
     def stage(self, stage: str, version_id: int | None = None) -> None:
         self.fields = {"stage": stage, **({"version_id": version_id} if version_id else {})}
-        self.store.renew_lease(CYCLE_LEASE, self.holder, self.seconds, **self.fields)
+        self.beat()
 
     def run(self) -> None:
         while not self.stopped.wait(self.seconds / 3):
-            self.store.renew_lease(CYCLE_LEASE, self.holder, self.seconds, **self.fields)
+            self.beat()
+
+    def beat(self) -> bool:
+        """Renew the lease (with the stage); a failure is logged, and the next beat tries again."""
+        try:
+            return self.store.renew_lease(CYCLE_LEASE, self.holder, self.seconds, **self.fields)
+        except Exception as exc:  # a database error must not end the heartbeat (the lease would expire mid-cycle)
+            log.warning("cycle lease: renewal failed, trying again in %.0f s: %s", self.seconds / 3, exc)
+            return False
 
 
 def new_holder() -> str:

@@ -1,11 +1,17 @@
 """Moving the champion alias: promote, rollback, publishing a version to Ollama (`name:v<N>` and `name:latest`),
 and the smoke test of a promotion on the live path.
+
+Atomic: a promotion or a rollback is one transaction of the store (`Store.promote`, `Store.restore_previous`),
+ordered after any other, so there is never a moment without a champion and never two (a partial unique index
+says so too); a cycle's promotion re-checks there that its parent is still the champion (else StaleChampion: a
+manual promote or rollback made meanwhile is not undone). A rollback restores only a version that can serve.
 """
 
 from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 
 from tuneship.config import Config
@@ -17,53 +23,42 @@ from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
 from tuneship.loop.examples import examples_by_id, golden, prompts_from
-from tuneship.loop.registry import Loop, RegistryError, version_chat_format
+from tuneship.loop.registry import Loop, RegistryError, require_servable, version_chat_format
 from tuneship.loop.shots import prompts_with_shots
-from tuneship.loop.tables import Version, utcnow
+from tuneship.loop.tables import Version
 from tuneship.models import trained_chat_format
 from tuneship.run import Run
 
 
-def promote(loop: Loop, version_id: int, actor: str, reason: str) -> Version:
-    """Move the champion alias to `version_id`; the previous champion is retired (and can be restored)."""
-    version = loop.store.version(version_id)
-    if version is None:
-        raise RegistryError(f"no version {version_id}; see `tuneship loop versions`")
+def promote(
+    loop: Loop, version_id: int, actor: str, reason: str, parent: int | None = None, used: Collection[str] = ()
+) -> Version:
+    """Move the champion alias to `version_id` in one transaction; the previous champion is retired (and can be
+    restored). With `parent` (a cycle's), StaleChampion when the champion is no longer that version; `used`: the
+    examples the version trained on, marked used in the same transaction."""
+    return loop.store.promote(version_id, actor, reason, check=promotable, parent=parent, used=used)
+
+
+def promotable(version: Version) -> None:
+    """A version that can be made the champion: trained, with its GGUF in place (RegistryError if not)."""
     if version.status in ("training", "failed"):
-        raise RegistryError(f"v{version_id} is {version.status}: only a trained version can be promoted")
+        raise RegistryError(f"v{version.id} is {version.status}: only a trained version can be promoted")
     if not version.gguf or not Path(version.gguf).is_file():
-        raise RegistryError(f"v{version_id} has no GGUF ({version.gguf}); it cannot serve")
-    previous = loop.store.champion()
-    if previous is not None and previous.id == version_id:
-        return version
-    if previous is not None:
-        loop.store.update_version(previous.id, status="retired")
-    promoted = loop.store.update_version(version_id, status="champion", promoted_at=utcnow())
-    loop.store.add_event(
-        "promoted",
-        actor,
-        reason,
-        {"from": previous.id if previous else None, "to": version_id},
-        version_id=version_id,
-    )
-    return promoted
+        raise RegistryError(f"v{version.id} has no GGUF file; it cannot serve (see `tuneship loop versions`)")
 
 
 def previous_champion(loop: Loop) -> Version | None:
     """The version that was champion before the current one (the latest promoted of the retired)."""
-    retired = [v for v in loop.store.versions() if v.status == "retired" and v.promoted_at is not None]
-    return max(retired, key=lambda v: v.promoted_at, default=None)
+    return loop.store.previous_champion()
 
 
-def rollback(loop: Loop, actor: str, reason: str) -> Version:
-    """Restore the previous champion; the current one is marked rejected so it is not restored again."""
-    current = loop.store.champion()
-    previous = previous_champion(loop)
-    if current is None or previous is None:
+def rollback(loop: Loop, actor: str, reason: str, champion: int | None = None) -> Version:
+    """Restore the previous champion in one transaction, when it can serve (its GGUF and adapter in place); the
+    current one is marked rejected so it is not restored again. With `champion`, only when that version is still
+    the champion (else StaleChampion)."""
+    restored = loop.store.restore_previous(actor, reason, check=require_servable, champion=champion)
+    if restored is None:
         raise RegistryError("nothing to roll back to: no earlier champion in the registry")
-    loop.store.update_version(current.id, status="rejected")
-    restored = loop.store.update_version(previous.id, status="champion", promoted_at=utcnow())
-    loop.store.add_event("rolled_back", actor, reason, {"from": current.id, "to": previous.id}, version_id=previous.id)
     return restored
 
 
@@ -72,29 +67,38 @@ def ollama_names(loop: Loop, version_id: int) -> tuple[str, str]:
     return f"{name}:v{version_id}", f"{name}:latest"
 
 
-def promote_version(loop: Loop, version_id: int, actor: str, reason: str) -> Version:
-    """Move the champion alias; with the Ollama backend also create `name:v<N>` and point `name:latest` at it."""
-    if loop.cfg.serve.backend == "ollama":
-        _publish(loop, version_id, both=True)
-    return promote(loop, version_id, actor, reason)
+def promote_version(
+    loop: Loop, version_id: int, actor: str, reason: str, parent: int | None = None, used: Collection[str] = ()
+) -> Version:
+    """Move the champion alias (see `promote`); with the Ollama backend also create `name:v<N>` first and point
+    `name:latest` at it once the registry moved."""
+    is_ollama = loop.cfg.serve.backend == "ollama"
+    if is_ollama:
+        _publish(loop, version_id, both=False, latest=False)
+    promoted = promote(loop, version_id, actor, reason, parent, used)
+    if is_ollama:
+        _publish(loop, version_id, both=False)
+    return promoted
 
 
-def restore_previous(loop: Loop, actor: str, reason: str) -> Version:
-    """Roll back to the previous champion (and `name:latest` with it in Ollama)."""
-    restored = rollback(loop, actor, reason)
+def restore_previous(loop: Loop, actor: str, reason: str, champion: int | None = None) -> Version:
+    """Roll back to the previous champion (and `name:latest` with it in Ollama); see `rollback`."""
+    restored = rollback(loop, actor, reason, champion)
     if loop.cfg.serve.backend == "ollama":
         _publish(loop, restored.id, both=False)
     return restored
 
 
-def _publish(loop: Loop, version_id: int, both: bool) -> None:
+def _publish(loop: Loop, version_id: int, both: bool, latest: bool = True) -> None:
+    """Create the version in Ollama as `name:v<N>` and `name:latest` (both), else as one of them (latest)."""
     version = loop.store.version(version_id)
     if version is None:
         raise RegistryError(f"no version {version_id}; see `tuneship loop versions`")
-    tagged, latest = ollama_names(loop, version_id)
+    tagged, latest_name = ollama_names(loop, version_id)
+    names = [tagged, latest_name] if both else [latest_name if latest else tagged]
     version_cfg = publish_config(loop, version)
-    lines = publish_to_ollama(version_cfg, Path(version.run_dir), [tagged, latest] if both else [latest])
-    loop.store.add_event("published", "tuneship", "; ".join(lines), {"names": [tagged, latest]}, version_id)
+    lines = publish_to_ollama(version_cfg, Path(version.run_dir), names)
+    loop.store.add_event("published", "tuneship", "; ".join(lines), {"names": names}, version_id)
 
 
 def smoke_problems(loop: Loop, version_id: int, live_url: str | None) -> list[str]:
@@ -107,7 +111,7 @@ def smoke_problems(loop: Loop, version_id: int, live_url: str | None) -> list[st
     for prompt in prompts_from(examples[: loop.cfg.loop.smoke_prompts]):
         messages = prompt.conversation.prompt_messages()
         try:
-            answer = _ask_live(live_url, loop, messages) if live_url else _ask_directly(loop, version, prompt)
+            answer = _ask_live(live_url, loop, version, messages) if live_url else _ask_directly(loop, version, prompt)
         except (TuneshipError, OSError, KeyError) as exc:
             problems.append(f"{prompt.question!r}: {exc}")
             continue
@@ -118,11 +122,14 @@ def smoke_problems(loop: Loop, version_id: int, live_url: str | None) -> list[st
     return problems
 
 
-def _ask_live(live_url: str, loop: Loop, messages: list[dict]) -> dict:
-    body = json.dumps({"model": loop.name, "messages": messages, "max_tokens": loop.cfg.eval.max_new_tokens})
-    request = urllib.request.Request(
-        live_url.rstrip("/") + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
-    )
+def _ask_live(live_url: str, loop: Loop, version: Version, messages: list[dict]) -> dict:
+    """Asks the running server for the promoted version by its own name (`<name>-v<N>`): the loop's name may be
+    routed elsewhere (serve.routes)."""
+    body = json.dumps({"model": version.name, "messages": messages, "max_tokens": loop.cfg.eval.max_new_tokens})
+    headers = {"Content-Type": "application/json"}
+    if loop.cfg.serve.admin_key():  # the server asks for a key when one is set (from the environment, not argv)
+        headers["Authorization"] = f"Bearer {loop.cfg.serve.admin_key()}"
+    request = urllib.request.Request(live_url.rstrip("/") + "/v1/chat/completions", body.encode(), headers)
     with urllib.request.urlopen(request, timeout=loop.cfg.serve.timeout) as response:
         reply = json.loads(response.read())
     choice = reply["choices"][0]

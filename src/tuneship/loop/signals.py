@@ -27,6 +27,7 @@ from tuneship.config import Config
 from tuneship.data.audit import Measure
 from tuneship.loop.conflicts import hold_conflicts
 from tuneship.loop.store import Store
+from tuneship.loop.trust import hold_distrusted
 from tuneship.loop.tables import Example, ExampleKind, Feedback, Generation
 
 Signal = Literal["correction", "positive", "negative", "neutral"]
@@ -96,7 +97,12 @@ def conflict_reason(feedback: list[Feedback]) -> str | None:
 def examples_for(generation: Generation, feedback: list[Feedback]) -> list[Example]:
     """The examples one generation's (non-conflicting) feedback makes."""
     prompt = list(generation.messages)
-    provenance = {"generation": generation.id, "feedback": [f.id for f in feedback], "version": generation.version_id}
+    provenance = {
+        "generation": generation.id,
+        "feedback": [f.id for f in feedback],
+        "version": generation.version_id,
+        "client": (feedback[-1].client if feedback else None) or "anonymous",
+    }
     signals = {signal_of(f) for f in feedback}
     correction = next((f.correction for f in feedback if f.correction is not None), None)
     if correction is not None:
@@ -148,16 +154,19 @@ def example_id(kind: ExampleKind, conversation: dict, rejected: str | None = Non
 
 
 def harvest(store: Store, cfg: Config, measure: Measure | None = None) -> Harvest:
-    """Turn every unprocessed feedback row into examples (or a counted drop), audit them, store them."""
+    """Turn every unprocessed feedback row into examples (or a counted drop), audit them, store them: the
+    examples and the feedback marked processed in one transaction (a failure before it leaves the feedback
+    unprocessed, for the next harvest; a harvest racing this one stores the same examples once)."""
     by_generation: dict[str, list[Feedback]] = defaultdict(list)
     for row in store.unprocessed_feedback():
         by_generation[row.generation_id].append(row)
     result = Harvest()
     new: list[Example] = []
+    outcomes: dict[str, list[str]] = defaultdict(list)
     for generation_id, rows in by_generation.items():
         result.feedback += len(rows)
         outcome = _harvest_generation(store, generation_id, rows, new)
-        store.set_feedback_outcome([r.id for r in rows], outcome)
+        outcomes[outcome] += [r.id for r in rows]
         if outcome.startswith("dropped"):
             result.dropped[outcome.removeprefix("dropped: ")] += len(rows)
     if cfg.loop.review == "required":
@@ -165,9 +174,11 @@ def harvest(store: Store, cfg: Config, measure: Measure | None = None) -> Harves
             example.status = "pending_review"
     elif cfg.loop.review == "conflicts":
         result.held_for_review = hold_conflicts(store, new, cfg.data.near_duplicate_similarity)
+    if cfg.loop.review != "required":
+        result.held_for_review += hold_distrusted(store, new, cfg.loop.distrust_after)
     rejected = audit_new_examples(store, cfg, new, measure)
     result.rejected_by_audit = len(rejected)
-    store.add_examples(new)
+    store.store_harvest(dict(outcomes), new)
     for example in new:
         if example.id not in rejected:
             result.examples[example.kind] += 1

@@ -3,7 +3,7 @@ disk each version's own files take."""
 
 from __future__ import annotations
 
-from tuneship.loop.examples import waiting_examples
+from tuneship.loop.examples import waiting_count
 from tuneship.loop.golden import golden_warning
 from tuneship.loop.lease import CYCLE_LEASE
 from tuneship.loop.prune import disk_use
@@ -25,8 +25,8 @@ def status_report(loop: Loop) -> dict:
         "champion": None
         if champion is None
         else {"id": champion.id, "name": champion.name, "gguf": champion.gguf, "run_dir": champion.run_dir},
-        "examples_waiting": len(waiting_examples(store, cfg.objective)),
-        "examples_pending_review": len(store.examples(status="pending_review")),
+        "examples_waiting": waiting_count(store, cfg.objective),
+        "examples_pending_review": store.count_examples(status="pending_review"),
         "threshold": cfg.min_examples,
         "window": cfg.window,
         "cycle_running": None

@@ -5,20 +5,32 @@ opened, so an older database is upgraded in place. SQLite (the default, `<run.di
 mode with a busy timeout, so the server's threads and a cycle process can share it; any other SQLAlchemy URL
 (PostgreSQL) works the same. Rows come back detached (safe to read after the session closed).
 
+What must not be half done is one transaction: moving the champion (`promote`, `restore_previous`: ordered after
+every other such move by the registry lock, and at most one champion by the partial unique index), a harvest
+(`store_harvest`: its examples and its feedback marked processed). Inserts of examples are idempotent
+(`INSERT ... ON CONFLICT DO NOTHING`), so racing writers store each example once. `use_timeout(seconds)`
+bounds every wait for a lock or a connection (serve.db_timeout while serving).
+
 Public API (stable; the web pages read it):
   open_store(url) -> Store;  default_database_url(cfg) -> str
   Store.add_generation(...) / generation(id) / recent_generations(limit) / delete_generations_before(cutoff)
-  Store.add_feedback(...) -> (Feedback, is_new) / feedback_for(generation_id) / feedback_count()
-  Store.add_examples(list) -> added count / examples(status=, split=, unused=) / set_example_status(ids, status)
-  Store.versions() / version(id) / champion() / add_version(...) / update_version(id, **fields)
+  Store.add_feedback(..., client=) -> (Feedback, is_new) / feedback_for(generation_id) / feedback_count()
+  Store.add_examples(list) -> added count / examples(status=, split=, kind=, unused=) / count_examples(...)
+  Store.set_example_status(ids, status) / store_harvest(outcomes, examples)
+  Store.versions() / version(id) / champion() / previous_champion() / add_version(...) / update_version(id, **f)
+  Store.promote(version_id, actor, reason, ...) / restore_previous(actor, reason, check)
   Store.add_event(...) / events(limit)
   Store.acquire_lease(name, holder, seconds, stage) / renew_lease / release_lease / lease(name)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +40,7 @@ from tuneship.loop.tables import (
     Base,
     Event,
     Example,
+    ExampleKind,
     ExampleStatus,
     Feedback,
     Generation,
@@ -38,13 +51,15 @@ from tuneship.loop.tables import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import URL, Engine
     from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.orm import Session
 
     from tuneship.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_S = 30.0
+REGISTRY_LOCK = 7_301_911  # PostgreSQL advisory lock key: champion moves one at a time
 
 
 class StoreError(TuneshipError):
@@ -53,6 +68,18 @@ class StoreError(TuneshipError):
 
 class UnknownGeneration(TuneshipError):
     """Feedback names a generation id the store does not have."""
+
+
+class UnknownVersion(TuneshipError):
+    """A version id the registry does not have."""
+
+
+class StaleChampion(TuneshipError):
+    """The champion is no longer the version a change was decided against (a cycle's parent)."""
+
+
+class IdempotencyConflict(TuneshipError):
+    """An Idempotency-Key this client already used with another request."""
 
 
 def default_database_url(cfg: Config) -> str:
@@ -68,18 +95,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def open_store(url: str) -> Store:
-    from sqlalchemy import create_engine, event
+def open_store(url: str, timeout: float | None = None) -> Store:
+    """The store at `url`, migrated. `timeout`: the most seconds any wait for a lock, a connection or (PostgreSQL)
+    a statement takes; None: SQLite waits SQLITE_BUSY_TIMEOUT_S for a lock, PostgreSQL as long as it takes."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    is_sqlite = url.startswith("sqlite")
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}} if is_sqlite else {}
     try:
-        engine = create_engine(url, pool_pre_ping=not is_sqlite, **kwargs)
+        engine = make_engine(url, timeout)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"loop.database_url={url!r}: {exc}") from None
-    if is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
     try:
         _upgrade(engine)
     except SQLAlchemyError as exc:
@@ -87,12 +111,55 @@ def open_store(url: str) -> Store:
     return Store(engine)
 
 
-def _sqlite_pragmas(connection: DBAPIConnection, _record: object) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+def make_engine(url: str | URL, timeout: float | None = None) -> Engine:
+    """An engine whose waits are bounded by `timeout` seconds (see open_store)."""
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.engine import make_url
+
+    backend = make_url(url).get_backend_name()
+    kwargs: dict[str, Any] = {} if timeout is None else {"pool_timeout": timeout}
+    if backend == "sqlite":
+        busy = SQLITE_BUSY_TIMEOUT_S if timeout is None else timeout
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy}, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas(busy))
+        return engine
+    if backend == "postgresql" and timeout is not None:
+        ms = max(1, round(timeout * 1000))
+        kwargs["connect_args"] = {
+            "connect_timeout": max(1, math.ceil(timeout)),
+            "options": f"-c statement_timeout={ms} -c lock_timeout={ms}",
+        }
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_pragmas(busy_seconds: float) -> Callable[[DBAPIConnection, object], None]:
+    def on_connect(connection: DBAPIConnection, _record: object) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={round(busy_seconds * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return on_connect
+
+
+def request_hash(generation_id: str, rating: str | None, correction: str | None, comment: str | None) -> str:
+    """What an Idempotency-Key is bound to: the feedback request's content."""
+    canonical = json.dumps([generation_id, rating, correction, comment], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def example_row(example: Example) -> dict[str, Any]:
+    """An Example as the values of an INSERT (the column defaults filled in)."""
+    row = {column.key: getattr(example, column.key) for column in Example.__table__.columns}
+    row["created_at"] = row["created_at"] or utcnow()
+    row["split"] = row["split"] or "train"
+    row["used_in"] = list(row["used_in"] or [])
+    return row
+
+
+def _no_check(_version: Version) -> None:
+    return None
 
 
 def _upgrade(engine: Engine) -> None:
@@ -119,6 +186,31 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def use_timeout(self, seconds: float) -> None:
+        """From now on every wait for a lock, a connection or a statement takes at most `seconds` (a new engine
+        over the same, already migrated, database; this object changes in place, so every holder sees it)."""
+        from sqlalchemy.orm import sessionmaker
+
+        old = self.engine
+        self.engine = make_engine(old.url, seconds)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        old.dispose()
+
+    @contextmanager
+    def _registry_transaction(self) -> Iterator[Session]:
+        """A transaction that moves the champion, after any other such move has committed: SQLite's write lock is
+        taken first (BEGIN IMMEDIATE, so what it reads is what it changes), PostgreSQL takes a transaction-scoped
+        advisory lock. Readers (the chats looking up the champion) are never blocked and never see no champion."""
+        from sqlalchemy import text
+
+        with self.session.begin() as session:
+            dialect = self.engine.dialect.name
+            if dialect == "sqlite":
+                session.execute(text("BEGIN IMMEDIATE"))
+            elif dialect == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK})
+            yield session
 
     # generations ---------------------------------------------------------------------------
 
@@ -162,14 +254,18 @@ class Store:
         comment: str | None,
         idempotency_key: str | None = None,
         source: str = "api",
+        client: str = "anonymous",
     ) -> tuple[Feedback, bool]:
-        """(row, is_new): a retry with the same Idempotency-Key returns the first row and is not counted again."""
+        """(row, is_new). An Idempotency-Key is the client's own (two clients may use the same) and bound to the
+        request: a retry with the same key and content returns the first row and is not counted again; the same
+        key with other content is an IdempotencyConflict."""
         from sqlalchemy.exc import IntegrityError
 
+        digest = request_hash(generation_id, rating, correction, comment)
         if idempotency_key:
-            existing = self._feedback_by_key(idempotency_key)
+            existing = self._feedback_by_key(client, idempotency_key)
             if existing is not None:
-                return existing, False
+                return _replayed(existing, digest, idempotency_key), False
         row = Feedback(
             id=new_id("fb"),
             generation_id=generation_id,
@@ -177,6 +273,8 @@ class Store:
             correction=correction,
             comment=comment,
             idempotency_key=idempotency_key,
+            request_hash=digest,
+            client=client,
             source=source,
         )
         try:
@@ -185,17 +283,18 @@ class Store:
                     raise UnknownGeneration(f"generation_id: no generation {generation_id!r} in the store")
                 session.add(row)
         except IntegrityError:
-            existing = self._feedback_by_key(idempotency_key) if idempotency_key else None
+            existing = self._feedback_by_key(client, idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
-            return existing, False
+            return _replayed(existing, digest, idempotency_key), False
         return row, True
 
-    def _feedback_by_key(self, key: str) -> Feedback | None:
+    def _feedback_by_key(self, client: str, key: str) -> Feedback | None:
         from sqlalchemy import select
 
+        query = select(Feedback).where(Feedback.client == client, Feedback.idempotency_key == key)
         with self.session() as session:
-            return session.scalars(select(Feedback).where(Feedback.idempotency_key == key)).first()
+            return session.scalars(query).first()
 
     def feedback_for(self, generation_id: str) -> list[Feedback]:
         from sqlalchemy import select
@@ -216,37 +315,52 @@ class Store:
         return self._count(Feedback)
 
     def set_feedback_outcome(self, feedback_ids: list[str], outcome: str) -> None:
-        from sqlalchemy import update
-
         with self.session.begin() as session:
-            session.execute(update(Feedback).where(Feedback.id.in_(feedback_ids)).values(outcome=outcome))
+            _mark_processed(session, {outcome: feedback_ids})
+
+    def store_harvest(self, outcomes: dict[str, list[str]], examples: list[Example]) -> int:
+        """One transaction: the examples a harvest made (idempotent) and its feedback rows marked processed
+        (outcome -> feedback ids; a row another harvest processed meanwhile keeps its outcome). Either both are
+        stored or neither, so no feedback is marked processed without its examples. Returns examples added."""
+        with self.session.begin() as session:
+            added = _insert_examples(session, _first_of_each(examples))
+            _mark_processed(session, outcomes)
+        return added
 
     # examples ------------------------------------------------------------------------------
 
     def add_examples(self, examples: list[Example]) -> int:
         """Insert the examples whose id is new; returns how many were added (same id = same content, so of two in
-        one batch, e.g. the same wrong answer corrected twice, the first is kept)."""
-        unique = list({e.id: e for e in reversed(examples)}.values())[::-1]
+        one batch, e.g. the same wrong answer corrected twice, the first is kept). Idempotent: one INSERT ... ON
+        CONFLICT DO NOTHING, so writers racing with the same example store it once."""
         with self.session.begin() as session:
-            fresh = [e for e in unique if session.get(Example, e.id) is None]
-            session.add_all(fresh)
-        return len(fresh)
+            return _insert_examples(session, _first_of_each(examples))
 
     def examples(
-        self, status: ExampleStatus | None = None, split: Split | None = None, unused: bool | None = None
+        self,
+        status: ExampleStatus | None = None,
+        split: Split | None = None,
+        unused: bool | None = None,
+        kind: ExampleKind | None = None,
     ) -> list[Example]:
         from sqlalchemy import select
 
-        query = select(Example).order_by(Example.created_at, Example.id)
-        if status:
-            query = query.where(Example.status == status)
-        if split:
-            query = query.where(Example.split == split)
+        query = _filtered(select(Example), status, split, unused, kind).order_by(Example.created_at, Example.id)
         with self.session() as session:
-            rows = list(session.scalars(query))
-        if unused is None:
-            return rows
-        return [e for e in rows if bool(e.used_in) != unused]
+            return list(session.scalars(query))
+
+    def count_examples(
+        self,
+        status: ExampleStatus | None = None,
+        split: Split | None = None,
+        unused: bool | None = None,
+        kind: ExampleKind | None = None,
+    ) -> int:
+        """How many examples `examples(...)` would return, counted by the database."""
+        from sqlalchemy import func, select
+
+        with self.session() as session:
+            return session.scalar(_filtered(select(func.count(Example.id)), status, split, unused, kind)) or 0
 
     def set_example_status(self, example_ids: list[str], status: ExampleStatus, reason: str | None = None) -> int:
         from sqlalchemy import update
@@ -258,12 +372,8 @@ class Store:
         return result.rowcount
 
     def mark_used(self, example_ids: list[str], version_id: int) -> None:
-        from sqlalchemy import select
-
         with self.session.begin() as session:
-            for example in session.scalars(select(Example).where(Example.id.in_(example_ids))):
-                if version_id not in example.used_in:
-                    example.used_in = [*example.used_in, version_id]
+            _mark_used(session, example_ids, version_id)
 
     # versions ------------------------------------------------------------------------------
 
@@ -278,10 +388,63 @@ class Store:
             return session.get(Version, version_id)
 
     def champion(self) -> Version | None:
-        from sqlalchemy import select
-
         with self.session() as session:
-            return session.scalars(select(Version).where(Version.status == "champion")).first()
+            return _champion(session)
+
+    def previous_champion(self) -> Version | None:
+        """The version a rollback restores: the latest promoted of the retired."""
+        with self.session() as session:
+            return _previous_champion(session)
+
+    def promote(
+        self,
+        version_id: int,
+        actor: str,
+        reason: str,
+        check: Callable[[Version], None] = _no_check,
+        parent: int | None = None,
+        used: Collection[str] = (),
+    ) -> Version:
+        """Make `version_id` the champion in one transaction, ordered after any other move of the champion:
+        `check(version)` may refuse (raises); with `parent`, a champion other than `parent` is a StaleChampion
+        (the version was decided against a champion that was since replaced); the champion is retired, the
+        examples `used` are marked used by the version, and a "promoted" event is written."""
+        with self._registry_transaction() as session:
+            version = session.get(Version, version_id)
+            if version is None:
+                raise UnknownVersion(f"no version {version_id}; see `tuneship loop versions`")
+            check(version)
+            current = _champion(session)
+            if parent is not None and (current is None or current.id != parent):
+                now = f"v{current.id}" if current else "none"
+                raise StaleChampion(f"v{version_id} was made from v{parent}, which is no longer the champion ({now})")
+            if current is not None and current.id == version_id:
+                return version
+            _move_champion(session, current, "retired", version)
+            _mark_used(session, used, version_id)
+            data = {"from": current.id if current else None, "to": version_id}
+            session.add(Event(kind="promoted", actor=actor, reason=reason, data=data, version_id=version_id))
+        return version
+
+    def restore_previous(
+        self, actor: str, reason: str, check: Callable[[Version], None] = _no_check, champion: int | None = None
+    ) -> Version | None:
+        """Roll back in one transaction, ordered after any other move of the champion: the previous champion
+        (`check` may refuse it: raises) becomes the champion again and the current one "rejected" (never restored
+        again); a "rolled_back" event is written. With `champion`, a StaleChampion when the champion is another
+        version now. None: there is no champion or no previous one."""
+        with self._registry_transaction() as session:
+            current, previous = _champion(session), _previous_champion(session)
+            if champion is not None and (current is None or current.id != champion):
+                now = f"v{current.id}" if current else "none"
+                raise StaleChampion(f"v{champion} is no longer the champion ({now}); nothing rolled back")
+            if current is None or previous is None:
+                return None
+            check(previous)
+            _move_champion(session, current, "rejected", previous)
+            data = {"from": current.id, "to": previous.id}
+            session.add(Event(kind="rolled_back", actor=actor, reason=reason, data=data, version_id=previous.id))
+        return previous
 
     def add_version(self, **fields: Any) -> Version:
         row = Version(**fields)
@@ -376,3 +539,96 @@ class Store:
 
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+# helpers of one session --------------------------------------------------------------------
+
+
+def _replayed(existing: Feedback, digest: str, key: str) -> Feedback:
+    """The first row of a retry; another request under the same key is refused (a row stored before keys were
+    bound to requests has no hash: replayed as before)."""
+    if existing.request_hash is not None and existing.request_hash != digest:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {key!r}: already used for another request (generation_id "
+            f"{existing.generation_id!r}); send each new feedback with a new key"
+        )
+    return existing
+
+
+def _first_of_each(examples: list[Example]) -> list[Example]:
+    """The examples with distinct ids, the first of each id, in order."""
+    return list({e.id: e for e in reversed(examples)}.values())[::-1]
+
+
+def _insert_examples(session: Session, examples: list[Example]) -> int:
+    """INSERT ... ON CONFLICT (id) DO NOTHING (SQLite, PostgreSQL): how many rows were new."""
+    if not examples:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # another database: check, then insert (not safe against a racing writer)
+        fresh = [e for e in examples if session.get(Example, e.id) is None]
+        session.add_all(fresh)
+        return len(fresh)
+    statement = insert(Example.__table__).on_conflict_do_nothing(index_elements=["id"]).returning(Example.id)
+    return len(session.execute(statement, [example_row(e) for e in examples]).all())
+
+
+def _mark_processed(session: Session, outcomes: dict[str, list[str]]) -> None:
+    from sqlalchemy import update
+
+    for outcome, feedback_ids in outcomes.items():
+        if feedback_ids:
+            unprocessed = Feedback.id.in_(feedback_ids), Feedback.outcome.is_(None)
+            session.execute(update(Feedback).where(*unprocessed).values(outcome=outcome))
+
+
+def _mark_used(session: Session, example_ids: Collection[str], version_id: int) -> None:
+    from sqlalchemy import select
+
+    if not example_ids:
+        return
+    for example in session.scalars(select(Example).where(Example.id.in_(list(example_ids)))):
+        if version_id not in example.used_in:
+            example.used_in = [*example.used_in, version_id]
+
+
+def _filtered(query: Any, status: str | None, split: str | None, unused: bool | None, kind: str | None) -> Any:
+    from sqlalchemy import func
+
+    if status:
+        query = query.where(Example.status == status)
+    if split:
+        query = query.where(Example.split == split)
+    if kind:
+        query = query.where(Example.kind == kind)
+    if unused is not None:
+        trained = func.json_array_length(Example.used_in)
+        query = query.where(trained == 0 if unused else trained > 0)
+    return query
+
+
+def _champion(session: Session) -> Version | None:
+    from sqlalchemy import select
+
+    query = select(Version).where(Version.status == "champion")
+    return session.scalars(query.order_by(Version.promoted_at.desc().nulls_last(), Version.id.desc())).first()
+
+
+def _previous_champion(session: Session) -> Version | None:
+    from sqlalchemy import select
+
+    query = select(Version).where(Version.status == "retired", Version.promoted_at.is_not(None))
+    return session.scalars(query.order_by(Version.promoted_at.desc(), Version.id.desc())).first()
+
+
+def _move_champion(session: Session, current: Version | None, leaves_as: str, new: Version) -> None:
+    """`current` leaves (flushed first: the unique index allows one champion at any moment), `new` is champion."""
+    if current is not None:
+        current.status = leaves_as
+        session.flush()
+    new.status = "champion"
+    new.promoted_at = utcnow()

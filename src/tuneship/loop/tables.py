@@ -2,10 +2,12 @@
 `migrations/versions/`; these classes must match them (a test compares them).
 
 - generations: every answer served (version, messages, answer, finish reason, latency, tokens).
-- feedback: a rating / correction of one generation, with its Idempotency-Key and what became of it.
+- feedback: a rating / correction of one generation, with the client that sent it, its Idempotency-Key (unique per
+  client) and the hash of the request it was sent with, and what became of it.
 - examples: training data made from feedback (and the base run's data): a stable id, the Conversation, kind
   (sft / kto / dpo), provenance, split (train / golden), status, and the versions that trained on it.
-- versions: the registry: run dir, parent, GGUF, metrics, status candidate/champion/retired/rejected/failed, and
+- versions: the registry: run dir, parent, GGUF, metrics, status candidate/champion/retired/rejected/failed (at
+  most one champion: a partial unique index, `ONE_CHAMPION`), and
   kind: "finetune" (a run of its own) or "fewshot" (its parent's run and GGUF, plus `shots`: example turns
   prepended to every conversation it answers; see fewshot.py).
 - events: every cycle, gate decision, promotion and rollback, with who and why.
@@ -17,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 VersionStatus = Literal["training", "candidate", "champion", "retired", "rejected", "failed"]
@@ -25,6 +27,10 @@ ExampleStatus = Literal["pending_review", "accepted", "rejected", "superseded"]
 ExampleKind = Literal["sft", "kto", "dpo"]
 Split = Literal["train", "golden"]
 VersionKind = Literal["finetune", "fewshot"]
+
+ONE_CHAMPION = "ux_versions_one_champion"  # the partial unique index: at most one row with status "champion"
+CHAMPION_ONLY = "status = 'champion'"
+FEEDBACK_KEY = "uq_feedback_client_idempotency_key"  # an Idempotency-Key is unique per client
 
 
 def utcnow() -> datetime:
@@ -54,6 +60,7 @@ class Generation(Base):
 
 class Feedback(Base):
     __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("client", "idempotency_key", name=FEEDBACK_KEY),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -61,7 +68,9 @@ class Feedback(Base):
     rating: Mapped[str | None] = mapped_column(String(8))
     correction: Mapped[str | None] = mapped_column(Text)
     comment: Mapped[str | None] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(200), default="anonymous")
     source: Mapped[str] = mapped_column(String(500), default="api")
     outcome: Mapped[str | None] = mapped_column(String(200))
 
@@ -95,6 +104,15 @@ class Example(Base):
 
 class Version(Base):
     __tablename__ = "versions"
+    __table_args__ = (
+        Index(
+            ONE_CHAMPION,
+            "status",
+            unique=True,
+            sqlite_where=text(CHAMPION_ONLY),
+            postgresql_where=text(CHAMPION_ONLY),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

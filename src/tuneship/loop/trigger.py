@@ -36,9 +36,11 @@ def in_window(window: str | None, now: datetime) -> bool:
 
 
 def last_rejected_batch(store: Store) -> Version | None:
-    """The latest fine-tuned version, when the gate rejected it."""
+    """The latest fine-tuned version, when the gate rejected it (not one that ended stale: the champion moved
+    under it, and its batch is tried again against the new one)."""
     finetuned = [v for v in store.versions() if v.kind == "finetune" and v.parent_id is not None]
-    return finetuned[-1] if finetuned and finetuned[-1].status == "rejected" else None
+    last = finetuned[-1] if finetuned else None
+    return last if last is not None and last.status == "rejected" and "stale" not in last.metrics else None
 
 
 def finetune_due(store: Store, loop_cfg: LoopSection) -> tuple[str | None, str]:

@@ -1,31 +1,39 @@
 """The HTTP API: OpenAI-compatible chat (/v1/chat/completions, /v1/models), feedback, loop and versions.
 
-Write and admin endpoints (feedback, cycle, promote, rollback) need `Authorization: Bearer <key>` when
-`serve.api_key` or TUNESHIP_API_KEY is set (auth.py). Errors are JSON bodies (errors.py).
+When a key is set (auth.py), chat, models and feedback need a key (the admin key or a client key; the caller's name
+is `request.state.client`) and everything else the admin key. Errors are JSON bodies (errors.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from collections.abc import AsyncIterator, Coroutine
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tuneship.errors import TuneshipError
-from tuneship.serve.auth import require_key
-from tuneship.serve.errors import ApiError
+from tuneship.serve.auth import client_name, require_admin, require_client
+from tuneship.serve.errors import RETRY_AFTER_S, ApiError
 
 if TYPE_CHECKING:
     from tuneship.config import ServeSection
     from tuneship.loop.tables import Version
-    from tuneship.serve.backends import Reply
+    from tuneship.serve.backends import Reply, Stream
 
 router = APIRouter()
+log = logging.getLogger("tuneship.serve")
+T = TypeVar("T")
 MAX_TEXT = 100_000
+MAX_VERSION_ID = 2**31 - 1  # a version id is a 32-bit integer in the store; larger is a 422, not a 500
 
 
 # chat ---------------------------------------------------------------------------------------
@@ -62,7 +70,7 @@ def _check_chat(request: ChatRequest, serve_cfg: ServeSection) -> int:
     return request.max_tokens or serve_cfg.max_tokens
 
 
-@router.get("/v1/models", tags=["chat"])
+@router.get("/v1/models", tags=["chat"], dependencies=[Depends(require_client)])
 def list_models(request: Request) -> dict:
     names = dict.fromkeys(request.app.state.router.model_names())
     return {
@@ -71,31 +79,30 @@ def list_models(request: Request) -> dict:
     }
 
 
-@router.post("/v1/chat/completions", tags=["chat"])
-def chat_completions(body: ChatRequest, request: Request):
-    """OpenAI-compatible; the reply's `id` is the generation id to send feedback on."""
+@router.post("/v1/chat/completions", tags=["chat"], dependencies=[Depends(require_client)])
+async def chat_completions(body: ChatRequest, request: Request):
+    """OpenAI-compatible; the reply's `id` is the generation id to send feedback on. The chat waits for its turn
+    on the model without holding a thread (beyond `serve.max_queue` waiting: 429 with Retry-After), and its
+    generation stops between tokens when the client goes away or `serve.timeout` passes."""
     from tuneship.loop.store import new_id
-    from tuneship.serve.backends import BackendError, Reply, UnknownModel
+    from tuneship.serve.backends import Ask
 
     app = request.app
-    max_tokens = _check_chat(body, app.state.loop.cfg.serve)
-    messages = [m.model_dump() for m in body.messages]
+    ask = Ask([m.model_dump() for m in body.messages], _check_chat(body, app.state.loop.cfg.serve), body.temperature)
     generation_id = new_id("chatcmpl")
     started = time.monotonic()
-    try:
-        if body.stream:
-            reply = Reply("", "stop", None, None)
-            pieces = app.state.router.stream(body.model, messages, max_tokens, body.temperature, reply)
-            first = next(pieces, None)
-            return StreamingResponse(
-                _sse(app, body, generation_id, reply, first, pieces, started), media_type="text/event-stream"
-            )
-        reply = app.state.router.complete(body.model, messages, max_tokens, body.temperature)
-    except UnknownModel as exc:
-        raise ApiError(404, str(exc), "model_not_found", "model") from None
-    except BackendError as exc:
-        raise ApiError(503, str(exc), "backend_unavailable") from None
-    _record(app, body, generation_id, reply, started)
+    gone = threading.Event()  # set when the client disconnects: the generation stops at its next token
+    if body.stream:
+        stream = await _answer(request, gone, app.state.router.open_stream(body.model, ask, gone))
+        return StreamingResponse(
+            _sse(app, body, generation_id, stream, started, gone),
+            media_type="text/event-stream",
+            background=BackgroundTask(gone.set),  # runs when the stream ends or the client is gone
+        )
+    reply = await _answer(request, gone, app.state.router.complete(body.model, ask, gone))
+    recorded = False
+    if not gone.is_set():  # nobody sees an answer to a client that left: nothing to record
+        recorded = await run_in_threadpool(_record, app, body, generation_id, reply, started)
     return {
         "id": generation_id,
         "object": "chat.completion",
@@ -105,38 +112,79 @@ def chat_completions(body: ChatRequest, request: Request):
             {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": reply.finish_reason}
         ],
         "usage": _usage(reply),
-        "tuneship": {"version": reply.version_id, "backend": reply.answered_by, "tried": reply.tried},
+        "tuneship": {
+            "version": reply.version_id,
+            "backend": reply.answered_by,
+            "tried": reply.tried,
+            "recorded": recorded,  # false: the store could not keep it (no feedback can be sent on this id)
+        },
     }
 
 
-def _sse(
-    app: FastAPI,
-    body: ChatRequest,
-    generation_id: str,
-    reply: Reply,
-    first: str | None,
-    pieces: Iterator[str],
-    started: float,
-) -> Iterator[str]:
-    def chunk(delta: dict, finish: str | None) -> str:
+async def _answer(request: Request, gone: threading.Event, answering: Coroutine[object, object, T]) -> T:
+    """The router's answer; a client that disconnects meanwhile gives up its place in the queue or stops its
+    generation. Refusals become API errors."""
+    from tuneship.serve.backends import BackendError, UnknownModel
+    from tuneship.serve.generation import Overloaded
+
+    task = asyncio.ensure_future(answering)
+    watcher = asyncio.create_task(_watch_disconnect(request, gone, task))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not gone.is_set():  # the server itself is cancelling this request
+            raise
+        raise ApiError(499, "the client closed the request", "client_closed") from None  # seen by nobody
+    except UnknownModel as exc:
+        raise ApiError(404, str(exc), "model_not_found", "model") from None
+    except Overloaded as exc:
+        raise ApiError(429, str(exc), "rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after)}) from None
+    except BackendError as exc:  # each target and why, paths left out (errors.public); the detail in the log
+        log.warning("chat: %s", exc)
+        raise ApiError(503, str(exc), "backend_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    finally:
+        watcher.cancel()
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event, answering: asyncio.Future) -> None:
+    """When the client disconnects: `gone` (the generation stops at its next token) and `answering` cancelled (a
+    chat still waiting for its turn leaves the queue). The body is read by now: the next message is the
+    disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    answering.cancel()
+
+
+async def _sse(
+    app: FastAPI, body: ChatRequest, generation_id: str, stream: Stream, started: float, gone: threading.Event
+) -> AsyncIterator[str]:
+    reply = stream.reply
+
+    def chunk(delta: dict, finish: str | None, recorded: bool | None = None) -> str:
         payload = {
             "id": generation_id,
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": reply.answered_by,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            "tuneship": {"version": reply.version_id, "backend": reply.answered_by},
+            "tuneship": {
+                "version": reply.version_id,
+                "backend": reply.answered_by,
+                **({} if recorded is None else {"recorded": recorded}),  # on the last chunk
+            },
         }
         return f"data: {json.dumps(payload)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""}, None)
-    if first is not None:
-        yield chunk({"content": first}, None)
-    for piece in pieces:
-        yield chunk({"content": piece}, None)
-    _record(app, body, generation_id, reply, started)
-    yield chunk({}, reply.finish_reason)
-    yield "data: [DONE]\n\n"
+    try:
+        yield chunk({"role": "assistant", "content": ""}, None)
+        async for piece in stream.pieces():
+            yield chunk({"content": piece}, None)
+        recorded = await run_in_threadpool(_record, app, body, generation_id, reply, started)
+        yield chunk({}, reply.finish_reason, recorded)
+        yield "data: [DONE]\n\n"
+    finally:
+        gone.set()  # left early (the client is gone) or done: either way the generation is over
 
 
 def _usage(reply: Reply) -> dict:
@@ -144,21 +192,30 @@ def _usage(reply: Reply) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _record(app: FastAPI, body: ChatRequest, generation_id: str, reply: Reply, started: float) -> None:
+def _record(app: FastAPI, body: ChatRequest, generation_id: str, reply: Reply, started: float) -> bool:
+    """Store the generation; False (and the reason in the log) when the store cannot: the answer is still
+    returned, saying `"recorded": false`, rather than lost behind an error."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from tuneship.serve.backends import elapsed_ms
 
-    app.state.loop.store.add_generation(
-        id=generation_id,
-        model=body.model,
-        version_id=reply.version_id,
-        backend=reply.answered_by,
-        messages=[m.model_dump() for m in body.messages],
-        answer=reply.text,
-        finish_reason=reply.finish_reason,
-        latency_ms=elapsed_ms(started),
-        prompt_tokens=reply.prompt_tokens,
-        completion_tokens=reply.completion_tokens,
-    )
+    try:
+        app.state.loop.store.add_generation(
+            id=generation_id,
+            model=body.model,
+            version_id=reply.version_id,
+            backend=reply.answered_by,
+            messages=[m.model_dump() for m in body.messages],
+            answer=reply.text,
+            finish_reason=reply.finish_reason,
+            latency_ms=elapsed_ms(started),
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+        )
+    except SQLAlchemyError as exc:
+        log.warning("chat %s answered but not recorded: %s", generation_id, exc)
+        return False
+    return True
 
 
 # feedback -----------------------------------------------------------------------------------
@@ -179,11 +236,12 @@ class FeedbackRequest(BaseModel):
         return normalize_rating(value)
 
 
-@router.post("/v1/feedback", status_code=201, tags=["loop"], dependencies=[Depends(require_key)])
+@router.post("/v1/feedback", status_code=201, tags=["loop"], dependencies=[Depends(require_client)])
 def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str | None = Header(None)):
-    """Rate or correct a generation. With an `Idempotency-Key` header a retry counts once."""
+    """Rate or correct a generation. With an `Idempotency-Key` header (the client's own, bound to this body) a
+    retry counts once (201, `replayed`); the same key with another body is 409."""
     from tuneship.loop.signals import check_feedback
-    from tuneship.loop.store import UnknownGeneration
+    from tuneship.loop.store import IdempotencyConflict, UnknownGeneration
 
     try:
         rating, correction = check_feedback(body.rating, body.correction)
@@ -191,12 +249,15 @@ def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str 
         raise ApiError(422, str(exc), param=str(exc).split(":")[0]) from None
     if idempotency_key is not None and not 0 < len(idempotency_key) <= 200:
         raise ApiError(422, "Idempotency-Key: 1 to 200 characters", param="Idempotency-Key")
+    _limit_feedback(request)
     try:
         row, is_new = request.app.state.loop.store.add_feedback(
-            body.generation_id, rating, correction, body.comment, idempotency_key
+            body.generation_id, rating, correction, body.comment, idempotency_key, client=client_name(request)
         )
     except UnknownGeneration as exc:
         raise ApiError(404, str(exc), "not_found", "generation_id") from None
+    except IdempotencyConflict as exc:
+        raise ApiError(409, str(exc), "idempotency_conflict", "Idempotency-Key") from None
     return JSONResponse(
         {"id": row.id, "generation_id": row.generation_id, "replayed": not is_new},
         status_code=201,
@@ -204,10 +265,21 @@ def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str 
     )
 
 
+def _limit_feedback(request: Request) -> None:
+    """429 + Retry-After beyond serve.feedback_per_minute for this client."""
+    limit = request.app.state.feedback_limit
+    wait = limit.retry_after(client_name(request))
+    if wait is not None:
+        message = (
+            f"feedback: more than serve.feedback_per_minute={limit.per_minute} from this client; retry in {wait} s"
+        )
+        raise ApiError(429, message, "rate_limit_exceeded", headers={"Retry-After": str(wait)})
+
+
 # loop and versions --------------------------------------------------------------------------
 
 
-@router.get("/v1/loop/status", tags=["loop"])
+@router.get("/v1/loop/status", tags=["loop"], dependencies=[Depends(require_admin)])
 def get_loop_status(request: Request) -> dict:
     """Champion, examples waiting, threshold, the running cycle and its stage, the last cycle."""
     from tuneship.loop.status import status_report
@@ -215,7 +287,7 @@ def get_loop_status(request: Request) -> dict:
     return status_report(request.app.state.loop)
 
 
-@router.post("/v1/loop/cycle", status_code=202, tags=["loop"], dependencies=[Depends(require_key)])
+@router.post("/v1/loop/cycle", status_code=202, tags=["loop"], dependencies=[Depends(require_admin)])
 def start_cycle(request: Request, kind: Literal["finetune", "fewshot"] = "finetune") -> dict:
     """Start a cycle now, in its own process; 409 while one runs. `kind=fewshot`: the fast path's few-shot
     candidate (the newest corrections as example turns) instead of a fine-tuned challenger."""
@@ -246,12 +318,12 @@ def version_json(version: Version) -> dict:
     }
 
 
-@router.get("/v1/versions", tags=["versions"])
+@router.get("/v1/versions", tags=["versions"], dependencies=[Depends(require_admin)])
 def list_versions(request: Request) -> dict:
     return {"data": [version_json(v) for v in request.app.state.loop.store.versions()]}
 
 
-@router.get("/v1/loop/events", tags=["loop"])
+@router.get("/v1/loop/events", tags=["loop"], dependencies=[Depends(require_admin)])
 def list_events(request: Request, limit: int = 100) -> dict:
     events = request.app.state.loop.store.events(limit=max(1, min(limit, 1000)))
     return {
@@ -270,18 +342,21 @@ def list_events(request: Request, limit: int = 100) -> dict:
     }
 
 
-@router.post("/v1/versions/{version_id}/promote", tags=["versions"], dependencies=[Depends(require_key)])
-def post_promote(version_id: int, request: Request) -> dict:
+@router.post("/v1/versions/{version_id}/promote", tags=["versions"], dependencies=[Depends(require_admin)])
+def post_promote(request: Request, version_id: int = Path(..., ge=1, le=MAX_VERSION_ID)) -> dict:
     from tuneship.loop.promotion import promote_version
+    from tuneship.loop.store import UnknownVersion
 
     try:
         version = promote_version(request.app.state.loop, version_id, "api", "promoted through the API")
+    except UnknownVersion as exc:
+        raise ApiError(404, str(exc), "not_found", "version_id") from None
     except TuneshipError as exc:
-        raise ApiError(404 if "no version" in str(exc) else 409, str(exc), param="version_id") from None
+        raise ApiError(409, str(exc), "conflict", "version_id") from None
     return version_json(version)
 
 
-@router.post("/v1/rollback", tags=["versions"], dependencies=[Depends(require_key)])
+@router.post("/v1/rollback", tags=["versions"], dependencies=[Depends(require_admin)])
 def post_rollback(request: Request) -> dict:
     from tuneship.loop.promotion import restore_previous
 

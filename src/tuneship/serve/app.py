@@ -26,6 +26,7 @@ from tuneship.data.audit import Measure
 from tuneship.errors import TuneshipError
 from tuneship.loop.tables import VersionKind
 from tuneship.serve.errors import error_body
+from tuneship.serve.ratelimit import PerClientLimit
 
 if TYPE_CHECKING:
     from tuneship.loop.registry import Loop
@@ -81,12 +82,29 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+SECRET_OVERRIDES = {"serve.api_key": "TUNESHIP_API_KEY"}
+
+
+def split_secrets(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `--set` overrides without the keys, and the keys as environment variables: a key never goes on a
+    command line (where `ps` shows it) nor into a version's config.yaml."""
+    kept, env = [], {}
+    for override in overrides:
+        name, _, value = override.partition("=")
+        if name.strip() in SECRET_OVERRIDES:
+            env[SECRET_OVERRIDES[name.strip()]] = value.strip()
+        else:
+            kept.append(override)
+    return kept, env
+
+
 class CycleLauncher:
-    """Starts `tuneship loop cycle` in its own process, so serving goes on while it trains."""
+    """Starts `tuneship loop cycle` in its own process, so serving goes on while it trains. Keys reach it
+    through the environment (TUNESHIP_API_KEY), never its command line."""
 
     def __init__(self, target: str, overrides: list[str], live_url: str | None):
         self.target = target
-        self.overrides = overrides
+        self.overrides, self.secret_env = split_secrets(overrides)
         self.live_url = live_url
         self.processes: list[subprocess.Popen] = []
         self.lock = threading.Lock()
@@ -106,7 +124,10 @@ class CycleLauncher:
             log_dir.mkdir(parents=True, exist_ok=True)
             with open(log_dir / "cycle.log", "ab") as out:
                 process = subprocess.Popen(
-                    self.command(actor, reason, kind), stdout=out, stderr=subprocess.STDOUT, env={**os.environ}
+                    self.command(actor, reason, kind),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **self.secret_env},
                 )
             self.processes.append(process)
             return process.pid
@@ -172,9 +193,11 @@ def create_app(
     from contextlib import asynccontextmanager
 
     from tuneship.serve.api import router as api_router
+    from tuneship.serve.auth import install_auth
     from tuneship.serve.backends import Router
     from tuneship.serve.errors import install_error_handlers
     from tuneship.serve.golden_api import router as golden_router
+    from tuneship.serve.guard import HostOriginGuard
     from tuneship.serve.review import router as review_router
     from tuneship.serve.web.pages import mount_web
 
@@ -197,13 +220,20 @@ def create_app(
         description="OpenAI-compatible chat API over the loop's champion, feedback, and the learning loop.",
         lifespan=lifespan,
     )
+    loop.store.use_timeout(loop.cfg.serve.db_timeout)  # a locked database: 503 within serve.db_timeout, not 30 s
     app.state.loop = loop
+    app.state.feedback_limit = PerClientLimit(loop.cfg.serve.feedback_per_minute)
     app.state.router = router or Router(loop)
     app.state.cycles = cycles or CycleLauncher(str(loop.target), [], None)
+    install_auth(app, loop.cfg.serve)
     install_error_handlers(app)
     app.include_router(api_router)
     app.include_router(review_router)
     app.include_router(golden_router)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
     app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
+    serve_cfg = loop.cfg.serve  # the outermost: a foreign Host or Origin is refused before anything else
+    app.add_middleware(
+        HostOriginGuard, allowed_hosts=serve_cfg.allowed_hosts, allowed_origins=serve_cfg.allowed_origins
+    )
     return app

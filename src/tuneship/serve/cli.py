@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 from typing import Optional
 
 import typer
@@ -39,13 +38,18 @@ def serve(
     from tuneship.serve.app import CycleLauncher, create_app
 
     loop = open_loop(target, overrides)
-    if not is_loopback(host) and not (loop.cfg.serve.api_key or os.environ.get("TUNESHIP_API_KEY")):
+    if not is_loopback(host) and not loop.cfg.serve.admin_key():
         raise UnsafeServe(
             f"--host {host} is reachable from other machines and no API key is set; set serve.api_key "
-            "(or TUNESHIP_API_KEY) so feedback and admin endpoints need `Authorization: Bearer <key>`"
+            "(or TUNESHIP_API_KEY) so every endpoint and page needs `Authorization: Bearer <key>` or a sign-in"
         )
+    if host not in ("0.0.0.0", "::") and host not in loop.cfg.serve.allowed_hosts:
+        loop.cfg.serve.allowed_hosts = [*loop.cfg.serve.allowed_hosts, host]  # the name it is bound to answers too
     live_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     cycles = CycleLauncher(str(loop.target), list(overrides or []), live_url)
     app = create_app(loop, cycles=cycles, trigger=True)
     typer.echo(f"serving {loop.name} (champion v{loop.store.champion().id}) on {live_url}; store {loop.store.url}")
+    if not is_loopback(host):
+        names = ", ".join(loop.cfg.serve.allowed_hosts)
+        typer.echo(f"answering Host names {names} and this machine's addresses; add others to serve.allowed_hosts")
     uvicorn.run(app, host=host, port=port, log_level="warning")

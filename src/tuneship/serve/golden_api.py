@@ -1,5 +1,5 @@
-"""The golden set's API: the facts the gate checks (GET /v1/golden), and adding, updating and retiring them (the
-writes need the API key when one is set). The work is done by tuneship.loop.golden, the same as the CLI's."""
+"""The golden set's API: the facts the gate checks (GET /v1/golden), and adding, updating and retiring them (all
+need the admin key when one is set). The work is done by tuneship.loop.golden, the same as the CLI's."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from tuneship.loop.golden import (
     update_golden,
 )
 from tuneship.serve.api import MAX_TEXT
-from tuneship.serve.auth import require_key
+from tuneship.serve.auth import require_admin
 from tuneship.serve.errors import ApiError
 
-router = APIRouter(tags=["golden"])
+router = APIRouter(tags=["golden"], dependencies=[Depends(require_admin)])
 MAX_REASON = 1000
 
 
@@ -57,7 +57,7 @@ def list_golden(request: Request) -> dict:
     }
 
 
-@router.post("/v1/golden", status_code=201, dependencies=[Depends(require_key)])
+@router.post("/v1/golden", status_code=201)
 def post_golden(body: GoldenNew, request: Request) -> dict:
     """Add a golden fact (audited; 409 when a golden fact already asks the same prompt)."""
     try:
@@ -67,7 +67,7 @@ def post_golden(body: GoldenNew, request: Request) -> dict:
     return golden_row(example).to_json()
 
 
-@router.post("/v1/golden/{golden_id}/update", dependencies=[Depends(require_key)])
+@router.post("/v1/golden/{golden_id}/update")
 def post_golden_update(golden_id: str, body: GoldenUpdate, request: Request) -> dict:
     """A new row with the new answer; the old one is kept as superseded (404: no such golden fact)."""
     try:
@@ -77,7 +77,7 @@ def post_golden_update(golden_id: str, body: GoldenUpdate, request: Request) -> 
     return {**golden_row(example).to_json(), "replaces": golden_id}
 
 
-@router.post("/v1/golden/{golden_id}/retire", dependencies=[Depends(require_key)])
+@router.post("/v1/golden/{golden_id}/retire")
 def post_golden_retire(golden_id: str, request: Request, body: GoldenRetire | None = None) -> dict:
     """Take a golden fact out of the gate (its row is kept as superseded, with the reason)."""
     try:

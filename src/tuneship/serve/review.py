@@ -1,5 +1,6 @@
 """The review queue's API (`loop.review: required`): approve, reject or edit the examples one generation's
-feedback made. The Review page calls it from the browser with the API key, like any client would.
+feedback made (the admin key when one is set). The Review page calls it from the browser with its sign-in
+session, like any client would.
 
 An edit never rewrites an example in place (an example's id is its content): the edited correction makes new
 examples, which pass the data audit like any other; the pending ones it replaces are rejected with the reason.
@@ -16,10 +17,10 @@ from tuneship.data.audit import Measure
 from tuneship.loop.store import Store
 from tuneship.loop.tables import Example
 from tuneship.serve.api import MAX_TEXT
-from tuneship.serve.auth import require_key
+from tuneship.serve.auth import require_admin
 from tuneship.serve.errors import ApiError
 
-router = APIRouter(tags=["review"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["review"], dependencies=[Depends(require_admin)])
 MAX_BULK = 1000
 
 

@@ -1,9 +1,6 @@
-// tuneship pages: the API key (sessionStorage, sent as a bearer token) and the write actions of each page.
+// tuneship pages: the write actions of each page, through the /v1 API. Where a key is set the page was opened
+// after signing in: the browser sends the HttpOnly session cookie (and its Origin) with every call by itself.
 "use strict";
-
-const KEY = "tuneship-api-key";
-
-function apiKey() { return sessionStorage.getItem(KEY) || ""; }
 
 function notice(text, isError) {
   const el = document.getElementById("notice");
@@ -11,21 +8,21 @@ function notice(text, isError) {
   el.className = isError ? "error" : "";
 }
 
-function keyRequired() { return document.body.dataset.keyRequired === "true"; }
-
-// Calls the /v1 API; a missing or refused key is said in words, not thrown at the person.
+// Calls the /v1 API with the session cookie; an ended session or a refusal is said in words, not thrown at the person.
 async function api(method, url, body, extraHeaders) {
   const headers = Object.assign({ "Content-Type": "application/json" }, extraHeaders);
-  if (apiKey()) headers.Authorization = "Bearer " + apiKey();
-  const response = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const response = await fetch(url, {
+    method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
+  });
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (e) { data = { detail: text }; }
-  if (response.status === 401 && !apiKey()) {
-    throw new Error("This action needs the API key: enter it in the API key field at the top of the page.");
+  if (response.status === 401) {
+    throw new Error("Your sign-in has ended (signed out, expired, or the server restarted): reload the page and sign in again.");
   }
-  if (response.status === 401 || response.status === 403) {
-    throw new Error("The server refused the API key (" + response.status + "): enter the key set as serve.api_key or TUNESHIP_API_KEY.");
+  if (response.status === 403) {
+    const reason = data && data.error && data.error.message;
+    throw new Error("The server refused this change (403)" + (reason ? ": " + reason : "."));
   }
   if (!response.ok) {
     const detail = data && (data.detail || (data.error && data.error.message) || data.error);
@@ -46,26 +43,11 @@ async function act(action, done) {
   }
 }
 
-function showKeyState() {
-  const state = document.getElementById("key-state");
-  if (apiKey()) state.textContent = "key set for this tab";
-  else state.textContent = keyRequired() ? "no key: changes are refused until you enter one" : "";
-}
-
 document.addEventListener("DOMContentLoaded", () => {
-  const form = document.getElementById("key-form");
-  form.addEventListener("submit", (event) => {
-    event.preventDefault();
-    const value = document.getElementById("api-key").value.trim();
-    if (value) sessionStorage.setItem(KEY, value); else sessionStorage.removeItem(KEY);
-    document.getElementById("api-key").value = "";
-    showKeyState();
-  });
-  showKeyState();
   for (const init of window.tuneshipPages || []) init();
 });
 
-window.tuneship = { api, act, notice, apiKey };
+window.tuneship = { api, act, notice };
 
 // A button that shows a one-textarea form (and focuses it); submitting the form hands its text to `send`.
 function disclosure(button, form, send) {
