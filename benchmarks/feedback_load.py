@@ -39,6 +39,10 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+BENCH_KEY = "bench"
+ADMIN = {"Authorization": f"Bearer {BENCH_KEY}"}  # the admin key: status needs it, and feedback is not limited
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -48,12 +52,13 @@ def free_port() -> int:
 def start_server(config: Path, database_url: str, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "tuneship.cli", "serve", str(config), "--port", str(port)]
     command += ["--set", f"loop.database_url={database_url}", "--set", "serve.trigger_every=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNESHIP_API_KEY": "bench"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNESHIP_API_KEY": BENCH_KEY}
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/loop/status", timeout=2).read()
+            probe = urllib.request.Request(f"http://127.0.0.1:{port}/v1/loop/status", headers=ADMIN)
+            urllib.request.urlopen(probe, timeout=2).read()
             return server
         except OSError:
             if server.poll() is not None:
@@ -92,7 +97,7 @@ async def post_feedback(url: str, generation_ids: list[str], total: int, concurr
 
     async def client_loop():
         nonlocal errors
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer bench"}, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=url, headers=ADMIN, timeout=60) as client:
             while not queue.empty():
                 index = queue.get_nowait()
                 body = {"generation_id": generation_ids[index % len(generation_ids)], "rating": 1 + index % 5}

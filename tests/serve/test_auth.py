@@ -325,3 +325,24 @@ def test_a_key_given_with_set_reaches_the_cycle_through_its_environment_only(tmp
     launcher.start("api", "test", tmp_path)
     assert ADMIN_KEY not in " ".join(launched["command"]) and "loop.min_examples=3" in launched["command"]
     assert launched["env"]["TUNESHIP_API_KEY"] == ADMIN_KEY
+
+
+def test_a_client_beyond_its_feedback_per_minute_gets_429_with_retry_after_and_the_admin_does_not(keyed):
+    from tuneship.serve.ratelimit import PerClientLimit
+
+    loop, server = keyed
+    app = server.server.config.app
+    add_generation(loop.store, "gen-limited")
+    app.state.feedback_limit, before = PerClientLimit(2), app.state.feedback_limit
+    body = {"generation_id": "gen-limited", "rating": "up"}
+    try:
+        sent = [httpx.post(server.url + "/v1/feedback", json=body, headers=CLIENT) for _ in range(3)]
+        admin = [httpx.post(server.url + "/v1/feedback", json=body, headers=ADMIN).status_code for _ in range(3)]
+    finally:
+        app.state.feedback_limit = before
+    assert [r.status_code for r in sent] == [201, 201, 429] and 1 <= int(sent[2].headers["Retry-After"]) <= 60
+    error = sent[2].json()["error"]
+    assert error["type"] == "rate_limit_exceeded" and "serve.feedback_per_minute=2" in error["message"]
+    assert admin == [201, 201, 201]
+    clients = [f.client for f in loop.store.feedback_for("gen-limited")]
+    assert clients.count("shop") == 2 and clients.count("admin") == 3

@@ -266,9 +266,13 @@ def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str 
 
 
 def _limit_feedback(request: Request) -> None:
-    """429 + Retry-After beyond serve.feedback_per_minute for this client."""
+    """429 + Retry-After beyond serve.feedback_per_minute for this client (the admin, who imports and integrates,
+    is not limited)."""
+    client = client_name(request)
+    if client == "admin":
+        return
     limit = request.app.state.feedback_limit
-    wait = limit.retry_after(client_name(request))
+    wait = limit.retry_after(client)
     if wait is not None:
         message = (
             f"feedback: more than serve.feedback_per_minute={limit.per_minute} from this client; retry in {wait} s"
