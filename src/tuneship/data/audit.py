@@ -39,6 +39,7 @@ class AuditSettings:
     max_seq_len: int | None = None
     measure: Measure | None = None
     objective: str = "sft"  # train.objective: which records can be trained on (see `_objective_error`)
+    transcripts: str = "auto"  # data.transcripts: how .txt/.md transcripts split (see sources.transcript_blocks)
 
 
 @dataclass

@@ -22,6 +22,7 @@ CODES: dict[str, str] = {
     "truncated": "longer than train.max_seq_len: the end of the answer and its stop token would be cut",
     "same-answers": "a preference pair whose rejected answer is the chosen one: nothing to prefer",
     "objective-mismatch": "a record train.objective cannot train on (dpo: no rejected answer; sft: label false)",
+    "transcript-split": "how a transcript file was cut into examples (conversations or pairs); data.transcripts",
     "offline-copy": "an s3:// source read from the local mirror because the endpoint did not answer; may be stale",
 }
 

@@ -16,10 +16,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tuneship.data import s3
-from tuneship.data.findings import RecordError
+from tuneship.data.findings import Finding, RecordError
 from tuneship.data.formats import MARKER_ROLES, NO_SPEAKER, TRANSCRIPT_MARKER, marker_label
 from tuneship.data.s3 import DATA_SUFFIXES
 from tuneship.errors import SourceError
@@ -29,6 +29,7 @@ MOJIBAKE_MARKERS = ("Ã©", "Ã¨", "Ã¢", "â€™", "â€œ", "â€\x9d", 
 TRANSCRIPT_SUFFIXES = (".txt", ".md")
 SEPARATOR_LINE = re.compile(r"^[ \t]*(-{3,}|\*{3,}|={3,})[ \t]*$")
 SNIFF_BYTES = 65536
+TranscriptRule = Literal["auto", "conversations", "pairs"]
 
 
 @dataclass
@@ -75,15 +76,23 @@ def _is_data_file(path: Path) -> bool:
     return suffix in DATA_SUFFIXES
 
 
-def read_records(files: list[str], mirror: s3.S3Mirror | None = None) -> Iterator[RawRecord]:
+def read_records(
+    files: list[str],
+    mirror: s3.S3Mirror | None = None,
+    transcripts: TranscriptRule = "auto",
+    notes: list[Finding] | None = None,
+) -> Iterator[RawRecord]:
+    """The records of every file; `notes` collects file-level findings (how each transcript was split)."""
     for name in files:
         path, label = Path(name), name
         if name.startswith("s3://"):
             path = (mirror or s3.S3Mirror()).fetch(name)
-        yield from read_file(path, label)
+        yield from read_file(path, label, transcripts, notes)
 
 
-def read_file(path: Path, label: str | None = None) -> Iterator[RawRecord]:
+def read_file(
+    path: Path, label: str | None = None, transcripts: TranscriptRule = "auto", notes: list[Finding] | None = None
+) -> Iterator[RawRecord]:
     label = label or str(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -95,7 +104,7 @@ def read_file(path: Path, label: str | None = None) -> Iterator[RawRecord]:
     elif suffix == ".parquet":
         yield from _read_parquet(path, label)
     elif suffix in TRANSCRIPT_SUFFIXES:
-        yield from _read_transcript(path, label)
+        yield from _read_transcript(path, label, transcripts, notes if notes is not None else [])
     else:
         raise SourceError(
             f"{label}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .parquet, "
@@ -213,29 +222,59 @@ def _read_parquet(path: Path, label: str) -> Iterator[RawRecord]:
             yield RawRecord(label, row, data=record)
 
 
-def _read_transcript(path: Path, label: str) -> Iterator[RawRecord]:
-    """One plain_text record per conversation, at the line where it starts."""
-    for line, block in transcript_blocks(_decode_whole(path)):
+def _read_transcript(path: Path, label: str, rule: TranscriptRule, notes: list[Finding]) -> Iterator[RawRecord]:
+    """One plain_text record per conversation (or pair, see `split_rule`), at the line where it starts."""
+    text = _decode_whole(path)
+    blocks = list(transcript_blocks(text))
+    applied, note = split_rule(blocks, rule)
+    if note:
+        notes.append(Finding("transcript-split", "warning", label, blocks[0][0] if blocks else 0, note))
+    if applied == "pairs":
+        blocks = list(transcript_blocks(text, pairs=True))
+    for line, block in blocks:
         if TRANSCRIPT_MARKER.search(block):
             yield RawRecord(label, line, data={"text": block}, raw_text=block)
         else:
             yield RawRecord(label, line, error=RecordError("role-order", NO_SPEAKER), raw_text=block)
 
 
-def transcript_blocks(text: str) -> Iterator[tuple[int, str]]:
+def split_rule(conversations: list[tuple[int, str]], rule: TranscriptRule) -> tuple[TranscriptRule, str | None]:
+    """(the rule to apply, the finding that says so). `auto` reads a file in which nothing ever ends a
+    conversation (one block, several user turns: a script's dump of Q&A pairs) as pairs, and otherwise as
+    conversations; either way a file whose examples could be read the other way gets a finding."""
+    turns = [_user_turns(block) for _, block in conversations]
+    if rule != "auto" or max(turns, default=0) < 2:
+        return rule, None
+    if len(conversations) == 1:
+        return "pairs", (
+            f"no blank line or separator ends a conversation: read as {turns[0]} examples, one per Human/Assistant "
+            "pair (data.transcripts: auto); if it is one long conversation, set data.transcripts: conversations"
+        )
+    multi = sum(1 for count in turns if count > 1)
+    return "conversations", (
+        f"read as {len(conversations)} conversations ({multi} of several turns: a blank line before a user turn "
+        "ends one; data.transcripts: auto); to train every Human/Assistant pair alone, set data.transcripts: pairs"
+    )
+
+
+def _user_turns(block: str) -> int:
+    return sum(1 for m in TRANSCRIPT_MARKER.finditer(block) if MARKER_ROLES[marker_label(m)] == "user")
+
+
+def transcript_blocks(text: str, pairs: bool = False) -> Iterator[tuple[int, str]]:
     """(first line, text) of each conversation in a transcript.
 
     A conversation ends at a separator line (`---`, `***`, `===`), or at a blank line followed by a user or
-    system marker once it has an answer (text with no marker before it is a block of its own). Turns of one
-    conversation follow each other without a blank line before a user turn; blank lines inside a turn
-    (paragraphs) stay in it.
+    system marker once it has an answer (text with no marker before it is a block of its own); with `pairs`,
+    at every user or system marker once it has an answer, blank line or not. Turns of one conversation follow
+    each other without a blank line before a user turn; blank lines inside a turn (paragraphs) stay in it.
     """
     start, lines, roles, after_blank = 0, [], set(), True
     for number, line in enumerate(text.splitlines(), start=1):
         first = TRANSCRIPT_MARKER.match(line)
         starts_conversation = first is not None and MARKER_ROLES[marker_label(first)] in ("user", "system")
         is_complete = "assistant" in roles or not roles
-        if SEPARATOR_LINE.match(line) or (starts_conversation and after_blank and is_complete):
+        if SEPARATOR_LINE.match(line) or (starts_conversation and (after_blank or pairs) and is_complete):
             if lines:
                 yield start, "\n".join(lines).strip()
             lines, roles = [], set()

