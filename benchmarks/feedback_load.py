@@ -49,23 +49,33 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(config: Path, database_url: str, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tuneship.cli", "serve", str(config), "--port", str(port)]
-    command += ["--set", f"loop.database_url={database_url}", "--set", "serve.trigger_every=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNESHIP_API_KEY": BENCH_KEY}
+def start_serve(
+    target: Path, port: int, overrides: list[str], key: str = BENCH_KEY, seconds: float = 60
+) -> subprocess.Popen:
+    """`tuneship serve TARGET` on loopback with `key` as the admin key, returned once its status answers."""
+    command = [sys.executable, "-m", "tuneship.cli", "serve", str(target), "--port", str(port)]
+    for override in overrides:
+        command += ["--set", override]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNESHIP_API_KEY": key}
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
+    probe = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/loop/status", headers={"Authorization": f"Bearer {key}"}
+    )
     while time.monotonic() < deadline:
         try:
-            probe = urllib.request.Request(f"http://127.0.0.1:{port}/v1/loop/status", headers=ADMIN)
-            urllib.request.urlopen(probe, timeout=2).read()
+            urllib.request.urlopen(probe, timeout=5).read()
             return server
         except OSError:
             if server.poll() is not None:
                 raise RuntimeError(f"tuneship serve exited: {server.stderr.read().decode()[-2000:]}") from None
             time.sleep(0.2)
     server.kill()
-    raise RuntimeError("tuneship serve did not start within 60 s")
+    raise RuntimeError(f"tuneship serve did not start within {seconds:g} s")
+
+
+def start_server(config: Path, database_url: str, port: int) -> subprocess.Popen:
+    return start_serve(config, port, [f"loop.database_url={database_url}", "serve.trigger_every=0"])
 
 
 def seed_generations(store, count: int) -> list[str]:

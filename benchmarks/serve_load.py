@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,24 +95,9 @@ def copy_run(run_dir: Path, folder: Path) -> Path:
 
 
 def start_server(run_dir: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tuneship.cli", "serve", str(run_dir), "--port", str(port)]
-    command += ["--set", "serve.trigger_every=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNESHIP_API_KEY": KEY}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/loop/status", headers={"Authorization": f"Bearer {KEY}"}
-    )
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(request, timeout=5).read()
-            return server
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"tuneship serve exited: {server.stderr.read().decode()[-2000:]}") from None
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("tuneship serve did not start within 120 s")
+    from benchmarks.feedback_load import start_serve
+
+    return start_serve(run_dir, port, ["serve.trigger_every=0"], KEY, seconds=120)
 
 
 def run_locust(url: str, model: str, users: int, seconds: int, out: Path, retry_at_once: bool = False) -> None:
