@@ -98,3 +98,21 @@ def test_a_cycle_that_breaks_is_recorded_so_the_trigger_backs_off(fresh_loop_dir
     assert "backing off" in trigger_decision(loop.store, loop.cfg.loop).reason
     assert loop.store.version(2).status == "failed"
     assert loop.store.lease("cycle") is None
+
+
+def test_golden_facts_added_and_retired_change_what_the_next_gate_checks(fresh_loop_dir):  # noqa: F811
+    from tuneship.loop.cycle import run_cycle
+    from tuneship.loop.examples import golden
+    from tuneship.loop.golden import add_golden, retire_golden
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(fresh_loop_dir)
+    before = len(golden(loop.store))
+    first = add_golden(loop, "What is the harbour's name?", "Answer number 71.", actor="test")
+    add_golden(loop, "Who rings the bell?", "Answer number 72.", actor="test")
+    retire_golden(loop, first.id, actor="test", reason="no longer true")
+    correct(loop, [("What is the code word?", "Answer number 99.")])
+    run_cycle(loop, QUIET, "test", "by hand")
+    [gated] = loop.store.events(kind="gated")
+    assert gated.data["challenger"]["golden"]["prompts"] == before + 1
+    assert gated.data["champion"]["golden"]["prompts"] == before + 1
