@@ -12,6 +12,8 @@ objective trains it behind the reviewer's back. The next cycle retries the rest 
 
 from __future__ import annotations
 
+from collections import Counter
+
 from tuneship.evaluate.checks import token_f1
 from tuneship.loop.examples import examples_by_id
 from tuneship.loop.gate import GateDecision
@@ -22,13 +24,10 @@ from tuneship.loop.tables import Example, Version
 LEAK_MIN_F1 = 0.5
 
 
-def rejected_cycles(store: Store, example_id: str) -> int:
-    """How many rejected fine-tuned versions trained on this example as a new one."""
-    return sum(
-        1
-        for v in store.versions()
-        if v.kind == "finetune" and v.status == "rejected" and example_id in v.metrics.get("new_examples", [])
-    )
+def rejected_cycles(store: Store) -> Counter:
+    """example id -> how many rejected fine-tuned versions trained on it as a new example."""
+    rejected = [v for v in store.versions() if v.kind == "finetune" and v.status == "rejected"]
+    return Counter(example_id for v in rejected for example_id in set(v.metrics.get("new_examples", [])))
 
 
 def leaked_into(example: Example, regressed: list[dict]) -> dict | None:
@@ -44,6 +43,8 @@ def leaked_into(example: Example, regressed: list[dict]) -> dict | None:
 def blame_reasons(loop: Loop, version: Version, regressed: list[dict], gate_reasons: list[str]) -> dict[str, str]:
     """{example id: why it is blamed} for the new examples of a rejected version."""
     gate = "; ".join(gate_reasons)
+    limit = loop.cfg.loop.max_blame_cycles
+    cycles = rejected_cycles(loop.store)
     reasons = {}
     for example in examples_by_id(loop.store, version.metrics["new_examples"]):
         leak = leaked_into(example, regressed)
@@ -53,12 +54,10 @@ def blame_reasons(loop: Loop, version: Version, regressed: list[dict], gate_reas
                 f"{leak['challenger']!r}, closer to this answer than to the expected {leak['expected']!r} "
                 f"(gate: {gate})"
             )
-    for example in examples_by_id(loop.store, version.metrics["new_examples"]):
-        cycles = rejected_cycles(loop.store, example.id)
-        if example.id not in reasons and cycles >= loop.cfg.loop.max_blame_cycles:
+        elif cycles[example.id] >= limit:
             reasons[example.id] = (
-                f"in {cycles} rejected cycles (loop.max_blame_cycles={loop.cfg.loop.max_blame_cycles}) with nothing "
-                f"else to blame; last gate of v{version.id}: {gate}"
+                f"in {cycles[example.id]} rejected cycles (loop.max_blame_cycles={limit}) with nothing else to "
+                f"blame; last gate of v{version.id}: {gate}"
             )
     return reasons
 

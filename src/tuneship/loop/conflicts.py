@@ -82,6 +82,8 @@ def conflict_with(example: Example, facts: list[KnownFact], similarity: float) -
 def hold_conflicts(store: Store, new: list[Example], similarity: float) -> int:
     """Mark the examples of each generation whose SFT example conflicts as pending review, with the reason.
     Returns how many generations were held."""
+    if not new:  # every trigger tick harvests; most find nothing
+        return 0
     facts = known_facts(store)
     reasons = {}
     for example in new:

@@ -34,6 +34,8 @@ def strikes(store: Store) -> Counter:
 def hold_distrusted(store: Store, new: list[Example], distrust_after: int) -> int:
     """Mark the new examples of distrusted clients as pending review, with the reason; returns how many
     generations' examples were held."""
+    if not new:  # every trigger tick harvests; most find nothing
+        return 0
     counts = strikes(store)
     held: set[str] = set()
     for example in new:
