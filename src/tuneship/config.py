@@ -292,6 +292,11 @@ class LoopSection(Section):
     min_golden: int = Field(
         5, ge=0, description="fewer accepted golden examples than this: a warning in loop status, serve and Loop page"
     )
+    version_format: Literal["adapter", "merged"] = Field(
+        "adapter",
+        description="adapter: a version is its LoRA GGUF, applied at run time on the base model's quantized GGUF "
+        "(loaded once); merged: a version is a merged, quantized GGUF of its own",
+    )
     keep_versions: int = Field(
         5, ge=1, description="retired/rejected/failed versions that keep their checkpoints, merged model and GGUF"
     )

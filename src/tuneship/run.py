@@ -119,11 +119,6 @@ class Run:
         return self.gguf(LORA_KIND)
 
     @property
-    def base_gguf(self) -> Path:
-        """The base model as f16 GGUF, what the LoRA GGUF is checked on."""
-        return self.gguf_dir / "base-f16.gguf"
-
-    @property
     def deployed_gguf(self) -> Path:
         return self.gguf(self.deployed_quant)
 

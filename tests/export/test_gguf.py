@@ -89,7 +89,10 @@ def test_truncated_file_is_not_a_readable_gguf(tiny_run, tmp_path):
         validate_gguf(damaged, "Q8_0", ChatFormat.load(run_dir / "adapter"))
 
 
-def test_no_merge_exports_a_lora_gguf_that_the_template_check_never_takes_for_the_model(run_copy, cli):
+def test_no_merge_exports_a_lora_gguf_checked_on_the_quantized_base_that_the_template_check_never_takes(run_copy, cli):
+    from tuneship.export.base import base_gguf
+    from tuneship.models import adapter_base_dir
+
     _, run = run_copy
     shutil.rmtree(run.gguf_dir)  # a run that was never exported merged
     exported = cli("export", run.path, "--no-merge")
@@ -97,8 +100,10 @@ def test_no_merge_exports_a_lora_gguf_that_the_template_check_never_takes_for_th
     [info] = json.loads((run.gguf_dir / "export.json").read_text())["files"]
     assert info["path"] == str(run.lora_gguf) and info["tensor_count"] > 0
     report = json.loads(run.eval_report.read_text())
-    assert report["models"]["gguf-lora"]["summary"]["prompts"] == 6
-    assert run.base_gguf.is_file() and run.model_ggufs() == []
+    served = report["models"][f"gguf-lora-{run.deployed_quant}"]["summary"]  # what serves: LoRA on the base quant
+    assert served["prompts"] == report["models"]["gguf-lora-f16"]["summary"]["prompts"] == 6
+    assert served["kl_vs_f16"] >= 0 and 0 < served["top1_agreement"] <= 1 and served["kl_positions"] > 0
+    assert base_gguf(adapter_base_dir(run), run.deployed_quant).is_file() and run.model_ggufs() == []
     checked = cli("template", "check", run.path)
     assert checked.code == 0, checked.output
     assert "gguf: none exported yet" in checked.out and "lora" not in checked.output

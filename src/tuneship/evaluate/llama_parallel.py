@@ -86,23 +86,25 @@ def _answer_wave(llm, prompts, max_new_tokens: int, ends: set[int], adapter) -> 
     return continuations
 
 
-def position_logits(llm, sequences: list[tuple[list[int], int]]) -> list:
+def position_logits(llm, sequences: list[tuple[list[int], int]], lora_path: Path | None = None) -> list:
     """For each (tokens, first): float32 logits (rows, vocab) of positions first .. len(tokens) - 2 (the rows that
-    predict tokens first + 1 .. the last), every sequence of a wave in one batch, their shared start once."""
+    predict tokens first + 1 .. the last), every sequence of a wave in one batch, their shared start once; with
+    `lora_path`, the LoRA GGUF applied on the model."""
+    adapter = _load_adapter(llm, lora_path) if lora_path else None
     rows: list = []
     for wave in _waves([tokens for tokens, _ in sequences], 0, _kv_bytes_per_token(llm)):
-        rows += _wave_logits(llm, sequences[len(rows) : len(rows) + len(wave)])
+        rows += _wave_logits(llm, sequences[len(rows) : len(rows) + len(wave)], adapter)
     return rows
 
 
-def _wave_logits(llm, sequences: list[tuple[list[int], int]]) -> list:
+def _wave_logits(llm, sequences: list[tuple[list[int], int]], adapter) -> list:
     import llama_cpp
     import numpy as np
 
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
     shared = min(shared_start([tokens for tokens, _ in sequences]), *(first for _, first in sequences))
     size = sum(len(tokens) - shared for tokens, _ in sequences) + shared
-    with _context(llm, size, len(sequences), size, None) as (context, batch):
+    with _context(llm, size, len(sequences), size, adapter) as (context, batch):
         _add_shared_start(batch, sequences[0][0][:shared], len(sequences))  # no position to read is in it
         reads = []
         for sequence, (tokens, first) in enumerate(sequences):

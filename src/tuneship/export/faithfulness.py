@@ -79,16 +79,19 @@ def measure_faithfulness(
     quants: dict[str, Path],
     sequences: list[ScoredSequence],
     memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
+    lora: Path | None = None,
 ) -> dict[str, Faithfulness]:
+    """Each quant against `reference`; with `lora`, the same LoRA GGUF applied on every one of them (a LoRA on a
+    quantized base against the same LoRA on the f16 base: what quantizing the base does to the version)."""
     with _llama(reference) as llm:
         bytes_per_position = 8 * llm.n_vocab()
     totals = {name: _Totals() for name in quants}
     for chunk in _chunks(sequences, bytes_per_position, memory_budget_bytes):
         with _llama(reference) as llm:
-            reference_rows = _answer_log_probs(llm, chunk)
+            reference_rows = _answer_log_probs(llm, chunk, lora)
         for name, path in quants.items():
             with _llama(path) as llm:
-                for rows, quant_rows in zip(reference_rows, _answer_log_probs(llm, chunk)):
+                for rows, quant_rows in zip(reference_rows, _answer_log_probs(llm, chunk, lora)):
                     totals[name].add(rows, quant_rows)
     return {name: total.result() for name, total in totals.items()}
 
@@ -124,14 +127,14 @@ class _Totals:
         return Faithfulness(self.kl / count, self.agreeing / count, self.positions)
 
 
-def _answer_log_probs(llm, sequences: list[ScoredSequence]) -> list:
+def _answer_log_probs(llm, sequences: list[ScoredSequence], lora: Path | None) -> list:
     """Per sequence, float64 log-softmax rows of the positions that predict its answer tokens."""
     import numpy as np
 
     from tuneship.evaluate.llama_parallel import position_logits
 
     log_probs = []
-    for logits in position_logits(llm, [(s.tokens, s.answer_start - 1) for s in sequences]):
+    for logits in position_logits(llm, [(s.tokens, s.answer_start - 1) for s in sequences], lora):
         logits = logits.astype(np.float64)
         peak = logits.max(axis=1, keepdims=True)
         log_probs.append(logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))))

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tuneship.evaluate.report import add_model, load_report, write_report
 from tuneship.evaluate.stage import check_all, eval_inputs, generation_precision, require_gates
-from tuneship.export.faithfulness import Faithfulness, kl_gate_failures, measure_quants, scored_sequences
+from tuneship.export.faithfulness import (
+    Faithfulness,
+    kl_gate_failures,
+    measure_faithfulness,
+    measure_quants,
+    scored_sequences,
+)
 from tuneship.run import Run, fingerprint
 
 if TYPE_CHECKING:
@@ -149,16 +155,30 @@ def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path |
 
 
 def _export_lora(context: ExportContext) -> ExportResult:
-    """export.merge false: the adapter as a LoRA GGUF, checked in llama.cpp on an f16 GGUF of the base."""
+    """export.merge false: the adapter as a LoRA GGUF, checked in llama.cpp as it serves, on the base's quantized
+    GGUF (the deployed quant), and measured (KL, top-1 agreement) against the same LoRA on the base's f16 GGUF,
+    whose answers are checked too. The base GGUFs are built once per base model (export/base.py)."""
     from tuneship.export import gguf
+    from tuneship.export.base import REFERENCE_KIND, base_gguf
     from tuneship.models import adapter_base_dir
 
-    run = context.run
+    run, quant = context.run, context.run.deployed_quant
     base_dir = adapter_base_dir(run)
     lora = context.timed("convert lora", lambda: gguf.convert_lora_to_gguf(run.adapter_dir, base_dir, run.lora_gguf))
-    if not run.base_gguf.is_file():
-        context.timed("convert base", lambda: gguf.convert_to_gguf(Path(base_dir), run.base_gguf, "f16"))
-    context.console.print(f"wrote {lora.name}; checking it in llama.cpp on {run.base_gguf.name}")
-    summary, _ = _check_gguf(context, run.base_gguf, "gguf-lora", lora_path=lora)
+    reference = context.timed(f"base {REFERENCE_KIND}", lambda: base_gguf(base_dir, REFERENCE_KIND))
+    context.console.print(f"wrote {lora.name}; checking it in llama.cpp on the base model's GGUF")
+    summaries = {}
+    summaries[f"gguf-lora-{REFERENCE_KIND}"], generation = _check_gguf(
+        context, reference, f"gguf-lora-{REFERENCE_KIND}", lora_path=lora
+    )
+    measured = {}
+    if quant != REFERENCE_KIND:
+        served = context.timed(f"base {quant}", lambda: base_gguf(base_dir, quant))
+        summaries[f"gguf-lora-{quant}"], _ = _check_gguf(context, served, f"gguf-lora-{quant}", lora_path=lora)
+        measured = context.timed(
+            "faithfulness",
+            lambda: measure_faithfulness(reference, {f"lora-{quant}": served}, scored_sequences(generation), lora=lora),
+        )
+        summaries[f"gguf-lora-{quant}"].update(measured[f"lora-{quant}"].to_summary())
     info = gguf.read_gguf(lora, "lora")
-    return ExportResult(None, [asdict(info) | {"chat_template": None}], {"gguf-lora": summary}, context.timings)
+    return ExportResult(None, [asdict(info) | {"chat_template": None}], summaries, context.timings, measured)

@@ -31,6 +31,7 @@ from rich.console import Console
 
 from tuneship.config import Config
 from tuneship.errors import ContractBroken, GateFailed, TuneshipError
+from tuneship.loop.adapter_form import adapter_files, drop_checkpoints, in_adapter_form, is_adapter_format
 from tuneship.loop.blame import hold_blamed
 from tuneship.loop.examples import current_waiting, gate_sets, replay_sample, write_cycle_data
 from tuneship.loop.fewshot import SELECTED_EVENT, ShotChoice, select_shots
@@ -103,7 +104,7 @@ def finetune_cycle(
 ) -> CycleResult:
     """Harvest, choose examples, train the challenger through the pipeline, gate it, conclude."""
     store = loop.store
-    champion = store.champion()
+    champion = in_adapter_form(loop, store.champion())
     heartbeat.stage("harvest")
     harvest(store, loop.cfg, version_chat_format(champion).measure)
     version = _resume_or_new_version(loop, champion)
@@ -126,7 +127,7 @@ def finetune_cycle(
     except GateFailed as exc:  # its own eval or export gates (recall of what it was taught): an ordinary rejection
         decision = GateDecision(False, [f"{failed_stage(cfg)}: {exc}"])
         return conclude(loop, heartbeat, version, decision, actor, live_url)
-    version = store.update_version(version.id, status="candidate", gguf=str(version_gguf(cfg, Path(version.run_dir))))
+    version = store.update_version(version.id, status="candidate", **_served_files(cfg, Path(version.run_dir)))
     heartbeat.stage("gate", version.id)
     decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
     return conclude(loop, heartbeat, version, decision, actor, live_url)
@@ -164,6 +165,14 @@ def _resume_or_new_version(loop: Loop, champion: Version) -> Version:
     )
 
 
+def _served_files(cfg: Config, run_dir: Path) -> dict[str, str | None]:
+    """The registry's `gguf` and `adapter` of a trained challenger, by loop.version_format."""
+    if is_adapter_format(cfg):
+        base, lora = adapter_files(cfg, run_dir)
+        return {"gguf": str(base), "adapter": str(lora)}
+    return {"gguf": str(version_gguf(cfg, run_dir)), "adapter": None}
+
+
 def challenger_config(base: Config, run_name: str, champion_run: Path, train_file: Path, golden_file: Path) -> Config:
     cfg = base.model_copy(deep=True)
     cfg.run.name = run_name
@@ -176,6 +185,7 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, train_fil
     cfg.eval.prompts = golden_file if golden_file.stat().st_size else None
     cfg.eval.train_prompts = max(cfg.eval.train_prompts, 1)
     cfg.deploy.target = "none"
+    cfg.export.merge = not is_adapter_format(base)  # adapter format: the LoRA GGUF, checked on the base quant
     return cfg
 
 
@@ -194,7 +204,7 @@ def fewshot_cycle(
     """Harvest, choose shots, register the candidate (the champion's run + shots), gate it, then promote or
     reject it as any challenger."""
     store = loop.store
-    champion = store.champion()
+    champion = in_adapter_form(loop, store.champion())
     heartbeat.stage("harvest")
     chat_format = version_chat_format(champion)
     harvest(store, loop.cfg, chat_format.measure)
@@ -236,6 +246,7 @@ def _register_candidate(loop: Loop, champion: Version, choice: ShotChoice) -> Ve
         parent_id=champion.id,
         run_dir=champion.run_dir,
         gguf=champion.gguf,
+        adapter=champion.adapter,
         status="candidate",
         kind="fewshot",
         shots=choice.shots,
@@ -256,6 +267,7 @@ def conclude(
     version = store.update_version(version.id, metrics={**version.metrics, "gate": decision.metrics})
     data = {"promoted": decision.is_promoted, **decision.metrics, "regressed": decision.regressed}
     store.add_event("gated", actor, "; ".join(decision.reasons), data, version.id)
+    drop_checkpoints(loop, version)
     if not decision.is_promoted:
         store.update_version(version.id, status="rejected")
         blamed = hold_blamed(loop, version, decision) if version.kind == "finetune" else {}

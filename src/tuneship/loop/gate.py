@@ -1,4 +1,5 @@
-"""The gate: challenger vs champion, both in llama.cpp on the quantized GGUF that would ship, greedy, each
+"""The gate: challenger vs champion, both in llama.cpp as they serve (the quantized GGUF that would ship, or in
+adapter format the LoRA GGUF on the base's quantized GGUF), greedy, each
 with its own ChatFormat (and a few-shot version's shots before every prompt), judged prompt by prompt.
 
 - golden and replay (facts that must still hold): only the prompts the champion answers right are gated. A short
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tuneship.chat.format import ChatFormat
 from tuneship.config import Config, LoopSection
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.checks import AnswerCheck, check_answer, is_short, summarize
@@ -51,16 +51,17 @@ class GateDecision:
         return asdict(self)
 
 
-def measure(
-    gguf: Path, chat_format: ChatFormat, sets: dict[str, list[EvalPrompt]], max_new_tokens: int, shots: list[dict]
-) -> dict[str, Measured]:
-    """{set: Measured} for one GGUF, with a few-shot version's shots before every prompt."""
+def measure(version: Version, sets: dict[str, list[EvalPrompt]], max_new_tokens: int) -> dict[str, Measured]:
+    """{set: Measured} for one version as it serves: its GGUF (with its LoRA GGUF in adapter format), its
+    ChatFormat, a few-shot version's shots before every prompt."""
+    chat_format = version_chat_format(version)
+    gguf, lora = Path(version.gguf), Path(version.adapter) if version.adapter else None
     markers = chat_format.special_tokens()
     results = {}
     for name, prompts in sets.items():
         if not prompts:
             continue
-        answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, shots), max_new_tokens)
+        answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, version.shots), max_new_tokens, lora)
         checks = [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
         results[name] = Measured(summarize(checks), checks)
     return results
@@ -171,6 +172,6 @@ def _promotion_reason(verdicts: dict) -> str:
 def run_gate(champion: Version, challenger: Version, sets: dict[str, list[EvalPrompt]], cfg: Config) -> GateDecision:
     """Both registry versions (their GGUF, ChatFormat, and shots when few-shot) on the same sets."""
     tokens = cfg.eval.max_new_tokens
-    old = measure(Path(champion.gguf), version_chat_format(champion), sets, tokens, champion.shots)
-    new = measure(Path(challenger.gguf), version_chat_format(challenger), sets, tokens, challenger.shots)
+    old = measure(champion, sets, tokens)
+    new = measure(challenger, sets, tokens)
     return gate_decision(sets, old, new, cfg.loop)

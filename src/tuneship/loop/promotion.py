@@ -23,7 +23,7 @@ from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
 from tuneship.loop.examples import examples_by_id, golden, prompts_from
-from tuneship.loop.registry import Loop, RegistryError, require_servable, version_chat_format
+from tuneship.loop.registry import Loop, RegistryError, require_servable, served_files, version_chat_format
 from tuneship.loop.shots import prompts_with_shots
 from tuneship.loop.tables import Version
 from tuneship.models import trained_chat_format
@@ -43,7 +43,7 @@ def promotable(version: Version) -> None:
     """A version that can be made the champion: trained, with its GGUF in place (RegistryError if not)."""
     if version.status in ("training", "failed"):
         raise RegistryError(f"v{version.id} is {version.status}: only a trained version can be promoted")
-    if not version.gguf or not Path(version.gguf).is_file():
+    if not all(Path(f).is_file() for f in served_files(version)):
         raise RegistryError(f"v{version.id} has no GGUF file; it cannot serve (see `tuneship loop versions`)")
 
 
@@ -150,9 +150,9 @@ def _ask_directly(loop: Loop, version: Version, prompt: EvalPrompt) -> dict:
         return {"version": version.id, "finish_reason": finish, "text": (reply.get("message") or {}).get("content", "")}
 
     chat_format = version_chat_format(version)
-    [answer], _ = gguf_answers(
-        Path(version.gguf), chat_format, prompts_with_shots([prompt], version.shots), loop.cfg.eval.max_new_tokens
-    )
+    lora = Path(version.adapter) if version.adapter else None
+    prompts = prompts_with_shots([prompt], version.shots)
+    [answer], _ = gguf_answers(Path(version.gguf), chat_format, prompts, loop.cfg.eval.max_new_tokens, lora)
     return {"version": version.id, "finish_reason": "stop" if answer.stopped else "length", "text": answer.text}
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tuneship.config import Config
 from tuneship.loop.promotion import previous_champion
-from tuneship.loop.registry import Loop
+from tuneship.loop.registry import Loop, served_files
 from tuneship.loop.tables import Version, utcnow
 
 ENDED = ("retired", "rejected", "failed")
@@ -110,8 +110,7 @@ def protected_paths(loop: Loop, kept: list[Version]) -> list[Path]:
     paths = []
     for version in kept:
         paths += [Path(version.run_dir).resolve(), loop.cycle_dir(version.id).resolve()]
-        if version.gguf:
-            paths.append(Path(version.gguf).resolve())
+        paths += [Path(f).resolve() for f in served_files(version) if f]
     return paths
 
 
@@ -161,9 +160,9 @@ def _update_rows(loop: Loop, doomed: list[Version], deleted: dict[int, list[Path
     at = utcnow().isoformat()
     for version in doomed:
         fields = {}
-        gguf = Path(version.gguf).resolve() if version.gguf else None
-        if gguf is not None and not gguf.exists() and any(gguf == p or p in gguf.parents for p in gone):
-            fields["gguf"] = None
+        files = [Path(f).resolve() for f in served_files(version) if f]
+        if any(not f.exists() and any(f == p or p in f.parents for p in gone) for f in files):
+            fields.update(gguf=None, adapter=None)
         if version.id in deleted:
             earlier = version.metrics.get("pruned", {})
             paths = [*earlier.get("paths", []), *map(str, deleted[version.id])]

@@ -118,8 +118,9 @@ def relocate_versions(loop: Loop) -> list[int]:
     moved = []
     for version in loop.store.versions():
         fields = {"run_dir": moved_path(version.run_dir, old, new)}
-        if version.gguf:
-            fields["gguf"] = moved_path(version.gguf, old, new)
+        for key in ("gguf", "adapter"):
+            if getattr(version, key):
+                fields[key] = moved_path(getattr(version, key), old, new)
         changed = {key: value for key, value in fields.items() if value != getattr(version, key)}
         if changed:
             loop.store.update_version(version.id, **changed)
@@ -204,10 +205,16 @@ def import_golden_file(store: Store, path: Path, cfg: Config) -> int:
     return import_conversations(store, kept, "golden")
 
 
+def served_files(version: Version) -> list[str]:
+    """What llama.cpp loads for a version: its GGUF, and in adapter format its LoRA GGUF; [""] when it has none."""
+    return [version.gguf or "", *([version.adapter] if version.adapter else [])]
+
+
 def require_servable(version: Version) -> None:
     """A version the loop can serve and train from: an exported GGUF and the run's adapter with its ChatFormat."""
     run_dir = Path(version.run_dir)
-    if not version.gguf or not Path(version.gguf).is_file() or not (run_dir / "adapter" / "chat_format.json").is_file():
+    files = served_files(version)
+    if not all(Path(f).is_file() for f in files) or not (run_dir / "adapter" / "chat_format.json").is_file():
         raise RegistryError(
             f"v{version.id} ({version.name}) has no exported GGUF or adapter in {run_dir}; "
             f"run `tuneship run` (or `tuneship export {run_dir}`) first"

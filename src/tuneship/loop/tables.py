@@ -119,7 +119,8 @@ class Version(Base):
     name: Mapped[str] = mapped_column(String(200))
     parent_id: Mapped[int | None] = mapped_column(Integer)
     run_dir: Mapped[str] = mapped_column(Text)
-    gguf: Mapped[str | None] = mapped_column(Text)
+    gguf: Mapped[str | None] = mapped_column(Text)  # the model file llama.cpp loads (adapter format: the base's)
+    adapter: Mapped[str | None] = mapped_column(Text)  # adapter format: the LoRA GGUF applied on `gguf`
     status: Mapped[str] = mapped_column(String(20), index=True)
     example_ids: Mapped[list[Any]] = mapped_column(default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -1,14 +1,8 @@
 """Model backends behind the chat API, and the router that picks one per request with fallback.
 
-- LlamaCppModel: a version's GGUF in llama.cpp, in-process; the prompt is rendered with the version's own
-  ChatFormat (a few-shot version's shots before the conversation) and generation stops on its stop tokens.
-  One request at a time per model (llama.cpp contexts are not thread-safe); between tokens it asks whether to
-  stop (the client is gone, serve.timeout has passed).
+- LlamaCppModel (pool.py): a version in llama.cpp, in-process, loaded in the ModelPool (adapter-format versions
+  share one loaded base GGUF).
 - OllamaModel: an Ollama model over REST (/api/chat), through deploy/ollama.py's client.
-- ModelPool: loaded GGUFs by version. The champion and the versions routes name stay loaded, and of the others
-  the `serve.max_loaded_models` most recently used (an LRU); a GGUF loads outside the pool's lock, so loading one
-  never holds up another version. When the champion moves, the old model is closed only once its in-flight
-  requests are done (or kept, while it is among the recently used), so a promotion never drops a request.
 - Router: model name -> targets ("champion", "v<N>", "ollama:<model>"), primary then fallbacks. Each model that
   answers has a bounded queue (generation.py: `serve.max_concurrent` at once, `serve.max_queue` waiting) and each
   generation runs in a thread of its own; a target that is full, raises or times out falls through, and the
@@ -21,16 +15,15 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneship.data.conversation import Conversation, Message, SourceRef
 from tuneship.errors import TuneshipError
-from tuneship.loop.shots import with_shots
+from tuneship.loop.registry import served_files
+from tuneship.serve.pool import BackendError, LlamaCppModel, ModelPool, Reply, never
 from tuneship.serve.generation import Emit, Generation, GenerationTimeout, Overloaded, ShouldStop, Slots
 
 if TYPE_CHECKING:
@@ -41,23 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tuneship.serve")
 
 
-class BackendError(TuneshipError):
-    """No backend could answer."""
-
-
 class UnknownModel(TuneshipError):
     """The request names a model this server does not serve."""
-
-
-@dataclass
-class Reply:
-    text: str
-    finish_reason: str
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    answered_by: str = ""
-    version_id: int | None = None
-    tried: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -67,77 +45,6 @@ class Ask:
     messages: list[dict]
     max_tokens: int
     temperature: float
-
-
-def never() -> bool:
-    return False
-
-
-def to_conversation(messages: list[dict]) -> Conversation:
-    """OpenAI-style messages -> the canonical Conversation (a leading system message becomes its system)."""
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-    turns = [Message(m["role"], m["content"]) for m in messages[1 if system is not None else 0 :]]
-    return Conversation(turns, SourceRef("request", 0), system)
-
-
-class LlamaCppModel:
-    def __init__(
-        self,
-        gguf: Path,
-        chat_format_dir: Path,
-        n_ctx: int,
-        label: str,
-        version_id: int | None = None,
-        shots: list[dict] | None = None,
-    ):
-        from tuneship.chat.format import ChatFormat
-        from tuneship.evaluate.backends import LlamaCppRunner
-
-        self.runner = LlamaCppRunner(gguf, n_ctx)
-        self.chat_format = ChatFormat.load(chat_format_dir)
-        self.label = label
-        self.version_id = version_id
-        self.shots = list(shots or [])
-        self.lock = threading.Lock()
-
-    def stream(
-        self, messages: list[dict], max_tokens: int, temperature: float, reply: Reply, stop: ShouldStop = never
-    ) -> Iterator[str]:
-        """Yield text pieces; fills `reply` (finish reason, token counts) when done. `stop()` is asked between
-        tokens: when it says so, the answer ends there (finish reason "length")."""
-        llm = self.runner.llm
-        prompt = self.chat_format.generation_prompt(with_shots(to_conversation(messages), self.shots))
-        stop_ids = set(self.chat_format.spec.stop_token_ids) | {llm.token_eos()}
-        sampling = {"top_k": 1, "temp": 0.0} if temperature <= 0 else {"top_k": 40, "temp": temperature}
-        with self.lock:
-            if stop():
-                return
-            tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-            if len(tokens) + max_tokens > llm.n_ctx():
-                shots = f" (with {len(self.shots)} few-shot turns)" if self.shots else ""
-                raise BackendError(
-                    f"messages: the prompt is {len(tokens)} tokens{shots}; with max_tokens={max_tokens} it exceeds "
-                    f"the context of {llm.n_ctx()} (serve.n_ctx)"
-                )
-            reply.prompt_tokens, reply.finish_reason = len(tokens), "length"
-            generated: list[int] = []
-            sent = ""
-            for token in llm.generate(tokens, top_p=1.0, repeat_penalty=1.0, reset=True, **sampling):
-                if token in stop_ids:
-                    reply.finish_reason = "stop"
-                    break
-                generated.append(token)
-                text = llm.detokenize(generated, special=True).decode("utf-8", "replace")
-                if not text.endswith("\ufffd") and len(text) > len(sent):
-                    yield text[len(sent) :]
-                    sent = text
-                if len(generated) >= max_tokens or stop():
-                    break
-            reply.completion_tokens = len(generated)
-            reply.text = sent
-
-    def close(self) -> None:
-        self.runner.close()
 
 
 class OllamaModel:
@@ -161,84 +68,6 @@ class OllamaModel:
         reply.prompt_tokens, reply.completion_tokens = answer.get("prompt_eval_count"), answer.get("eval_count")
         if reply.text:
             yield reply.text
-
-
-def load_version(version: Version, n_ctx: int) -> LlamaCppModel:
-    if not version.gguf or not Path(version.gguf).is_file():
-        raise BackendError(
-            f"v{version.id} ({version.name}) has no GGUF at {version.gguf}; run `tuneship export {version.run_dir}` "
-            "first"
-        )
-    return LlamaCppModel(
-        Path(version.gguf), Path(version.run_dir) / "adapter", n_ctx, version.name, version.id, version.shots
-    )
-
-
-class ModelPool:
-    """GGUFs loaded by version id, reference-counted by in-flight requests. The wanted versions stay loaded, and
-    of the others the `keep_recent` most recently used; the rest are closed as soon as no request uses them."""
-
-    def __init__(self, n_ctx: int, keep_recent: int = 0):
-        self.n_ctx = n_ctx
-        self.keep_recent = keep_recent
-        self.models: dict[int, LlamaCppModel] = {}
-        self.in_flight: dict[int, int] = {}
-        self.wanted: set[int] = set()
-        self.recent: OrderedDict[int, None] = OrderedDict()  # version ids, least recently used first
-        self.loading: dict[int, threading.Lock] = {}  # one load at a time per version
-        self.lock = threading.Lock()
-
-    @contextmanager
-    def use(self, version: Version) -> Iterator[LlamaCppModel]:
-        model = self._acquire(version)
-        try:
-            yield model
-        finally:
-            with self.lock:
-                self.in_flight[version.id] -= 1
-            self.release_unwanted()
-
-    def _acquire(self, version: Version) -> LlamaCppModel:
-        with self.lock:
-            if version.id in self.models:
-                return self._take(version.id)
-            loading = self.loading.setdefault(version.id, threading.Lock())
-        with loading:  # outside the pool's lock: the other versions answer while this one loads
-            with self.lock:
-                if version.id in self.models:
-                    return self._take(version.id)
-            model = load_version(version, self.n_ctx)
-            with self.lock:
-                self.models[version.id] = model
-                return self._take(version.id)
-
-    def _take(self, version_id: int) -> LlamaCppModel:
-        """One more request on a loaded model, now the most recently used (under the pool's lock)."""
-        self.in_flight[version_id] = self.in_flight.get(version_id, 0) + 1
-        self.recent[version_id] = None
-        self.recent.move_to_end(version_id)
-        return self.models[version_id]
-
-    def keep_only(self, version_ids: set[int]) -> None:
-        """Models outside `version_ids` (and the `keep_recent` most recently used) are closed once idle."""
-        with self.lock:
-            self.wanted = set(version_ids)
-        self.release_unwanted()
-
-    def release_unwanted(self) -> None:
-        with self.lock:
-            spare = [v for v in self.recent if v in self.models and v not in self.wanted]
-            kept = set(spare[max(0, len(spare) - self.keep_recent) :])
-            idle = [v for v in spare if v not in kept and not self.in_flight.get(v)]
-            for version_id in idle:
-                del self.recent[version_id]
-            closing = [self.models.pop(v) for v in idle]
-        for model in closing:
-            model.close()
-
-    def close(self) -> None:
-        self.keep_recent = 0
-        self.keep_only(set())
 
 
 @dataclass(frozen=True)
@@ -309,15 +138,16 @@ class Router:
         self.slots: dict[str, Slots] = {}  # target key -> its queue (touched in the event loop only)
 
     def warm_up(self) -> None:
-        """Load the champion's GGUF and ChatFormat before the first request (and before any other thread
-        imports transformers: its lazy imports are not safe to race)."""
+        """Load the champion before the first request (and before any other thread imports transformers: its lazy
+        imports are not safe to race); in adapter format (loop.version_format) first bring it into that form, so
+        every later version shares its loaded base."""
+        from tuneship.loop.adapter_form import in_adapter_form
+
         champion = self.loop.store.champion()
-        if (
-            self.serve.backend != "llamacpp"
-            or champion is None
-            or not champion.gguf
-            or not Path(champion.gguf).is_file()
-        ):
+        if self.serve.backend != "llamacpp" or champion is None or not champion.gguf:
+            return
+        champion = in_adapter_form(self.loop, champion)
+        if not all(Path(f).is_file() for f in served_files(champion)):
             return
         self.pool.keep_only(self._wanted_versions())
         with self.pool.use(champion):
