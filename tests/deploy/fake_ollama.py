@@ -85,7 +85,8 @@ class FakeOllama(LoopbackServer):
 
             def _create(self, body: dict):
                 lines = [{"status": "parsing GGUF"}]
-                missing = [d for d in body.get("files", {}).values() if not fake.blob_path(d).is_file()]
+                blobs = [*body.get("files", {}).values(), *body.get("adapters", {}).values()]
+                missing = [d for d in blobs if not fake.blob_path(d).is_file()]
                 if missing:
                     lines.append({"error": f"blob {missing[0]} not found"})
                 elif fake.create_error:

@@ -46,6 +46,7 @@ class ModelSpec:
     parameters: dict[str, float | int] = field(default_factory=dict)
     messages: list[dict[str, str]] = field(default_factory=list)
     license: str | None = None
+    adapter: Path | None = None  # a LoRA GGUF applied on `gguf` (ADAPTER; the REST API's `adapters`)
 
     def all_parameters(self) -> dict:
         unknown = sorted(set(self.parameters) - VALID_PARAMETERS)
@@ -116,13 +117,19 @@ def quote(value: str, what: str) -> str:
     return f'"{value}"'
 
 
-def render_modelfile(spec: ModelSpec, relative_to: Path) -> str:
+def file_reference(path: Path, relative_to: Path) -> str:
+    """`./<path>` when the file is under `relative_to` (the Modelfile's folder), else its absolute path."""
     try:
-        source = spec.gguf.resolve().relative_to(relative_to.resolve())
-        source_text = f"./{source.as_posix()}"
+        return f"./{path.resolve().relative_to(relative_to.resolve()).as_posix()}"
     except ValueError:
-        source_text = str(spec.gguf.resolve())
-    lines = [f"FROM {source_text}", f"TEMPLATE {quote(spec.template, 'the template')}"]
+        return str(path.resolve())
+
+
+def render_modelfile(spec: ModelSpec, relative_to: Path) -> str:
+    lines = [f"FROM {file_reference(spec.gguf, relative_to)}"]
+    if spec.adapter is not None:
+        lines.append(f"ADAPTER {file_reference(spec.adapter, relative_to)}")
+    lines.append(f"TEMPLATE {quote(spec.template, 'the template')}")
     if spec.system is not None:
         lines.append(f"SYSTEM {quote(spec.system, 'the system prompt')}")
     for key, value in spec.all_parameters().items():

@@ -77,11 +77,28 @@ def run_template_check(cfg: Config, run: Run, console: Console) -> ContractResul
 
     with run.recording("template", template_inputs(cfg, run)) as outputs:
         chat_format = trained_chat_format(run)
-        result = check_contract(chat_format, run.adapter_dir, to_ollama(chat_format), contract_gguf(run))
+        gguf = lora_files(cfg, run).get("gguf") or contract_gguf(run)
+        result = check_contract(chat_format, run.adapter_dir, to_ollama(chat_format), gguf)
         outputs.update(renderers=result.renderers, gguf=str(result.gguf) if result.gguf else None)
         print_contract(console, result)
         require_contract(result)
     return result
+
+
+def lora_files(cfg: Config, run: Run) -> dict[str, Path]:
+    """export.merge false: {"gguf": the base's quantized GGUF, "adapter": the run's LoRA GGUF}, what is deployed
+    (FROM and ADAPTER); else {} (the run's deployed GGUF alone)."""
+    if cfg.export.merge:
+        return {}
+    from tuneship.export.base import base_gguf
+    from tuneship.models import adapter_base_dir
+
+    return {"gguf": base_gguf(adapter_base_dir(run), run.deployed_quant), "adapter": run.lora_gguf}
+
+
+def deployed_column(cfg: Config, run: Run) -> str:
+    """The column of the eval report that holds the deployed model's answers in llama.cpp."""
+    return f"gguf-{'' if cfg.export.merge else 'lora-'}{run.deployed_quant}"
 
 
 def deployed_gguf(run: Run) -> Path:
@@ -121,10 +138,13 @@ def longest_conversation(cfg: Config, run: Run) -> int:
     return cfg.train.max_seq_len
 
 
-def build_spec(cfg: Config, run: Run, chat_format: ChatFormat) -> tuple[ModelSpec, OllamaTemplate]:
+def build_spec(
+    cfg: Config, run: Run, chat_format: ChatFormat, gguf: Path | None = None, adapter: Path | None = None
+) -> tuple[ModelSpec, OllamaTemplate]:
     """The Modelfile's fields and the Ollama TEMPLATE the contract checks. With MESSAGE turns (deploy.messages,
     a few-shot version's shots) the TEMPLATE renders the system prompt before them, a request's own too, as
-    llama.cpp does (see modelfile.system_first)."""
+    llama.cpp does (see modelfile.system_first). `gguf` and `adapter`: another model file than the run's deployed
+    GGUF, and a LoRA GGUF applied on it (a loop version in adapter format)."""
     template = to_ollama(chat_format)
     messages = list(cfg.deploy.messages)
     if messages:
@@ -135,13 +155,14 @@ def build_spec(cfg: Config, run: Run, chat_format: ChatFormat) -> tuple[ModelSpe
     ]
     parameters = {**cfg.deploy.parameters, "num_ctx": context_length(cfg, run)}
     spec = ModelSpec(
-        deployed_gguf(run),
+        gguf or deployed_gguf(run),
         template.template,
         template.system,
         stop,
         parameters,
         messages,
         _license(run),
+        adapter,
     )
     return spec, template
 
@@ -172,7 +193,7 @@ def run_deploy(cfg: Config, run: Run, console: Console) -> DeployResult:
 
     with run.recording("deploy", deploy_inputs(cfg, run)) as outputs:
         chat_format = trained_chat_format(run)
-        spec, template = build_spec(cfg, run, chat_format)
+        spec, template = build_spec(cfg, run, chat_format, **lora_files(cfg, run))
         require_contract(check_contract(chat_format, run.adapter_dir, template, spec.gguf))
         modelfile, why_not = write_modelfile(spec, run)
         result = DeployResult(cfg.deploy.target, run.deployed_name, modelfile)
@@ -237,6 +258,10 @@ def create_in_ollama(client: OllamaClient, name: str, spec: ModelSpec) -> str:
         "template": spec.template,
         "parameters": spec.all_parameters(),
     }
+    if spec.adapter is not None:
+        adapter_digest = file_digest(spec.adapter)
+        client.push_blob(spec.adapter, adapter_digest)
+        payload["adapters"] = {spec.adapter.name: adapter_digest}
     optional = {"system": spec.system, "messages": spec.messages, "license": spec.license}
     payload.update({key: value for key, value in optional.items() if value})
     client.create(payload)
@@ -283,7 +308,7 @@ def smoke_test(client: OllamaClient, name: str, cfg: Config, run: Run, chat_form
     from tuneship.evaluate.prompts import build_prompt_set
 
     prompts = build_prompt_set(run.data_dir, cfg.eval)[: cfg.deploy.smoke_prompts]
-    reference = _gguf_answers(run)
+    reference = _gguf_answers(cfg, run)
     markers = chat_format.special_tokens()
     failures = []
     options = {"temperature": 0, "seed": 0, "num_predict": cfg.eval.max_new_tokens}
@@ -306,9 +331,9 @@ def smoke_test(client: OllamaClient, name: str, cfg: Config, run: Run, chat_form
     return {"prompts": len(prompts), "passed": len(prompts)}
 
 
-def _gguf_answers(run: Run) -> list[str]:
+def _gguf_answers(cfg: Config, run: Run) -> list[str]:
     """What the deployed GGUF answered in llama.cpp at export (its column of eval.json)."""
     if not run.eval_report.is_file():
         return []
-    column = json.loads(run.eval_report.read_text(encoding="utf-8"))["models"].get(f"gguf-{run.deployed_quant}")
+    column = json.loads(run.eval_report.read_text(encoding="utf-8"))["models"].get(deployed_column(cfg, run))
     return [a["answer"] for a in column["answers"]] if column else []

@@ -84,9 +84,14 @@ def cycle(
 
 @loop_app.command("versions")
 def versions(target: str = TargetArgument, overrides: Optional[list[str]] = SetOption) -> None:
-    """The registry: every version, its parent, status and gate numbers."""
-    table = Table("version", "name", "status", "kind", "parent", "golden F1", "new F1", "GGUF")
-    for v in _open(target, overrides).store.versions():
+    """The registry: every version, its parent, status, gate numbers, what it serves from and its disk use."""
+    from tuneship.loop.prune import disk_use
+    from tuneship.loop.status import format_bytes
+
+    loop = _open(target, overrides)
+    disk = disk_use(loop)
+    table = Table("version", "name", "status", "kind", "parent", "golden F1", "new F1", "serves from", "disk")
+    for v in loop.store.versions():
         gate = v.metrics.get("gate", {}).get("challenger", {})
         table.add_row(
             f"v{v.id}",
@@ -96,13 +101,34 @@ def versions(target: str = TargetArgument, overrides: Optional[list[str]] = SetO
             f"v{v.parent_id}" if v.parent_id else "",
             _metric(gate.get("golden"), "f1"),
             _metric(gate.get("new"), "f1"),
-            v.gguf or "",
+            f"{Path(v.adapter).name} on {Path(v.gguf or '').name}" if v.adapter else Path(v.gguf or "").name,
+            format_bytes(disk.get(v.id, 0)),
         )
     console.print(table)
+    console.print(
+        "disk: each version's own files (run folder, cycle folder); the base model's GGUFs that adapter versions "
+        "share are counted by none"
+    )
 
 
 def _metric(summary: dict | None, key: str) -> str:
     return f"{summary[key]:.3f}" if summary and key in summary else ""
+
+
+@loop_app.command("publish")
+def publish(
+    target: str = TargetArgument,
+    version: Optional[int] = typer.Option(None, "--version", help="the version (default: the champion)"),
+    merged: bool = typer.Option(False, "--merged", help="merge the adapter and export GGUFs, as `tuneship export`"),
+    overrides: Optional[list[str]] = SetOption,
+) -> None:
+    """A version as a Modelfile (FROM the base GGUF, ADAPTER its LoRA GGUF in adapter format), or merged into
+    GGUFs of its own (--merged); either checked in llama.cpp against the version as it serves."""
+    from tuneship.loop.publish import publish_version
+
+    published = publish_version(_open(target, overrides), version, merged, console)
+    console.print(f"published {escape(published.detail)}")
+    console.print(f"ollama create <name> -f {published.modelfile}")
 
 
 @loop_app.command("history")

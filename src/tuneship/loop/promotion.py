@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tuneship.config import Config
 from tuneship.deploy.contract import check_contract, require_contract
-from tuneship.deploy.modelfile import ModelfileError, render_modelfile
+from tuneship.deploy.modelfile import ModelfileError, ModelSpec, render_modelfile
 from tuneship.deploy.ollama import OllamaClient
 from tuneship.deploy.stage import build_spec, create_in_ollama
+from tuneship.deploy.ollama_template import OllamaTemplate
 from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
@@ -97,7 +98,7 @@ def _publish(loop: Loop, version_id: int, both: bool, latest: bool = True) -> No
     tagged, latest_name = ollama_names(loop, version_id)
     names = [tagged, latest_name] if both else [latest_name if latest else tagged]
     version_cfg = publish_config(loop, version)
-    lines = publish_to_ollama(version_cfg, Path(version.run_dir), names)
+    lines = publish_to_ollama(version_cfg, version, names)
     loop.store.add_event("published", "tuneship", "; ".join(lines), {"names": names}, version_id)
 
 
@@ -167,22 +168,27 @@ def publish_config(loop: Loop, version: Version) -> Config:
     return cfg
 
 
-def publish_to_ollama(version_cfg: Config, run_dir: Path, names: list[str]) -> list[str]:
-    """Create the version's GGUF in Ollama under each name (`name:v<N>`, `name:latest`) with its Modelfile
-    fields, after the template contract check, as `tuneship deploy` does."""
-    run = Run.of(version_cfg, Path(run_dir))
-    chat_format = trained_chat_format(run)
-    spec, template = build_spec(version_cfg, run, chat_format)
-    require_contract(check_contract(chat_format, run.adapter_dir, template, spec.gguf))
+def version_spec(version_cfg: Config, version: Version) -> tuple[ModelSpec, OllamaTemplate, Run]:
+    """A version's Modelfile fields as it serves: its GGUF, and in adapter format the base's quantized GGUF
+    (FROM) with its LoRA GGUF (ADAPTER)."""
+    run = Run.of(version_cfg, Path(version.run_dir))
+    files = {"gguf": Path(version.gguf), "adapter": Path(version.adapter)} if version.adapter else {}
+    spec, template = build_spec(version_cfg, run, trained_chat_format(run), **files)
+    return spec, template, run
+
+
+def publish_to_ollama(version_cfg: Config, version: Version, names: list[str]) -> list[str]:
+    """Create the version in Ollama under each name (`name:v<N>`, `name:latest`) with its Modelfile fields, after
+    the template contract check, as `tuneship deploy` does."""
+    spec, template, run = version_spec(version_cfg, version)
+    require_contract(check_contract(trained_chat_format(run), run.adapter_dir, template, spec.gguf))
     client = OllamaClient(version_cfg.deploy.host)
     return [create_in_ollama(client, name, spec) for name in names]
 
 
 def fewshot_modelfile(loop: Loop, version: Version) -> str:
     """<run.dir>/<name>-loop/v<N>/Modelfile (`ollama create name:v<N> -f` it by hand), or why there is none."""
-    cfg = publish_config(loop, version)
-    run = Run.of(cfg, Path(version.run_dir))
-    spec, _ = build_spec(cfg, run, trained_chat_format(run))
+    spec, _, _ = version_spec(publish_config(loop, version), version)
     folder = loop.cycle_dir(version.id)
     folder.mkdir(parents=True, exist_ok=True)
     try:
