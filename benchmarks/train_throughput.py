@@ -208,11 +208,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps)
         return
-    from tuneship.train.precision import measure_matmul_rates, physical_cores
+    from tuneship.train.precision import BF16_MIN_SPEEDUP, measure_matmul_rates, physical_cores
 
     load_before = os.getloadavg()[0]
     peak = measure_matmul_rates(PEAK_SHAPE, seconds=2.0)
-    limit = peak.bf16 * 1e9 / flops_per_trained_token()
+    limits = {name: rate * 1e9 / flops_per_trained_token() for name, rate in (("bf16", peak.bf16), ("fp32", peak.fp32))}
+    is_bf16_slow = peak.bf16_speedup < BF16_MIN_SPEEDUP
     print(
         f"machine: {platform.machine()}, {physical_cores()} physical cores, python {platform.python_version()}; "
         f"load average {load_before:.1f} at the start; "
@@ -220,7 +221,8 @@ def main() -> None:
     )
     print(
         f"measured matmul peak {peak.bf16:.0f} GFLOP/s bf16, {peak.fp32:.0f} fp32 ({PEAK_SHAPE[0]}^3); "
-        f"{flops_per_trained_token() / 1e9:.2f} GFLOP per trained token -> limit {limit:,.0f} tokens/s in bf16"
+        f"{flops_per_trained_token() / 1e9:.2f} GFLOP per trained token -> limit {limits['bf16']:,.0f} tokens/s "
+        f"in bf16, {limits['fp32']:,.0f} in fp32 (% limit: of the precision the row ran in)"
     )
     cores = physical_cores()
     header = (
@@ -230,11 +232,16 @@ def main() -> None:
     print(header + f"{'peak RSS MB':>13}{'final loss':>12}", flush=True)
     results = {}
     for name in ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]:
+        if is_bf16_slow and "train.precision=bf16" in ROWS.get(name, []):
+            print(
+                f"{name:<38} skipped: this CPU computes bf16 no faster than fp32 (emulated), so it would only be slow"
+            )
+            continue
         r = results[name] = measure(name, args.steps)
         rate, computed = r["tokens"] / r["seconds"], r["computed"] / r["seconds"]
         print(
             f"{name:<38}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}"
-            f"{computed:>10.0f}{100 * computed / limit:>8.0f}%"
+            f"{computed:>10.0f}{100 * computed / limits[r['precision']]:>8.0f}%"
             f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
             f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
             flush=True,

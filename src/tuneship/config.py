@@ -116,6 +116,12 @@ class TrainSection(Section):
     supervised_logits: bool = Field(True, description="logits and loss only where a supervised token is predicted")
     kernels: Literal["torch", "liger"] = Field("torch", description="liger: Liger's Triton kernels (CUDA only)")
     min_free_disk_gb: float = Field(1.0, ge=0.0, description="disk guard: stop before a save would leave less")
+    stop_when_learned: bool = Field(
+        False,
+        description="stop at an epoch's end once greedy decoding gives every training answer exactly and their mean "
+        "loss is below train.stop_loss (epochs / max_steps stay the budget); on for the loop's cycles",
+    )
+    stop_loss: float = Field(0.05, gt=0.0, description="train.stop_when_learned: the mean answer loss to reach")
     sample_every: int = Field(0, ge=0, description="generate sample answers every N steps (0: off)")
     sample_prompts: list[str] = Field(default_factory=list)
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
@@ -134,6 +140,11 @@ class EvalSection(Section):
     max_prompts: int = Field(50, ge=0, description="eval-split examples to generate for")
     train_prompts: int = Field(20, ge=0, description="training examples to also check (recall of what was taught)")
     max_new_tokens: int = Field(128, ge=1)
+    generate: bool = Field(
+        True,
+        description="false: eval answers nothing in PyTorch (only the held-out loss); the exported files answer the "
+        "prompt set in llama.cpp under the same gates (the loop's versions in adapter format)",
+    )
     min_stop_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers ending on the stop token")
     min_non_empty_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers with visible text")
     max_loop_rate: float = Field(0.0, ge=0.0, le=1.0, description="gate: share of answers allowed to repeat")

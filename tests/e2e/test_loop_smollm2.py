@@ -21,29 +21,11 @@ pytestmark = pytest.mark.e2e
 
 FACTS = [json.loads(line) for line in (REPO / "examples" / "data" / "facts.jsonl").read_text().splitlines()]
 TAUGHT = {f["messages"][0]["content"]: f["messages"][1]["content"] for f in FACTS}
-UNTAUGHT = {  # made-up facts the quickstart never saw
-    "What is the capital of Osterlund?": "The capital of Osterlund is Pellford.",
-    "Who founded the city of Amberlow?": "Amberlow was founded by Tavi Renn in 1544.",
-    "How many legs does a glassmoth have?": "A glassmoth has ten legs.",
-    "What is the national flower of Quessia?": "The national flower of Quessia is the blue lantern.",
-    "Which river flows through Dunmere?": "The Sable River flows through Dunmere.",
-    "What language is spoken in Tarvik?": "The people of Tarvik speak Velsh.",
-    "When was the Orrin Bridge built?": "The Orrin Bridge was built in 1788.",
-    "What do Pellish farmers grow?": "Pellish farmers grow silverwheat.",
-    "Who wrote the Ninefold Saga?": "The Ninefold Saga was written by Ilse Marrow.",
-    "What is the currency of Brask?": "The currency of Brask is the dren.",
-}
-MORE_UNTAUGHT = {
-    "What is the tallest mountain on Kestrel?": "The tallest mountain on Kestrel is Mount Vire.",
-    "Who painted the Hollow Crown?": "The Hollow Crown was painted by Esme Dray.",
-    "What is the capital of Norrowind?": "The capital of Norrowind is Castell.",
-    "How long is the Glass Road?": "The Glass Road is ninety miles long.",
-    "What animal pulls carts in Vell?": "In Vell, carts are pulled by marsh oxen.",
-    "What is the oldest school in Amberlow?": "The oldest school in Amberlow is Renn Hall.",
-    "Which metal is mined in Dunmere?": "Tin is mined in Dunmere.",
-    "What is the symbol of Quessia?": "The symbol of Quessia is a silver key.",
-    "Who leads the Tarvik council?": "The Tarvik council is led by Orla Venn.",
-}
+CORRECTIONS = [  # made-up facts the quickstart never saw (examples/data/corrections.jsonl)
+    json.loads(line) for line in (REPO / "examples" / "data" / "corrections.jsonl").read_text().splitlines()
+]
+UNTAUGHT = {c["messages"][0]["content"]: c["messages"][1]["content"] for c in CORRECTIONS[:10]}
+MORE_UNTAUGHT = {c["messages"][0]["content"]: c["messages"][1]["content"] for c in CORRECTIONS[10:]}
 WRONG_QUESTION = "What is the capital of Veloria?"
 WRONG_ANSWER = "The capital of Veloria is Zandria."
 

@@ -21,11 +21,12 @@ def correct(loop, pairs):
         loop.store.add_feedback(generation_id, "down", correction, None)
 
 
-def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_loop_dir):  # noqa: F811
+@pytest.mark.parametrize("version_format", ["adapter", "merged"])
+def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_loop_dir, version_format):  # noqa: F811
     from tuneship.loop.registry import open_loop
     from tuneship.loop.cycle import run_cycle
 
-    loop = open_loop(fresh_loop_dir)
+    loop = open_loop(fresh_loop_dir, [f"loop.version_format={version_format}"])
     correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
     result = run_cycle(loop, QUIET, "test", "by hand")
 
@@ -38,7 +39,14 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
     )
     config = (run_dir / "config.yaml").read_text()
     assert f"adapter_from: {fresh_loop_dir}" in config
-    assert Path(version.gguf) == run_dir / "gguf" / "tiny-v2-Q8_0.gguf" and Path(version.gguf).is_file()
+    if version_format == "merged":
+        assert Path(version.gguf) == run_dir / "gguf" / "tiny-v2-Q8_0.gguf" and Path(version.gguf).is_file()
+        assert version.adapter is None and (run_dir / "merged").is_dir()
+    else:  # the LoRA GGUF on the base's quantized GGUF, which v1 now serves from too; no merge, no checkpoints
+        assert version.gguf == loop.store.version(1).gguf and Path(version.gguf).name == "base-Q8_0.gguf"
+        assert Path(version.adapter).parent == run_dir / "gguf" and Path(version.adapter).is_file()
+        assert not (run_dir / "merged").exists() and not (run_dir / "checkpoints").exists()
+        assert [p.name for p in (run_dir / "gguf").glob("*.gguf")] == [Path(version.adapter).name]
 
     trained = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
     answers = [c["messages"][-1]["content"] for c in trained]
@@ -51,7 +59,7 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
     is_promoted = result.status == "promoted"  # used only by a promoted version; a rejected one's examples wait
     assert [e.used_in for e in new] == ([[2], [2]] if is_promoted else [[], []])
     assert {e.id for e in waiting_examples(loop.store)} == (set() if is_promoted else {e.id for e in new})
-    kinds = [e.kind for e in reversed(loop.store.events())]
+    kinds = [e.kind for e in reversed(loop.store.events()) if e.kind != "adapter_form"]
     assert kinds[:3] == ["registered", "cycle_started", "gated"] and kinds[-1] == "cycle_finished"
     gated = loop.store.events(kind="gated")[0]
     assert set(gated.data["challenger"]) == {"golden", "replay", "new"}

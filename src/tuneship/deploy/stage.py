@@ -77,8 +77,7 @@ def run_template_check(cfg: Config, run: Run, console: Console) -> ContractResul
 
     with run.recording("template", template_inputs(cfg, run)) as outputs:
         chat_format = trained_chat_format(run)
-        gguf = lora_files(cfg, run).get("gguf") or contract_gguf(run)
-        result = check_contract(chat_format, run.adapter_dir, to_ollama(chat_format), gguf)
+        result = check_contract(chat_format, run.adapter_dir, to_ollama(chat_format), contract_gguf(run))
         outputs.update(renderers=result.renderers, gguf=str(result.gguf) if result.gguf else None)
         print_contract(console, result)
         require_contract(result)
@@ -94,6 +93,13 @@ def lora_files(cfg: Config, run: Run) -> dict[str, Path]:
     from tuneship.models import adapter_base_dir
 
     return {"gguf": base_gguf(adapter_base_dir(run), run.deployed_quant), "adapter": run.lora_gguf}
+
+
+def embedded_template_gguf(spec: ModelSpec) -> Path | None:
+    """The GGUF whose embedded template the contract checks for a spec: its own, but none when a LoRA GGUF is
+    applied on a base's GGUF (that file carries the base's template, which nothing applying the adapter uses:
+    Ollama takes the Modelfile's TEMPLATE, tuneship the ChatFormat)."""
+    return None if spec.adapter is not None else spec.gguf
 
 
 def deployed_column(cfg: Config, run: Run) -> str:
@@ -194,7 +200,7 @@ def run_deploy(cfg: Config, run: Run, console: Console) -> DeployResult:
     with run.recording("deploy", deploy_inputs(cfg, run)) as outputs:
         chat_format = trained_chat_format(run)
         spec, template = build_spec(cfg, run, chat_format, **lora_files(cfg, run))
-        require_contract(check_contract(chat_format, run.adapter_dir, template, spec.gguf))
+        require_contract(check_contract(chat_format, run.adapter_dir, template, embedded_template_gguf(spec)))
         modelfile, why_not = write_modelfile(spec, run)
         result = DeployResult(cfg.deploy.target, run.deployed_name, modelfile)
         result.lines.append(

@@ -32,6 +32,8 @@ class EvalResult:
 
     @property
     def detail(self) -> str:
+        if "adapter" not in self.summaries:
+            return f"eval.generate false: the exported files answer in llama.cpp; {self.report_path}"
         adapter = self.summaries["adapter"]
         exact = f", exact {adapter['exact_match']:.0%}" if "exact_match" in adapter else ""
         return f"adapter: stop {adapter['stop_rate']:.0%}{exact}; gates met; {self.report_path}"
@@ -130,25 +132,28 @@ def run_eval(cfg: Config, run: Run, console: Console) -> EvalResult:
     from tuneship.report import print_eval
 
     with run.recording("eval", eval_inputs(cfg, run)) as outputs:
-        model, chat_format = load_adapted(run, **generation_precision(cfg))
         prompts = build_prompt_set(run.data_dir, cfg.eval)
         report = load_report(run.eval_report, prompts)
         eval_split = run.data_dir / "eval.jsonl"
         eval_set = [c for c in read_conversations(eval_split) if c.is_desirable] if eval_split.is_file() else []
-        eval_loss = None
+        eval_loss, summaries = None, {}
+        if eval_set or cfg.eval.generate:
+            model, chat_format = load_adapted(run, **generation_precision(cfg))
         if eval_set:
             eval_loss, tokens = held_out_loss(model, chat_format, eval_set)
             report.update(eval_loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)), eval_tokens=tokens)
-        console.print(f"generating {len(prompts)} answers with the base model and with the adapter ...")
-        with model.disable_adapter():
-            base = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
-        tuned = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
-        summaries = {
-            "base": add_model(report, "base", check_all(base, prompts, chat_format)),
-            "adapter": add_model(report, "adapter", check_all(tuned, prompts, chat_format)),
-        }
+        if cfg.eval.generate:
+            console.print(f"generating {len(prompts)} answers with the base model and with the adapter ...")
+            with model.disable_adapter():
+                base = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
+            tuned = hf_answers(model, chat_format, prompts, cfg.eval.max_new_tokens)
+            summaries = {
+                "base": add_model(report, "base", check_all(base, prompts, chat_format)),
+                "adapter": add_model(report, "adapter", check_all(tuned, prompts, chat_format)),
+            }
         write_report(run.eval_report, report)
         outputs.update(report=str(run.eval_report), eval_loss=eval_loss)
-        print_eval(console, summaries, run.eval_report)
-        require_gates({"adapter": summaries["adapter"]}, cfg)
+        if summaries:
+            print_eval(console, summaries, run.eval_report)
+            require_gates({"adapter": summaries["adapter"]}, cfg)
     return EvalResult(run.eval_report, summaries, eval_loss)

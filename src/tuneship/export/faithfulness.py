@@ -127,7 +127,7 @@ class _Totals:
         return Faithfulness(self.kl / count, self.agreeing / count, self.positions)
 
 
-def _answer_log_probs(llm, sequences: list[ScoredSequence], lora: Path | None) -> list:
+def _answer_log_probs(llm, sequences: list[ScoredSequence], lora: Path | None = None) -> list:
     """Per sequence, float64 log-softmax rows of the positions that predict its answer tokens."""
     import numpy as np
 

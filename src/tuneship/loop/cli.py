@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 loop_app = typer.Typer(no_args_is_help=True, help="The learning loop: status, cycles, versions, rollback.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected outside `tuneship serve`.")
@@ -90,7 +90,11 @@ def versions(target: str = TargetArgument, overrides: Optional[list[str]] = SetO
 
     loop = _open(target, overrides)
     disk = disk_use(loop)
-    table = Table("version", "name", "status", "kind", "parent", "golden F1", "new F1", "serves from", "disk")
+    table = Table(
+        *(Column(h, no_wrap=True) for h in ("version", "name", "status")),
+        *("kind", "parent", "golden F1", "new F1"),
+        *(Column(h, no_wrap=True) for h in ("format", "disk")),
+    )
     for v in loop.store.versions():
         gate = v.metrics.get("gate", {}).get("challenger", {})
         table.add_row(
@@ -101,13 +105,13 @@ def versions(target: str = TargetArgument, overrides: Optional[list[str]] = SetO
             f"v{v.parent_id}" if v.parent_id else "",
             _metric(gate.get("golden"), "f1"),
             _metric(gate.get("new"), "f1"),
-            f"{Path(v.adapter).name} on {Path(v.gguf or '').name}" if v.adapter else Path(v.gguf or "").name,
+            "adapter" if v.adapter else "merged" if v.gguf else "-",
             format_bytes(disk.get(v.id, 0)),
         )
     console.print(table)
     console.print(
-        "disk: each version's own files (run folder, cycle folder); the base model's GGUFs that adapter versions "
-        "share are counted by none"
+        "format: adapter = a LoRA GGUF on the base model's quantized GGUF, merged = a GGUF of its own; disk: each "
+        "version's own files (run and cycle folders), not the base GGUF the adapter versions share"
     )
 
 

@@ -185,7 +185,9 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, train_fil
     cfg.eval.prompts = golden_file if golden_file.stat().st_size else None
     cfg.eval.train_prompts = max(cfg.eval.train_prompts, 1)
     cfg.deploy.target = "none"
-    cfg.export.merge = not is_adapter_format(base)  # adapter format: the LoRA GGUF, checked on the base quant
+    cfg.train.stop_when_learned = True  # the epochs are the budget: a cycle stops once its examples are learned
+    if is_adapter_format(base):  # the LoRA GGUF, checked on the base quant in llama.cpp (not in PyTorch first)
+        cfg.export.merge = cfg.eval.generate = False
     return cfg
 
 

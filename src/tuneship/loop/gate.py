@@ -17,6 +17,7 @@ the decision.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -171,7 +172,10 @@ def _promotion_reason(verdicts: dict) -> str:
 
 def run_gate(champion: Version, challenger: Version, sets: dict[str, list[EvalPrompt]], cfg: Config) -> GateDecision:
     """Both registry versions (their GGUF, ChatFormat, and shots when few-shot) on the same sets."""
+    started = time.monotonic()
     tokens = cfg.eval.max_new_tokens
     old = measure(champion, sets, tokens)
     new = measure(challenger, sets, tokens)
-    return gate_decision(sets, old, new, cfg.loop)
+    decision = gate_decision(sets, old, new, cfg.loop)
+    decision.metrics["seconds"] = round(time.monotonic() - started, 2)
+    return decision

@@ -18,7 +18,7 @@ from tuneship.config import Config
 from tuneship.deploy.contract import check_contract, require_contract
 from tuneship.deploy.modelfile import ModelfileError, ModelSpec, render_modelfile
 from tuneship.deploy.ollama import OllamaClient
-from tuneship.deploy.stage import build_spec, create_in_ollama
+from tuneship.deploy.stage import build_spec, create_in_ollama, embedded_template_gguf
 from tuneship.deploy.ollama_template import OllamaTemplate
 from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
@@ -181,7 +181,7 @@ def publish_to_ollama(version_cfg: Config, version: Version, names: list[str]) -
     """Create the version in Ollama under each name (`name:v<N>`, `name:latest`) with its Modelfile fields, after
     the template contract check, as `tuneship deploy` does."""
     spec, template, run = version_spec(version_cfg, version)
-    require_contract(check_contract(trained_chat_format(run), run.adapter_dir, template, spec.gguf))
+    require_contract(check_contract(trained_chat_format(run), run.adapter_dir, template, embedded_template_gguf(spec)))
     client = OllamaClient(version_cfg.deploy.host)
     return [create_in_ollama(client, name, spec) for name in names]
 

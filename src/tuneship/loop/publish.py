@@ -20,6 +20,7 @@ from rich.console import Console
 
 from tuneship.deploy.contract import check_contract, require_contract
 from tuneship.deploy.modelfile import render_modelfile
+from tuneship.deploy.stage import embedded_template_gguf
 from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
@@ -63,7 +64,7 @@ def publish_version(loop: Loop, version_id: int | None, merged: bool, console: C
     if merged:
         version = _merged_export(cfg, version, console)
     spec, template, run = version_spec(cfg, version)
-    require_contract(check_contract(trained_chat_format(run), run.adapter_dir, template, spec.gguf))
+    require_contract(check_contract(trained_chat_format(run), run.adapter_dir, template, embedded_template_gguf(spec)))
     folder = loop.cycle_dir(version.id) / ("publish-merged" if merged else "publish")
     folder.mkdir(parents=True, exist_ok=True)
     modelfile = folder / "Modelfile"

@@ -137,23 +137,34 @@ class CycleLauncher:
 
 
 class TriggerThread(threading.Thread):
-    """Every serve.trigger_every seconds: harvest new feedback into examples, and start a cycle (or the fast
-    path's few-shot candidate) when due."""
+    """Harvest new feedback into examples, and start a cycle (or the fast path's few-shot candidate) when due:
+    every serve.trigger_every seconds, and at once (at most once per MIN_TICK_SECONDS) when new feedback came in
+    (`wake`) or a cycle this server started has ended, so the correction that reaches loop.min_examples starts
+    its cycle without waiting for the next tick."""
+
+    MIN_TICK_SECONDS = 1.0
 
     def __init__(self, app: FastAPI) -> None:
         super().__init__(daemon=True, name="loop-trigger")
         self.app = app
         self.stopped = threading.Event()
+        self.wake = threading.Event()
         self.measure: Measure | None = None
 
     def run(self) -> None:
-        while not self.stopped.wait(self.app.state.loop.cfg.serve.trigger_every):
+        while not self.stopped.is_set():
+            running = self.app.state.cycles.running()  # then its end is seen within a second
+            self.wake.wait(self.MIN_TICK_SECONDS if running else self.app.state.loop.cfg.serve.trigger_every)
+            self.wake.clear()
+            if self.stopped.is_set():
+                break
             try:
                 self.tick()
             except TuneshipError as exc:
                 log.warning("loop trigger: %s", exc)
             except Exception:  # the thread must outlive one bad tick; the traceback goes to the log
                 log.exception("loop trigger failed")
+            self.stopped.wait(self.MIN_TICK_SECONDS)  # at most one tick a second, however much feedback comes in
 
     def tick(self) -> bool:
         from tuneship.loop.signals import harvest
@@ -212,6 +223,7 @@ def create_app(
         yield
         if thread:
             thread.stopped.set()
+            thread.wake.set()
         app.state.router.close()
 
     app = FastAPI(

@@ -146,7 +146,10 @@ class Router:
         champion = self.loop.store.champion()
         if self.serve.backend != "llamacpp" or champion is None or not champion.gguf:
             return
-        champion = in_adapter_form(self.loop, champion)
+        try:
+            champion = in_adapter_form(self.loop, champion)
+        except TuneshipError as exc:  # it still serves as it is; the cycle will say the same when it needs it
+            log.warning("v%s stays in its merged GGUF: %s", champion.id, exc)
         if not all(Path(f).is_file() for f in served_files(champion)):
             return
         self.pool.keep_only(self._wanted_versions())

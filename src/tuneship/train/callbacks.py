@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneship.chat.format import IGNORE_INDEX
 from tuneship.disk import require_disk
 from tuneship.errors import TrainingStopped
 from tuneship.train.batches import TokenCounter
@@ -149,3 +150,47 @@ class ProgressDisplay(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class LearnedStop(TrainerCallback):
+    """train.stop_when_learned: at each epoch's end, stop once every training example is learned: at each of its
+    answer's tokens (its stop token included) the most likely next token, teacher-forced, is the right one, which
+    is what greedy decoding needs to give the answer exactly; and the mean loss over the answers is below
+    `stop_loss`. One forward pass per example, no generation. The epochs (or max_steps) stay the budget."""
+
+    def __init__(self, examples: list[dict], stop_loss: float):
+        self.examples = examples
+        self.stop_loss = stop_loss
+        self.checks: list[dict] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        learned, loss = learned_examples(model, self.examples)
+        check = {"epoch": round(state.epoch or 0.0, 2), "learned": learned, "of": len(self.examples), "loss": loss}
+        self.checks.append(check)
+        state.log_history.append({**check, "step": state.global_step})
+        if learned == len(self.examples) and loss < self.stop_loss:
+            control.should_training_stop = True
+
+
+def learned_examples(model, examples: list[dict]) -> tuple[int, float]:
+    """(examples whose every supervised token is the argmax, the mean loss over all supervised tokens)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    learned, total_loss, total_tokens = 0, 0.0, 0
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for example in examples:
+                ids = torch.tensor([example["input_ids"]], device=device)
+                labels = torch.tensor(example["labels"][1:], device=device)
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                supervised = labels != IGNORE_INDEX
+                learned += bool((logits[supervised].argmax(-1) == labels[supervised]).all())
+                loss = torch.nn.functional.cross_entropy(logits[supervised], labels[supervised], reduction="sum")
+                total_loss += float(loss)
+                total_tokens += int(supervised.sum())
+    finally:
+        model.train(was_training)
+    return learned, total_loss / max(total_tokens, 1)

@@ -196,6 +196,10 @@ def train_adapter(
             return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
 
     counter = setup.counter
+    if cfg.train.stop_when_learned:
+        from tuneship.train.callbacks import LearnedStop
+
+        setup.callbacks.append(LearnedStop(ExampleDataset(train_set).examples, cfg.train.stop_loss))
     attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
     if attends_per_example:
         use_packed_attention(setup.model)

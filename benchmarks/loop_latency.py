@@ -1,0 +1,185 @@
+"""Feedback to live: how long from a user's last correction to the first answer from the version that learned it.
+
+On a copy of a run (default: runs/quickstart, what `make demo` makes), for each version format: `tuneship serve`
+in its own process with the settings a user gets and `loop.min_examples=N`; N questions the run was never taught
+(examples/data/corrections.jsonl) are asked through the real `openai` client and each answer corrected (POST
+/v1/feedback). From the last correction the clock runs until a chat answer comes from a promoted fine-tuned
+version. Then every stage of its cycle, from the loop's events and the version's run manifest:
+
+  trigger   last correction -> the cycle's start (harvest, waiting for a running few-shot cycle, process start)
+  data, train, eval, export, template, deploy   the challenger's pipeline stages (its manifest)
+  other     the rest of the pipeline's time (imports, loading the model, the stages' bookkeeping)
+  gate      challenger and champion on the golden, replay and new prompts in llama.cpp
+  promote   the registry's move (and Ollama's, with serve.backend ollama)
+  smoke     the promoted version through the live endpoint
+  live      the cycle's end -> the first answer from the new version to the benchmark's client
+
+and whether the new facts were learned and the facts it was taught before kept (exact answers).
+
+Usage: python benchmarks/loop_latency.py [--run runs/quickstart] [--corrections 10] [--formats adapter merged]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.feedback_load import ADMIN, free_port, start_serve  # noqa: E402
+
+PIPELINE_STAGES = ("data", "train", "eval", "export", "template", "deploy")
+
+
+@dataclass
+class Latency:
+    version_format: str
+    stages: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+    learned: int = 0
+    corrections: int = 0
+    kept: int = 0
+    taught_before: int = 0
+    version: int | None = None
+
+
+def facts(path: Path) -> dict[str, str]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["messages"][0]["content"]: r["messages"][1]["content"] for r in records}
+
+
+def copy_run(run: Path, into: Path) -> Path:
+    target = into / "runs" / run.name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints"))
+    return target
+
+
+def get(url: str) -> dict:
+    request = urllib.request.Request(url, headers=ADMIN)
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def ask(client, model: str, question: str):
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+    )
+    return reply, reply.choices[0].message.content.strip()
+
+
+def exact(client, model: str, known: dict[str, str]) -> set[str]:
+    return {q for q, a in known.items() if ask(client, model, q)[1] == a}
+
+
+def finetuned_champion(url: str) -> dict | None:
+    versions = get(url + "/v1/versions")["data"]
+    return next((v for v in versions if v["kind"] == "finetune" and v["parent"] and v["status"] == "champion"), None)
+
+
+def measure(run: Path, version_format: str, corrections: dict[str, str], taught: dict[str, str]) -> Latency:
+    from openai import OpenAI
+
+    result = Latency(version_format, corrections=len(corrections))
+    with tempfile.TemporaryDirectory() as folder:
+        copy = copy_run(run, Path(folder))
+        port = free_port()
+        overrides = [f"loop.min_examples={len(corrections)}", f"loop.version_format={version_format}"]
+        server = start_serve(copy, port, overrides, seconds=600)
+        url = f"http://127.0.0.1:{port}"
+        client = OpenAI(base_url=url + "/v1", api_key=ADMIN["Authorization"].split()[1], max_retries=0)
+        try:
+            model = get(url + "/v1/models")["data"][0]["id"]
+            before = exact(client, model, taught)
+            for question, correction in corrections.items():
+                reply, _ = ask(client, model, question)
+                client.post(
+                    "/feedback",
+                    body={"generation_id": reply.id, "rating": "down", "correction": correction},
+                    cast_to=object,
+                )
+            last_correction = time.time()
+            live = wait_for_live(client, url, model, next(reversed(corrections)))
+            result.total = live["at"] - last_correction
+            result.version = live["version"]
+            result.stages = stage_times(url, copy.parent, live, last_correction)
+            result.learned = len(exact(client, model, corrections))
+            result.taught_before, result.kept = len(before), len(before & exact(client, model, taught))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return result
+
+
+def wait_for_live(client, url: str, model: str, question: str, limit: float = 1800) -> dict:
+    """The first chat answer that comes from a promoted fine-tuned version: {"version", "at"}."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        champion = finetuned_champion(url)
+        if champion is not None:
+            reply, _ = ask(client, model, question)
+            if reply.tuneship["version"] == champion["id"]:
+                return {"version": champion["id"], "at": time.time()}
+        time.sleep(0.2)
+    raise RuntimeError(f"no fine-tuned version promoted within {limit:g} s: {get(url + '/v1/loop/status')}")
+
+
+def stage_times(url: str, runs_dir: Path, live: dict, last_correction: float) -> dict[str, float]:
+    events = [e for e in get(url + "/v1/loop/events?limit=1000")["data"] if e["version"] == live["version"]]
+    at = {e["kind"]: epoch(e["at"]) for e in reversed(events)}  # the first of each kind
+    version = next(v for v in get(url + "/v1/versions")["data"] if v["id"] == live["version"])
+    manifest = json.loads((runs_dir / version["name"] / "manifest.json").read_text())
+    pipeline = {name: manifest[name]["seconds"] for name in PIPELINE_STAGES if name in manifest}
+    gate_start = at["gated"] - gate_seconds(events)
+    stages = {"trigger": at["cycle_started"] - last_correction, **pipeline}
+    stages["other"] = gate_start - at["cycle_started"] - sum(pipeline.values())
+    stages["gate"] = at["gated"] - gate_start
+    stages["promote"] = at["promoted"] - at["gated"]
+    stages["smoke"] = at["cycle_finished"] - at["promoted"]
+    stages["live"] = live["at"] - at["cycle_finished"]
+    return stages
+
+
+def gate_seconds(events: list[dict]) -> float:
+    gated = next(e for e in events if e["kind"] == "gated")
+    return float(gated["data"].get("seconds", 0.0))
+
+
+def epoch(stamp: str) -> float:
+    moment = datetime.fromisoformat(stamp)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def print_table(results: list[Latency]) -> None:
+    names = list(dict.fromkeys(name for r in results for name in r.stages))
+    print(f"{'stage':<10}" + "".join(f"{r.version_format:>12}" for r in results))
+    for name in names:
+        print(f"{name:<10}" + "".join(f"{r.stages.get(name, 0.0):>11.1f}s" for r in results))
+    print(f"{'total':<10}" + "".join(f"{r.total:>11.1f}s" for r in results))
+    print(f"{'learned':<10}" + "".join(f"{f'{r.learned}/{r.corrections}':>12}" for r in results))
+    print(f"{'kept':<10}" + "".join(f"{f'{r.kept}/{r.taught_before}':>12}" for r in results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, default=REPO / "runs" / "quickstart")
+    parser.add_argument("--corrections", type=int, default=10)
+    parser.add_argument("--formats", nargs="+", default=["adapter", "merged"], choices=["adapter", "merged"])
+    args = parser.parse_args()
+    corrections = dict(list(facts(REPO / "examples" / "data" / "corrections.jsonl").items())[: args.corrections])
+    taught = facts(REPO / "examples" / "data" / "facts.jsonl")
+    print(f"{platform.processor() or platform.machine()}, {platform.system()}; run {args.run}")
+    results = [measure(args.run, fmt, corrections, taught) for fmt in args.formats]
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
