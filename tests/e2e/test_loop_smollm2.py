@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.conftest import copy_of_quickstart
 
 pytestmark = pytest.mark.e2e
 
@@ -30,20 +31,17 @@ WRONG_QUESTION = "What is the capital of Veloria?"
 WRONG_ANSWER = "The capital of Veloria is Zandria."
 
 
-@pytest.fixture(scope="module")
-def server(quickstart_run):
+def serving(run_dir, *overrides):
+    """`tuneship serve RUN_DIR` in its own process with `loop.min_examples=10` (and `overrides`): yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    log_path = quickstart_run.parent / "serve.log"
+    log_path = run_dir.parent / "serve.log"
     log = open(log_path, "wb")
+    settings = [f"--set={o}" for o in ("loop.min_examples=10", *overrides)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            *("-m", "tuneship.cli", "serve", str(quickstart_run), "--port", str(port)),
-            "--set=loop.min_examples=10",
-        ],
+        [sys.executable, *("-m", "tuneship.cli", "serve", str(run_dir), "--port", str(port)), *settings],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -63,15 +61,32 @@ def server(quickstart_run):
     log.close()
 
 
+@pytest.fixture(scope="module")
+def server(quickstart_run):
+    """The default version format (adapter)."""
+    yield from serving(quickstart_run)
+
+
+@pytest.fixture(scope="module")
+def merged_server(quickstart_run, tmp_path_factory):
+    yield from serving(
+        copy_of_quickstart(quickstart_run, tmp_path_factory.mktemp("merged")), "loop.version_format=merged"
+    )
+
+
 def get(url: str) -> dict:
     return json.loads(urllib.request.urlopen(url, timeout=30).read())
 
 
-@pytest.fixture(scope="module")
-def client(server):
+def openai_client(url: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
 
 
 def ask(client, question):
@@ -113,7 +128,9 @@ def wait_for_finetune_cycle(server, count: int) -> dict:
         time.sleep(5)
 
 
-def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client):
+def ten_corrections_are_learned(server, client) -> dict:
+    """10 corrections of untaught facts: a cycle on the 10th, its version promoted, 9 of them answered exactly on
+    the live endpoint and every taught fact answered before still answered. Returns the version."""
     kept_before = answered_exactly(client, TAUGHT)
     assert len(kept_before) >= 27, kept_before
     correct_all(client, UNTAUGHT)
@@ -127,6 +144,12 @@ def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings
     assert kept_before <= answered_exactly(client, TAUGHT)
     reply, _ = ask(client, next(iter(UNTAUGHT)))
     assert reply.tuneship["version"] == version["id"]
+    return version
+
+
+def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client):
+    version = ten_corrections_are_learned(server, client)
+    assert version["format"] == "adapter"  # a LoRA GGUF on the base's quantized GGUF
 
 
 def test_a_wrong_correction_of_a_taught_fact_waits_for_review_and_the_good_ones_are_learned(
@@ -161,3 +184,8 @@ def test_a_wrong_correction_of_a_taught_fact_waits_for_review_and_the_good_ones_
         + repr(TAUGHT[WRONG_QUESTION])
         + f", this answer {WRONG_ANSWER!r}"
     )
+
+
+def test_the_merged_version_format_learns_the_same_corrections(merged_server):
+    version = ten_corrections_are_learned(merged_server, openai_client(merged_server))
+    assert version["format"] == "merged"

@@ -54,18 +54,20 @@ class GateDecision:
 
 def measure(version: Version, sets: dict[str, list[EvalPrompt]], max_new_tokens: int) -> dict[str, Measured]:
     """{set: Measured} for one version as it serves: its GGUF (with its LoRA GGUF in adapter format), its
-    ChatFormat, a few-shot version's shots before every prompt."""
+    ChatFormat, a few-shot version's shots before every prompt. Every set's prompts are answered together (one
+    load of the model, one batch)."""
     chat_format = version_chat_format(version)
-    gguf, lora = Path(version.gguf), Path(version.adapter) if version.adapter else None
+    lora = Path(version.adapter) if version.adapter else None
+    asked = [(name, prompt) for name, prompts in sets.items() for prompt in prompts]
+    if not asked:
+        return {}
+    prompts = prompts_with_shots([prompt for _, prompt in asked], version.shots)
+    answers, _ = gguf_answers(Path(version.gguf), chat_format, prompts, max_new_tokens, lora)
     markers = chat_format.special_tokens()
-    results = {}
-    for name, prompts in sets.items():
-        if not prompts:
-            continue
-        answers, _ = gguf_answers(gguf, chat_format, prompts_with_shots(prompts, version.shots), max_new_tokens, lora)
-        checks = [check_answer(a.text, a.stopped, p.expected, markers) for a, p in zip(answers, prompts)]
-        results[name] = Measured(summarize(checks), checks)
-    return results
+    checks: dict[str, list[AnswerCheck]] = {}
+    for (name, prompt), answer in zip(asked, answers):
+        checks.setdefault(name, []).append(check_answer(answer.text, answer.stopped, prompt.expected, markers))
+    return {name: Measured(summarize(found), found) for name, found in checks.items()}
 
 
 def has_regressed(champion: AnswerCheck, challenger: AnswerCheck, reference: str, settings: LoopSection) -> bool:

@@ -319,6 +319,8 @@ def version_json(version: Version) -> dict:
         "parent": version.parent_id,
         "run_dir": version.run_dir,
         "gguf": version.gguf,
+        "adapter": version.adapter,
+        "format": "adapter" if version.adapter else "merged",
         "created_at": version.created_at.isoformat(),
         "promoted_at": version.promoted_at.isoformat() if version.promoted_at else None,
         "metrics": {k: v for k, v in version.metrics.items() if not k.endswith("_examples")},

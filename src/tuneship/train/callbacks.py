@@ -156,15 +156,27 @@ class LearnedStop(TrainerCallback):
     """train.stop_when_learned: at each epoch's end, stop once every training example is learned: at each of its
     answer's tokens (its stop token included) the most likely next token, teacher-forced, is the right one, which
     is what greedy decoding needs to give the answer exactly; and the mean loss over the answers is below
-    `stop_loss`. One forward pass per example, no generation. The epochs (or max_steps) stay the budget."""
+    `stop_loss`. One forward pass over the examples (in the training's precision), no generation, and only once
+    the epoch's training loss is below `stop_loss`. The epochs (or max_steps) stay the budget."""
 
     def __init__(self, examples: list[dict], stop_loss: float):
         self.examples = examples
         self.stop_loss = stop_loss
         self.checks: list[dict] = []
+        self.epoch_losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.epoch_losses.append(float(logs["loss"]))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        learned, loss = learned_examples(model, self.examples)
+        import torch
+
+        losses, self.epoch_losses = self.epoch_losses, []
+        if not losses or sum(losses) / len(losses) >= self.stop_loss:
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
+            learned, loss = learned_examples(model, self.examples)
         check = {"epoch": round(state.epoch or 0.0, 2), "learned": learned, "of": len(self.examples), "loss": loss}
         self.checks.append(check)
         state.log_history.append({**check, "step": state.global_step})
@@ -172,9 +184,13 @@ class LearnedStop(TrainerCallback):
             control.should_training_stop = True
 
 
-def learned_examples(model, examples: list[dict]) -> tuple[int, float]:
-    """(examples whose every supervised token is the argmax, the mean loss over all supervised tokens)."""
+def learned_examples(model, examples: list[dict], batch_size: int = 16) -> tuple[int, float]:
+    """(examples whose every supervised token is the argmax, the mean loss over all supervised tokens). Batches
+    are right-padded (in causal attention no real position sees the padding after it, so no mask is needed) and
+    project onto the vocabulary only the positions that predict a supervised token (train/loss.py)."""
     import torch
+
+    from tuneship.train.loss import predicting_positions
 
     was_training = model.training
     model.eval()
@@ -182,13 +198,19 @@ def learned_examples(model, examples: list[dict]) -> tuple[int, float]:
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for example in examples:
-                ids = torch.tensor([example["input_ids"]], device=device)
-                labels = torch.tensor(example["labels"][1:], device=device)
-                logits = model(input_ids=ids).logits[0, :-1].float()
-                supervised = labels != IGNORE_INDEX
-                learned += bool((logits[supervised].argmax(-1) == labels[supervised]).all())
-                loss = torch.nn.functional.cross_entropy(logits[supervised], labels[supervised], reduction="sum")
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                width = max(len(e["input_ids"]) for e in batch)
+                ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in batch], device=device)
+                labels = torch.tensor(
+                    [e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in batch], device=device
+                )
+                positions = predicting_positions(labels)
+                logits = model(input_ids=ids, logits_to_keep=positions, use_cache=False).logits.float()
+                targets = labels[:, positions + 1]
+                supervised = targets != IGNORE_INDEX
+                learned += int(((logits.argmax(-1) == targets) | ~supervised).all(dim=1).sum())
+                loss = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="sum")
                 total_loss += float(loss)
                 total_tokens += int(supervised.sum())
     finally:
