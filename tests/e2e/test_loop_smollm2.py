@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +145,9 @@ def ten_corrections_are_learned(server, client) -> dict:
     assert kept_before <= answered_exactly(client, TAUGHT)
     reply, _ = ask(client, next(iter(UNTAUGHT)))
     assert reply.tuneship["version"] == version["id"]
+    experiment = json.loads((Path(version["run_dir"]) / "reports" / "experiment.json").read_text())
+    checks = [m for m in experiment["metrics"] if "learned" in m]  # train.stop_when_learned, on in cycles
+    assert checks[-1]["learned"] == checks[-1]["of"] and experiment["steps"] < experiment["max_steps"], checks
     return version
 
 

@@ -124,6 +124,19 @@ def test_no_shot_when_no_correction_fits_says_so_and_is_not_retried(fresh_loop_d
     assert not trigger_decision(loop.store, loop.cfg.loop).is_due  # the same corrections are not tried again
 
 
+def test_a_triggered_fewshot_candidate_gives_way_when_a_burst_of_corrections_made_a_fine_tune_due(
+    fresh_loop_dir,  # noqa: F811
+):
+    from tuneship.loop.cycle import NothingToTrain, run_cycle
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(fresh_loop_dir, ["loop.min_examples=3", "train.max_seq_len=512"])
+    correct(loop, [SHORT[0], LONG, SHORT[1]])  # all three came in before the candidate's process harvested them
+    with pytest.raises(NothingToTrain, match=r"a fine-tune cycle is due \(3 new examples"):
+        run_cycle(loop, QUIET, actor="trigger", reason="new corrections", kind="fewshot")
+    assert [v.id for v in loop.store.versions()] == [1] and not loop.store.events(kind="cycle_failed")
+
+
 def add_fewshot_version(loop, shots):
     """A few-shot v2 over v1's run, as the fast path registers one, promoted by hand."""
     from tuneship.loop.promotion import promote_version

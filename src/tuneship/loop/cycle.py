@@ -42,6 +42,7 @@ from tuneship.loop.promotion import fewshot_modelfile, promote_version, restore_
 from tuneship.loop.registry import Loop, require_servable, version_chat_format, version_gguf
 from tuneship.loop.signals import harvest
 from tuneship.loop.store import StaleChampion
+from tuneship.loop.trigger import finetune_due
 from tuneship.loop.tables import Version, VersionKind
 from tuneship.pipeline import run_pipeline
 from tuneship.run import Run
@@ -210,6 +211,8 @@ def fewshot_cycle(
     heartbeat.stage("harvest")
     chat_format = version_chat_format(champion)
     harvest(store, loop.cfg, chat_format.measure)
+    if actor == "trigger":  # by hand, a few-shot candidate is asked for: it is made
+        _give_way_to_finetune(loop)
     choice = select_shots(loop, champion, chat_format)
     store.add_event(SELECTED_EVENT, actor, choice.summary(), choice.to_json())
     if not choice.shots:
@@ -233,6 +236,15 @@ def fewshot_cycle(
     heartbeat.stage("gate", version.id)
     decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
     return conclude(loop, heartbeat, version, decision, actor, live_url)
+
+
+def _give_way_to_finetune(loop: Loop) -> None:
+    """A few-shot candidate the trigger started is not made when, with what was harvested since, a fine-tune cycle
+    is due: corrections that come in a burst start the fine-tune as soon as this process ends (NothingToTrain
+    records no failure, so no backoff follows)."""
+    due_because, _ = finetune_due(loop.store, loop.cfg.loop)
+    if due_because is not None:
+        raise NothingToTrain(f"no few-shot candidate: a fine-tune cycle is due ({due_because})")
 
 
 def _register_candidate(loop: Loop, champion: Version, choice: ShotChoice) -> Version:

@@ -358,6 +358,7 @@ def _write_reports(run: Run, cfg, trainer, device, counter, seconds, status, res
         "device": asdict(device),
         "versions": _versions(),
         "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,  # the budget (train.epochs or train.max_steps)
         "seconds": round(seconds, 2),
         "processes": world_size(),
         "tokens": counter.tokens,
