@@ -294,3 +294,23 @@ def test_the_servers_trigger_starts_the_fast_path_in_its_own_process(fresh_loop_
     started = loop.store.events(kind="cycle_started")[0]
     assert started.actor == "trigger" and started.data["kind"] == "fewshot" and started.reason.startswith("1/2 new")
     assert loop.store.version(2).kind == "fewshot" and loop.store.version(2).shots == turns(SHORT[:1])
+
+
+def test_the_servers_trigger_holds_the_fast_path_while_corrections_come_in_a_burst(fresh_loop_dir):  # noqa: F811
+    import time
+
+    from tuneship.loop.registry import open_loop
+    from tuneship.serve.app import TriggerThread, create_app
+
+    loop = open_loop(fresh_loop_dir)
+    correct(loop, SHORT[:1])
+    app = create_app(loop)
+    trigger = TriggerThread(app)
+    trigger.feedback_came()  # a correction this moment: more may follow
+    assert not trigger.tick() and not app.state.cycles.processes
+    assert 0 < trigger.retry_in <= TriggerThread.BURST_QUIET_SECONDS  # it looks again once the burst is over
+    trigger.feedback_at = time.monotonic() - TriggerThread.BURST_QUIET_SECONDS  # quiet since
+    assert trigger.tick()
+    [process] = app.state.cycles.processes
+    assert process.args[-2:] == ["--kind", "fewshot"]
+    process.wait(timeout=300)

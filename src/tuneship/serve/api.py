@@ -260,7 +260,7 @@ def post_feedback(body: FeedbackRequest, request: Request, idempotency_key: str 
         raise ApiError(409, str(exc), "idempotency_conflict", "Idempotency-Key") from None
     trigger = getattr(request.app.state, "trigger", None)
     if trigger is not None and is_new:
-        trigger.wake.set()  # harvest it now: the correction that reaches loop.min_examples starts the cycle at once
+        trigger.feedback_came()  # harvested now: the correction that reaches loop.min_examples starts the cycle
     return JSONResponse(
         {"id": row.id, "generation_id": row.generation_id, "replayed": not is_new},
         status_code=201,

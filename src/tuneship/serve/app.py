@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,10 +140,13 @@ class CycleLauncher:
 class TriggerThread(threading.Thread):
     """Harvest new feedback into examples, and start a cycle (or the fast path's few-shot candidate) when due:
     every serve.trigger_every seconds, and at once (at most once per MIN_TICK_SECONDS) when new feedback came in
-    (`wake`) or a cycle this server started has ended, so the correction that reaches loop.min_examples starts
-    its cycle without waiting for the next tick."""
+    (`feedback_came`) or a cycle this server started has ended, so the correction that reaches loop.min_examples
+    starts its cycle without waiting for the next tick. A few-shot candidate waits until no feedback came for
+    BURST_QUIET_SECONDS: corrections sent in a burst go to the fine-tune they add up to, not to a candidate that
+    would hold the lease meanwhile."""
 
     MIN_TICK_SECONDS = 1.0
+    BURST_QUIET_SECONDS = 3.0
 
     def __init__(self, app: FastAPI) -> None:
         super().__init__(daemon=True, name="loop-trigger")
@@ -150,12 +154,21 @@ class TriggerThread(threading.Thread):
         self.stopped = threading.Event()
         self.wake = threading.Event()
         self.measure: Measure | None = None
+        self.feedback_at = float("-inf")  # time.monotonic() of the last new feedback
+        self.retry_in: float | None = None  # a deferred few-shot candidate: look again this much later
+
+    def feedback_came(self) -> None:
+        self.feedback_at = time.monotonic()
+        self.wake.set()
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            running = self.app.state.cycles.running()  # then its end is seen within a second
-            self.wake.wait(self.MIN_TICK_SECONDS if running else self.app.state.loop.cfg.serve.trigger_every)
+            every = self.app.state.loop.cfg.serve.trigger_every
+            if self.app.state.cycles.running():  # then its end is seen within a second
+                every = self.MIN_TICK_SECONDS
+            self.wake.wait(min(every, self.retry_in) if self.retry_in is not None else every)
             self.wake.clear()
+            self.retry_in = None
             if self.stopped.is_set():
                 break
             try:
@@ -176,6 +189,10 @@ class TriggerThread(threading.Thread):
             return False
         harvest(loop.store, loop.cfg, self._measure())
         decision = trigger_decision(loop.store, loop.cfg.loop)
+        quiet_left = self.BURST_QUIET_SECONDS - (time.monotonic() - self.feedback_at)
+        if decision.is_due and decision.kind == "fewshot" and quiet_left > 0:
+            self.retry_in = quiet_left
+            return False
         if decision.is_due:
             cycles.start("trigger", decision.reason, loop.base_run.parent / f"{loop.name}-loop", decision.kind)
         return decision.is_due
