@@ -186,7 +186,8 @@ def test_alternating_two_versions_loads_each_gguf_once(fresh_loop_dir, gguf_load
     loop = open_loop(fresh_loop_dir)
     add_copy_as_version(loop, 2)
     add_copy_as_version(loop, 3)
-    _, server = serve_loop(fresh_loop_dir)
+    # merged: a GGUF per version (adapters on one base: test_adapter_versions.py)
+    _, server = serve_loop(fresh_loop_dir, ["loop.version_format=merged"])
     with server:
         answered = [ask(server.url, model=name).tuneship["version"] for name in ["tiny-v2", "tiny-v3"] * 3]
         loaded = set(server.server.config.app.state.router.pool.models)
@@ -201,7 +202,7 @@ def test_the_least_recently_used_version_is_closed_beyond_max_loaded_models(fres
     loop = open_loop(fresh_loop_dir)
     for version_id in (2, 3):
         add_copy_as_version(loop, version_id)
-    _, server = serve_loop(fresh_loop_dir, ["serve.max_loaded_models=1"])
+    _, server = serve_loop(fresh_loop_dir, ["serve.max_loaded_models=1", "loop.version_format=merged"])
     with server:
         for name in ["tiny-v2", "tiny-v3", "tiny-v2"]:
             ask(server.url, model=name)

@@ -34,6 +34,7 @@ class VersionRow:
     is_promoted_by_gate: bool | None = None
     kind: str = "finetune"
     shot_count: int = 0
+    is_adapter: bool = False  # loop.version_format adapter: a LoRA GGUF on the shared base GGUF
 
     @property
     def can_promote(self) -> bool:
@@ -63,6 +64,7 @@ def version_rows(store: Store) -> list[VersionRow]:
                 decision.data.get("promoted") if decision else None,
                 version.kind,
                 version.shot_count,
+                bool(version.adapter),
             )
         )
     return rows
