@@ -151,9 +151,17 @@ def ten_corrections_are_learned(server, client) -> dict:
     return version
 
 
-def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client):
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client, quickstart_run):
     version = ten_corrections_are_learned(server, client)
     assert version["format"] == "adapter"  # a LoRA GGUF on the base's quantized GGUF
+    cycle_folder = quickstart_run.parent / "quickstart-loop" / f"v{version['id']}"
+    own = folder_bytes(Path(version["run_dir"])) + folder_bytes(cycle_folder)
+    merged = folder_bytes(quickstart_run)  # v1: merged model, f16 and quantized GGUFs, adapter, checkpoints
+    assert own < 0.05 * merged, (own, merged)
 
 
 def test_a_wrong_correction_of_a_taught_fact_waits_for_review_and_the_good_ones_are_learned(
