@@ -4,6 +4,7 @@ from tuneship.config import LoopSection
 from tuneship.data.conversation import Conversation, Message, SourceRef
 from tuneship.evaluate.checks import check_answer, summarize
 from tuneship.evaluate.prompts import EvalPrompt
+from tests.loop_fixtures import fresh_loop_dir, tiny_base_run  # noqa: F401
 from tuneship.loop.gate import Measured, gate_decision
 
 LONG = "The glimmerphone was invented by Bram Tolliver in 1902 in a small workshop near the harbour of Quintara."
@@ -95,3 +96,43 @@ def test_an_answer_that_does_not_stop_is_rejected():
     challenger = {"new": measured(sets["new"], ["Green."], stopped=False)}
     decision = gate_decision(sets, champion, challenger, LoopSection())
     assert not decision.is_promoted and decision.reasons == ["new: stop rate 0% < 100%"]
+
+
+def test_a_version_is_asked_in_the_gate_only_what_it_was_not_asked_before(fresh_loop_dir, tmp_path):  # noqa: F811
+    import json
+
+    from tuneship.loop.answer_cache import FILE_NAME
+    from tuneship.loop.gate import measure
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(fresh_loop_dir)
+    v1 = loop.store.version(1)
+    first = {"golden": prompts({f"Question number {i}?": f"Answer number {i}." for i in range(3)})}
+    fresh = measure(v1, first, 8)  # no cache: every prompt answered in llama.cpp
+    assert measure(v1, first, 8, tmp_path).keys() == fresh.keys()
+    assert [c.answer for c in measure(v1, first, 8, tmp_path)["golden"].checks] == [
+        c.answer for c in fresh["golden"].checks
+    ]
+    assert len(json.loads((tmp_path / FILE_NAME).read_text())) == 3
+    more = {**first, "new": prompts({"Question number 7?": "Answer number 7."})}
+    measured_more = measure(v1, more, 8, tmp_path)  # one prompt more: only it is answered, then remembered
+    assert len(json.loads((tmp_path / FILE_NAME).read_text())) == 4
+    assert [c.answer for c in measured_more["new"].checks] == [c.answer for c in measure(v1, more, 8)["new"].checks]
+
+
+def test_remembered_answers_are_asked_again_for_other_files_or_another_token_budget(tmp_path):
+    from tuneship.chat.generation import Answer
+    from tuneship.loop.answer_cache import cached_answers
+
+    asked = []
+
+    def answer(indexes: list[int]) -> list[Answer]:
+        asked.append(list(indexes))
+        return [Answer(f"answer {i}", True, 2) for i in indexes]
+
+    assert [a.text for a in cached_answers(tmp_path, "v1 files", ["p0", "p1"], 8, answer)] == ["answer 0", "answer 1"]
+    assert [a.text for a in cached_answers(tmp_path, "v1 files", ["p1", "p2"], 8, answer)] == ["answer 1", "answer 1"]
+    assert asked == [[0, 1], [1]]  # p1 remembered (its answer from the first call), only p2 asked
+    cached_answers(tmp_path, "v1 in adapter form", ["p1"], 8, answer)
+    cached_answers(tmp_path, "v1 files", ["p1"], 16, answer)
+    assert asked[2:] == [[0], [0]]

@@ -23,6 +23,7 @@ is lost or counted twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -130,7 +131,7 @@ def finetune_cycle(
         return conclude(loop, heartbeat, version, decision, actor, live_url)
     version = store.update_version(version.id, status="candidate", **_served_files(cfg, Path(version.run_dir)))
     heartbeat.stage("gate", version.id)
-    decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
+    decision = run_gate(champion, version, gate_sets(store, version), loop.cfg, _answers_folder(loop))
     return conclude(loop, heartbeat, version, decision, actor, live_url)
 
 
@@ -164,6 +165,12 @@ def _resume_or_new_version(loop: Loop, champion: Version) -> Version:
         example_ids=new,
         metrics={"new_examples": new, "replay_examples": replay_sample(store, loop.cfg.loop, set(new), version_id)},
     )
+
+
+def _answers_folder(loop: Loop) -> Callable[[Version], Path]:
+    """Where each version's gate answers are kept: its cycle folder (a few-shot version's own, as its shots
+    change its answers)."""
+    return lambda version: loop.cycle_dir(version.id)
 
 
 def _served_files(cfg: Config, run_dir: Path) -> dict[str, str | None]:
@@ -234,7 +241,7 @@ def fewshot_cycle(
         version.id,
     )
     heartbeat.stage("gate", version.id)
-    decision = run_gate(champion, version, gate_sets(store, version), loop.cfg)
+    decision = run_gate(champion, version, gate_sets(store, version), loop.cfg, _answers_folder(loop))
     return conclude(loop, heartbeat, version, decision, actor, live_url)
 
 

@@ -18,13 +18,16 @@ the decision.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tuneship.chat.generation import Answer
 from tuneship.config import Config, LoopSection
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.checks import AnswerCheck, check_answer, is_short, summarize
 from tuneship.evaluate.prompts import EvalPrompt
+from tuneship.loop.answer_cache import cached_answers
 from tuneship.loop.registry import version_chat_format
 from tuneship.loop.shots import prompts_with_shots
 from tuneship.loop.tables import Version
@@ -52,21 +55,29 @@ class GateDecision:
         return asdict(self)
 
 
-def measure(version: Version, sets: dict[str, list[EvalPrompt]], max_new_tokens: int) -> dict[str, Measured]:
+def measure(
+    version: Version, sets: dict[str, list[EvalPrompt]], max_new_tokens: int, cache: Path | None = None
+) -> dict[str, Measured]:
     """{set: Measured} for one version as it serves: its GGUF (with its LoRA GGUF in adapter format), its
-    ChatFormat, a few-shot version's shots before every prompt. Every set's prompts are answered together (one
-    load of the model, one batch)."""
+    ChatFormat, a few-shot version's shots before every prompt. What it answered before comes from `cache` (its
+    folder of answer_cache.py); the rest is answered together (one load of the model, one batch)."""
     chat_format = version_chat_format(version)
     lora = Path(version.adapter) if version.adapter else None
     asked = [(name, prompt) for name, prompts in sets.items() for prompt in prompts]
     if not asked:
         return {}
     prompts = prompts_with_shots([prompt for _, prompt in asked], version.shots)
-    answers, _ = gguf_answers(Path(version.gguf), chat_format, prompts, max_new_tokens, lora)
+    texts = [chat_format.generation_prompt(p.conversation) for p in prompts]
+
+    def answer(indexes: list[int]) -> list[Answer]:
+        missing = [prompts[i] for i in indexes]
+        return gguf_answers(Path(version.gguf), chat_format, missing, max_new_tokens, lora)[0]
+
+    answers = cached_answers(cache, f"{version.gguf}|{version.adapter}", texts, max_new_tokens, answer)
     markers = chat_format.special_tokens()
     checks: dict[str, list[AnswerCheck]] = {}
-    for (name, prompt), answer in zip(asked, answers):
-        checks.setdefault(name, []).append(check_answer(answer.text, answer.stopped, prompt.expected, markers))
+    for (name, prompt), found in zip(asked, answers):
+        checks.setdefault(name, []).append(check_answer(found.text, found.stopped, prompt.expected, markers))
     return {name: Measured(summarize(found), found) for name, found in checks.items()}
 
 
@@ -172,12 +183,19 @@ def _promotion_reason(verdicts: dict) -> str:
     return "; ".join(parts)
 
 
-def run_gate(champion: Version, challenger: Version, sets: dict[str, list[EvalPrompt]], cfg: Config) -> GateDecision:
-    """Both registry versions (their GGUF, ChatFormat, and shots when few-shot) on the same sets."""
+def run_gate(
+    champion: Version,
+    challenger: Version,
+    sets: dict[str, list[EvalPrompt]],
+    cfg: Config,
+    cache: Callable[[Version], Path] | None = None,
+) -> GateDecision:
+    """Both registry versions (their GGUF, ChatFormat, and shots when few-shot) on the same sets; `cache`: each
+    version's folder of remembered answers (answer_cache.py)."""
     started = time.monotonic()
     tokens = cfg.eval.max_new_tokens
-    old = measure(champion, sets, tokens)
-    new = measure(challenger, sets, tokens)
+    old = measure(champion, sets, tokens, cache(champion) if cache else None)
+    new = measure(challenger, sets, tokens, cache(challenger) if cache else None)
     decision = gate_decision(sets, old, new, cfg.loop)
     decision.metrics["seconds"] = round(time.monotonic() - started, 2)
     return decision
