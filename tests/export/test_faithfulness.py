@@ -181,3 +181,24 @@ def test_non_finite_kl_fails_the_gate():
 def test_max_kl_divergence_out_of_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match="export.max_kl_divergence"):
         load_config(overrides=[f"export.max_kl_divergence={value}"])
+
+
+def test_the_logits_kept_while_generating_give_the_figures_of_scoring_the_reference_again(
+    ggufs, chat_format, prompts, measured
+):
+    from tuneship.evaluate.backends import generate_with_gguf
+    from tuneship.export.faithfulness import scored_sequences
+
+    generation = generate_with_gguf(ggufs["f16"], chat_format, prompts, MAX_NEW_TOKENS, keep_logits_bytes=1 << 30)
+    sequences = scored_sequences(generation)
+    assert [len(rows) for rows in generation.answer_logits] == [s.positions for s in sequences]
+    kept = measure_faithfulness(
+        ggufs["f16"], {"Q4_K_M": ggufs["Q4_K_M"]}, sequences, reference_logits=generation.answer_logits
+    )
+    # the generation's batches differ from the scoring batch (one token per step vs whole sequences): the same
+    # figures up to float rounding, as between chunkings above
+    assert kept["Q4_K_M"].positions == measured["Q4_K_M"].positions
+    assert kept["Q4_K_M"].kl_divergence == pytest.approx(measured["Q4_K_M"].kl_divergence, rel=2e-2)
+    assert kept["Q4_K_M"].top1_agreement == measured["Q4_K_M"].top1_agreement
+    tight = generate_with_gguf(ggufs["f16"], chat_format, prompts, MAX_NEW_TOKENS, keep_logits_bytes=1)
+    assert tight.answer_logits is None  # over the budget: none kept, the reference is scored again instead

@@ -67,15 +67,22 @@ def _answer(llm, generated: list[int], end: int | None, stop_ids: set[int]) -> A
 @dataclass
 class GGUFGeneration:
     """A GGUF's answers to a prompt set, how many prompts llama.cpp tokenized differently from the HF
-    tokenizer, and each prompt's token ids with its answer's (export scores quants on the latter)."""
+    tokenizer, each prompt's token ids with its answer's (export scores quants on the latter), and with
+    `keep_logits_bytes` the logits each answer's tokens were chosen from (rows, vocab) per prompt, when they fit."""
 
     answers: list[Answer]
     prompt_token_mismatches: int
     token_ids: list[tuple[list[int], list[int]]]
+    answer_logits: list | None = None
 
 
 def generate_with_gguf(
-    gguf_path: Path, chat_format, prompts, max_new_tokens: int, lora_path: Path | None = None
+    gguf_path: Path,
+    chat_format,
+    prompts,
+    max_new_tokens: int,
+    lora_path: Path | None = None,
+    keep_logits_bytes: int = 0,
 ) -> GGUFGeneration:
     """Every prompt rendered by the ChatFormat and answered greedily by the GGUF in llama.cpp, all prompts decoded
     together (evaluate/llama_parallel.py), answers in prompt order."""
@@ -87,12 +94,20 @@ def generate_with_gguf(
         tokens = [llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in texts]
         mismatches = sum(ids != chat_format.encode(text) for ids, text in zip(tokens, texts))
         stop_ids = set(chat_format.spec.stop_token_ids)
-        continuations = greedy_continuations(llm, tokens, max_new_tokens, stop_ids, lora_path)
+        continuations = greedy_continuations(llm, tokens, max_new_tokens, stop_ids, lora_path, keep_logits_bytes)
         answers = [_answer(llm, c.answer, c.end, stop_ids) for c in continuations]
     finally:
         llm.close()
     token_ids = [(c.prompt, c.answer if c.end is None else [*c.answer, c.end]) for c in continuations]
-    return GGUFGeneration(answers, mismatches, token_ids)
+    kept = all(c.logits is not None for c in continuations) and keep_logits_bytes > 0
+    logits = [_stacked(c.logits) for c in continuations] if kept else None
+    return GGUFGeneration(answers, mismatches, token_ids, logits)
+
+
+def _stacked(rows: list):
+    import numpy as np
+
+    return np.stack(rows)
 
 
 def gguf_answers(

@@ -30,34 +30,47 @@ MAX_UBATCH = 512
 
 @dataclass
 class Continuation:
-    """A prompt's tokens, the answer's tokens, and the token that ended it (None: cut at max_new_tokens)."""
+    """A prompt's tokens, the answer's tokens, and the token that ended it (None: cut at max_new_tokens); with
+    `keep_logits`, the float32 logits each answer token (and the end token) was chosen from, one row each."""
 
     prompt: list[int]
     answer: list[int]
     end: int | None
+    logits: list | None = None
 
 
 def greedy_continuations(
-    llm, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], lora_path: Path | None = None
+    llm,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    lora_path: Path | None = None,
+    keep_logits_bytes: int = 0,
 ) -> list[Continuation]:
-    """Every prompt (token ids) continued greedily by the model `llm` (a llama_cpp.Llama) has loaded, in order."""
+    """Every prompt (token ids) continued greedily by the model `llm` (a llama_cpp.Llama) has loaded, in order;
+    `keep_logits_bytes`: with the logits of every answer position (for the KL of another model on these
+    answers) while they fit in that many bytes, else none of them (Continuation.logits None)."""
     import llama_cpp
 
     ends = stop_ids | {llama_cpp.llama_vocab_eos(llama_cpp.llama_model_get_vocab(llm.model))}
     adapter = _load_adapter(llm, lora_path) if lora_path else None
     continuations: list[Continuation] = []
+    budget = [keep_logits_bytes]  # bytes of logits that may still be kept
     for wave in _waves(prompts, max_new_tokens, _kv_bytes_per_token(llm)):
-        continuations += _answer_wave(llm, wave, max_new_tokens, ends, adapter)
+        continuations += _answer_wave(llm, wave, max_new_tokens, ends, adapter, budget)
+    if budget[0] < 0:  # over the budget: none kept (the first rows of some would mislead)
+        for continuation in continuations:
+            continuation.logits = None
     return continuations
 
 
-def _answer_wave(llm, prompts, max_new_tokens: int, ends: set[int], adapter) -> list[Continuation]:
+def _answer_wave(llm, prompts, max_new_tokens: int, ends: set[int], adapter, budget: list[int]) -> list[Continuation]:
     import llama_cpp
     import numpy as np
 
     shared = shared_start(prompts)
     own = [len(prompt) - shared for prompt in prompts]
-    continuations = [Continuation(prompt, [], None) for prompt in prompts]
+    continuations = [Continuation(prompt, [], None, [] if budget[0] > 0 else None) for prompt in prompts]
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
     size = shared + sum(own) + len(prompts) * max_new_tokens
     with _context(llm, size, len(prompts), max(shared + sum(own), len(prompts)), adapter) as (context, batch):
@@ -75,6 +88,9 @@ def _answer_wave(llm, prompts, max_new_tokens: int, ends: set[int], adapter) -> 
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(n_vocab,))
                 token = int(logits.argmax())
                 continuation = continuations[sequence]
+                if continuation.logits is not None and budget[0] >= 0:
+                    continuation.logits.append(logits.copy())
+                    budget[0] -= logits.nbytes
                 if token in ends:
                     continuation.end = token
                     continue

@@ -80,15 +80,26 @@ def measure_faithfulness(
     sequences: list[ScoredSequence],
     memory_budget_bytes: int = MEMORY_BUDGET_BYTES,
     lora: Path | None = None,
+    reference_logits: list | None = None,
 ) -> dict[str, Faithfulness]:
     """Each quant against `reference`; with `lora`, the same LoRA GGUF applied on every one of them (a LoRA on a
-    quantized base against the same LoRA on the f16 base: what quantizing the base does to the version)."""
-    with _llama(reference) as llm:
-        bytes_per_position = 8 * llm.n_vocab()
-    totals = {name: _Totals() for name in quants}
-    for chunk in _chunks(sequences, bytes_per_position, memory_budget_bytes):
+    quantized base against the same LoRA on the f16 base: what quantizing the base does to the version).
+    `reference_logits`: the reference's logits of each sequence's answer positions, kept when it generated those
+    answers (GGUFGeneration.answer_logits), so the reference is not run again."""
+    if reference_logits is not None:
+        bytes_per_position = 8 * reference_logits[0].shape[1]
+    else:
         with _llama(reference) as llm:
-            reference_rows = _answer_log_probs(llm, chunk, lora)
+            bytes_per_position = 8 * llm.n_vocab()
+    totals = {name: _Totals() for name in quants}
+    start = 0
+    for chunk in _chunks(sequences, bytes_per_position, memory_budget_bytes):
+        if reference_logits is not None:
+            reference_rows = [_log_softmax(rows) for rows in reference_logits[start : start + len(chunk)]]
+        else:
+            with _llama(reference) as llm:
+                reference_rows = _answer_log_probs(llm, chunk, lora)
+        start += len(chunk)
         for name, path in quants.items():
             with _llama(path) as llm:
                 for rows, quant_rows in zip(reference_rows, _answer_log_probs(llm, chunk, lora)):
@@ -129,16 +140,20 @@ class _Totals:
 
 def _answer_log_probs(llm, sequences: list[ScoredSequence], lora: Path | None = None) -> list:
     """Per sequence, float64 log-softmax rows of the positions that predict its answer tokens."""
-    import numpy as np
-
     from tuneship.evaluate.llama_parallel import position_logits
 
-    log_probs = []
-    for logits in position_logits(llm, [(s.tokens, s.answer_start - 1) for s in sequences], lora):
-        logits = logits.astype(np.float64)
-        peak = logits.max(axis=1, keepdims=True)
-        log_probs.append(logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))))
-    return log_probs
+    return [
+        _log_softmax(logits)
+        for logits in position_logits(llm, [(s.tokens, s.answer_start - 1) for s in sequences], lora)
+    ]
+
+
+def _log_softmax(logits):
+    import numpy as np
+
+    logits = logits.astype(np.float64)
+    peak = logits.max(axis=1, keepdims=True)
+    return logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))
 
 
 def _chunks(sequences: list[ScoredSequence], bytes_per_position: int, budget: int) -> Iterator[list[ScoredSequence]]:

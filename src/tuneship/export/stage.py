@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from tuneship.evaluate.report import add_model, load_report, write_report
 from tuneship.evaluate.stage import check_all, eval_inputs, generation_precision, require_gates
 from tuneship.export.faithfulness import (
+    MEMORY_BUDGET_BYTES,
     Faithfulness,
     kl_gate_failures,
     measure_faithfulness,
@@ -142,13 +143,12 @@ def _check_merged(context: ExportContext) -> dict:
     return add_model(context.report, "merged", check_all(answers, context.prompts, context.chat_format))
 
 
-def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path | None = None):
+def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path | None = None, keep_logits_bytes=0):
     """(the GGUF's summary in the report, its GGUFGeneration)."""
     from tuneship.evaluate.backends import generate_with_gguf
 
-    generation = generate_with_gguf(
-        path, context.chat_format, context.prompts, context.cfg.eval.max_new_tokens, lora_path=lora_path
-    )
+    tokens = context.cfg.eval.max_new_tokens
+    generation = generate_with_gguf(path, context.chat_format, context.prompts, tokens, lora_path, keep_logits_bytes)
     checks = check_all(generation.answers, context.prompts, context.chat_format)
     summary = add_model(context.report, name, checks, prompt_token_mismatches=generation.prompt_token_mismatches)
     return summary, generation
@@ -168,16 +168,20 @@ def _export_lora(context: ExportContext) -> ExportResult:
     reference = context.timed(f"base {REFERENCE_KIND}", lambda: base_gguf(base_dir, REFERENCE_KIND))
     context.console.print(f"wrote {lora.name}; checking it in llama.cpp on the base model's GGUF")
     summaries = {}
+    is_quantized = quant != REFERENCE_KIND  # then the reference's logits are kept for the KL of the quantized base
     summaries[f"gguf-lora-{REFERENCE_KIND}"], generation = _check_gguf(
-        context, reference, f"gguf-lora-{REFERENCE_KIND}", lora_path=lora
+        context, reference, f"gguf-lora-{REFERENCE_KIND}", lora, MEMORY_BUDGET_BYTES if is_quantized else 0
     )
     measured = {}
-    if quant != REFERENCE_KIND:
+    if is_quantized:
         served = context.timed(f"base {quant}", lambda: base_gguf(base_dir, quant))
-        summaries[f"gguf-lora-{quant}"], _ = _check_gguf(context, served, f"gguf-lora-{quant}", lora_path=lora)
+        summaries[f"gguf-lora-{quant}"], _ = _check_gguf(context, served, f"gguf-lora-{quant}", lora)
+        sequences, logits = scored_sequences(generation), generation.answer_logits
         measured = context.timed(
             "faithfulness",
-            lambda: measure_faithfulness(reference, {f"lora-{quant}": served}, scored_sequences(generation), lora=lora),
+            lambda: measure_faithfulness(
+                reference, {f"lora-{quant}": served}, sequences, lora=lora, reference_logits=logits
+            ),
         )
         summaries[f"gguf-lora-{quant}"].update(measured[f"lora-{quant}"].to_summary())
     info = gguf.read_gguf(lora, "lora")
