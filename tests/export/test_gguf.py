@@ -1,5 +1,6 @@
 """Export of a tiny run through llama.cpp's converter and quantizer; validation catches broken files."""
 
+import sys
 import io
 import json
 import shutil
@@ -125,3 +126,23 @@ def test_a_failing_conversion_says_what_the_converter_said(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a model")
     with pytest.raises(ExportError, match="llama.cpp's converter failed on .*\n(.|\n)*(Error|error)"):
         start_conversion(tmp_path, tmp_path / "out.gguf", "f16").result()
+
+
+def test_the_lora_converter_in_this_process_writes_the_same_file_and_leaves_this_processs_gguf_alone(
+    tiny_run, tmp_path
+):
+    import gguf
+    import torch  # noqa: F401 - a training process has it: the converter then runs here
+
+    from tuneship.export.converter import run_script, run_script_here
+    from tuneship.models import adapter_base_dir
+
+    _, run = tiny_run
+    arguments = [str(run.adapter_dir), "--base", adapter_base_dir(run), "--outtype", "f16", "--outfile"]
+    here = run_script_here("convert_lora_to_gguf.py", [*arguments, str(tmp_path / "here.gguf")])
+    apart = run_script("convert_lora_to_gguf.py", [*arguments, str(tmp_path / "apart.gguf")])
+    assert here.returncode == apart.returncode == 0, here.stderr
+    assert (tmp_path / "here.gguf").read_bytes() == (tmp_path / "apart.gguf").read_bytes()
+    assert sys.modules["gguf"] is gguf and "conversion" not in sys.modules
+    failed = run_script_here("convert_lora_to_gguf.py", ["/no/such/adapter", "--outfile", str(tmp_path / "x.gguf")])
+    assert failed.returncode != 0 and not (tmp_path / "x.gguf").exists() and sys.modules["gguf"] is gguf

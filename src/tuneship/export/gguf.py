@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneship.errors import TuneshipError
-from tuneship.export.converter import RunningScript, run_script, start_script
+from tuneship.export.converter import RunningScript, run_script, run_script_here, start_script
 from tuneship.disk import require_disk_for_file
 
 QUANT_FTYPES = {
@@ -91,10 +91,11 @@ def start_conversion(merged_dir: Path, out_path: Path, outtype: str) -> PendingC
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:
-    result = run_script(
-        "convert_lora_to_gguf.py",
-        [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path), "--outtype", "f16"],
-    )
+    """llama.cpp's LoRA converter: in this process when it has torch imported already (a training process: the
+    import is most of the converter's time), else in its own."""
+    arguments = [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path), "--outtype", "f16"]
+    run = run_script_here if "torch" in sys.modules else run_script
+    result = run("convert_lora_to_gguf.py", arguments)
     if result.returncode != 0 or not out_path.is_file():
         raise ExportError(f"llama.cpp's LoRA converter failed on {adapter_dir}:\n{result.stderr[-2000:]}")
     return out_path
