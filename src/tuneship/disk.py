@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tuneship.errors import DiskFull
@@ -34,3 +36,15 @@ def require_disk_for_file(folder: Path, expected_bytes: int, what: str) -> None:
         what,
         "free space and run the command again (finished steps are skipped)",
     )
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write it under; renamed to `path` when the write succeeded, removed if
+    not, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -151,16 +151,14 @@ def ten_corrections_are_learned(server, client) -> dict:
     return version
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client, quickstart_run):
+    from tuneship.loop.prune import size_of
+
     version = ten_corrections_are_learned(server, client)
     assert version["format"] == "adapter"  # a LoRA GGUF on the base's quantized GGUF
     cycle_folder = quickstart_run.parent / "quickstart-loop" / f"v{version['id']}"
-    own = folder_bytes(Path(version["run_dir"])) + folder_bytes(cycle_folder)
-    merged = folder_bytes(quickstart_run)  # v1: merged model, f16 and quantized GGUFs, adapter, checkpoints
+    own = size_of(Path(version["run_dir"])) + size_of(cycle_folder)  # what `tuneship loop versions` counts
+    merged = size_of(quickstart_run)  # v1: merged model, f16 and quantized GGUFs, adapter, checkpoints
     assert own < 0.05 * merged, (own, merged)
 
 

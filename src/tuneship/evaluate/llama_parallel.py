@@ -158,9 +158,7 @@ def _context(llm, n_ctx: int, sequences: int, largest_batch: int, adapter) -> It
     batch = llama_cpp.llama_batch_init(largest_batch, 0, sequences)
     try:
         if adapter is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-            if llama_cpp.llama_set_adapters_lora(context, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
-                raise RuntimeError("llama.cpp could not apply the LoRA adapter to the context")
+            set_lora(context, adapter)
         yield context, batch
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -195,12 +193,30 @@ def _decode(context, batch) -> None:
 
 def _load_adapter(llm, lora_path: Path):
     """A LoRA GGUF loaded for `llm`'s model (llama.cpp frees it with the model)."""
+    return load_lora(llm.model, lora_path)
+
+
+def load_lora(model, lora_path: Path):
+    """A LoRA GGUF loaded for a llama.cpp model (a llama_model pointer), not yet applied to any context."""
     import llama_cpp
 
-    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(lora_path).encode("utf-8"))
+    adapter = llama_cpp.llama_adapter_lora_init(model, str(lora_path).encode("utf-8"))
     if adapter is None:
-        raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora_path}")
+        raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora_path.name}")
     return adapter
+
+
+def set_lora(context, adapter) -> None:
+    """The context computes with `adapter` (a loaded LoRA, at scale 1) from now on; None: with no adapter."""
+    import llama_cpp
+
+    if adapter is None:
+        status = llama_cpp.llama_set_adapters_lora(context, None, 0, None)
+    else:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        status = llama_cpp.llama_set_adapters_lora(context, adapters, 1, (ctypes.c_float * 1)(1.0))
+    if status != 0:
+        raise RuntimeError("llama.cpp could not set the LoRA adapter of the context")
 
 
 def _kv_bytes_per_token(llm) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tuneship.disk import written_atomically
 from tuneship.paths import cache_dir
 
 REFERENCE_KIND = "f16"
@@ -33,10 +34,10 @@ def base_gguf(base_dir: str | Path, kind: str) -> Path:
     with _locked(folder / ".lock"):
         reference = folder / f"base-{REFERENCE_KIND}.gguf"
         if not reference.is_file():
-            with _written(reference) as partial:
+            with written_atomically(reference) as partial:
                 gguf.convert_to_gguf(Path(base_dir), partial, REFERENCE_KIND)
         if not path.is_file():
-            with _written(path) as partial:
+            with written_atomically(path) as partial:
                 gguf.quantize(reference, partial, kind)
     return path
 
@@ -58,14 +59,3 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _written(path: Path) -> Iterator[Path]:
-    """A temporary name to write `path` under; renamed to `path` when the write succeeded, removed if not."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        yield partial
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)

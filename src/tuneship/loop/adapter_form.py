@@ -57,5 +57,5 @@ def in_adapter_form(loop: Loop, version: Version) -> Version:
 def drop_checkpoints(loop: Loop, version: Version) -> None:
     """A concluded fine-tuned version in adapter format keeps its adapter, LoRA GGUF and reports: its training
     checkpoints (only a crashed cycle resumes from them) go."""
-    if is_adapter_format(loop.cfg) and version.kind == "finetune" and version.id != 1:
+    if is_adapter_format(loop.cfg) and version.kind == "finetune":
         shutil.rmtree(Path(version.run_dir) / "checkpoints", ignore_errors=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tuneship.chat.generation import Answer
+from tuneship.disk import written_atomically
 
 FILE_NAME = "gate-answers.json"
 
@@ -42,7 +43,6 @@ def cached_answers(
             known[keys[index]] = found.to_json()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.partial")
-            partial.write_text(json.dumps(known), encoding="utf-8")
-            partial.replace(path)
+            with written_atomically(path) as partial:
+                partial.write_text(json.dumps(known), encoding="utf-8")
     return [Answer(**known[key]) for key in keys]

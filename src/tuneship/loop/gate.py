@@ -58,27 +58,34 @@ class GateDecision:
 def measure(
     version: Version, sets: dict[str, list[EvalPrompt]], max_new_tokens: int, cache: Path | None = None
 ) -> dict[str, Measured]:
-    """{set: Measured} for one version as it serves: its GGUF (with its LoRA GGUF in adapter format), its
-    ChatFormat, a few-shot version's shots before every prompt. What it answered before comes from `cache` (its
-    folder of answer_cache.py); the rest is answered together (one load of the model, one batch)."""
-    chat_format = version_chat_format(version)
-    lora = Path(version.adapter) if version.adapter else None
+    """{set: Measured} for one version as it serves (`version_answers`), every set's prompts answered together."""
     asked = [(name, prompt) for name, prompts in sets.items() for prompt in prompts]
     if not asked:
         return {}
-    prompts = prompts_with_shots([prompt for _, prompt in asked], version.shots)
-    texts = [chat_format.generation_prompt(p.conversation) for p in prompts]
-
-    def answer(indexes: list[int]) -> list[Answer]:
-        missing = [prompts[i] for i in indexes]
-        return gguf_answers(Path(version.gguf), chat_format, missing, max_new_tokens, lora)[0]
-
-    answers = cached_answers(cache, f"{version.gguf}|{version.adapter}", texts, max_new_tokens, answer)
-    markers = chat_format.special_tokens()
+    answers = version_answers(version, [prompt for _, prompt in asked], max_new_tokens, cache)
+    markers = version_chat_format(version).special_tokens()
     checks: dict[str, list[AnswerCheck]] = {}
     for (name, prompt), found in zip(asked, answers):
         checks.setdefault(name, []).append(check_answer(found.text, found.stopped, prompt.expected, markers))
     return {name: Measured(summarize(found), found) for name, found in checks.items()}
+
+
+def version_answers(
+    version: Version, prompts: list[EvalPrompt], max_new_tokens: int, cache: Path | None = None
+) -> list[Answer]:
+    """A version's greedy answers as it serves: its GGUF (with its LoRA GGUF in adapter format), its ChatFormat, a
+    few-shot version's shots before every prompt. What it answered before comes from `cache` (its folder of
+    answer_cache.py); the rest is answered together (one load of the model, one batch)."""
+    chat_format = version_chat_format(version)
+    lora = Path(version.adapter) if version.adapter else None
+    shown = prompts_with_shots(prompts, version.shots)
+    texts = [chat_format.generation_prompt(p.conversation) for p in shown]
+
+    def answer(indexes: list[int]) -> list[Answer]:
+        missing = [shown[i] for i in indexes]
+        return gguf_answers(Path(version.gguf), chat_format, missing, max_new_tokens, lora)[0]
+
+    return cached_answers(cache, f"{version.gguf}|{version.adapter}", texts, max_new_tokens, answer)
 
 
 def has_regressed(champion: AnswerCheck, challenger: AnswerCheck, reference: str, settings: LoopSection) -> bool:

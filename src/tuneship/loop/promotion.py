@@ -24,7 +24,7 @@ from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
 from tuneship.loop.examples import examples_by_id, golden, prompts_from
-from tuneship.loop.registry import Loop, RegistryError, require_servable, served_files, version_chat_format
+from tuneship.loop.registry import Loop, RegistryError, has_served_files, require_servable, version_chat_format
 from tuneship.loop.shots import prompts_with_shots
 from tuneship.loop.tables import Version
 from tuneship.models import trained_chat_format
@@ -44,7 +44,7 @@ def promotable(version: Version) -> None:
     """A version that can be made the champion: trained, with its GGUF in place (RegistryError if not)."""
     if version.status in ("training", "failed"):
         raise RegistryError(f"v{version.id} is {version.status}: only a trained version can be promoted")
-    if not all(Path(f).is_file() for f in served_files(version)):
+    if not has_served_files(version):
         raise RegistryError(f"v{version.id} has no GGUF file; it cannot serve (see `tuneship loop versions`)")
 
 

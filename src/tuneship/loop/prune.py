@@ -110,7 +110,7 @@ def protected_paths(loop: Loop, kept: list[Version]) -> list[Path]:
     paths = []
     for version in kept:
         paths += [Path(version.run_dir).resolve(), loop.cycle_dir(version.id).resolve()]
-        paths += [Path(f).resolve() for f in served_files(version) if f]
+        paths += [Path(f).resolve() for f in served_files(version)]
     return paths
 
 
@@ -160,7 +160,7 @@ def _update_rows(loop: Loop, doomed: list[Version], deleted: dict[int, list[Path
     at = utcnow().isoformat()
     for version in doomed:
         fields = {}
-        files = [Path(f).resolve() for f in served_files(version) if f]
+        files = [Path(f).resolve() for f in served_files(version)]
         if any(not f.exists() and any(f == p or p in f.parents for p in gone) for f in files):
             fields.update(gguf=None, adapter=None)
         if version.id in deleted:

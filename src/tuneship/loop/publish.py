@@ -23,12 +23,11 @@ from tuneship.deploy.contract import check_contract, require_contract
 from tuneship.deploy.modelfile import render_modelfile
 from tuneship.deploy.stage import embedded_template_gguf
 from tuneship.errors import TuneshipError
-from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
 from tuneship.loop.examples import examples_by_id, golden, prompts_from
 from tuneship.loop.promotion import publish_config, version_spec
-from tuneship.loop.registry import Loop, RegistryError, require_servable, version_chat_format
-from tuneship.loop.shots import prompts_with_shots
+from tuneship.loop.gate import version_answers
+from tuneship.loop.registry import Loop, RegistryError, require_servable
 from tuneship.loop.tables import Version
 from tuneship.models import trained_chat_format
 
@@ -107,16 +106,9 @@ def _merged_export(cfg, version: Version, console: Console) -> Version:
 
 def _compare(loop: Loop, version_id: int, published: Version, prompts: list[EvalPrompt]) -> tuple[int, int, int]:
     """(answers of the published files identical to the version's as it serves, published answers that stopped,
-    the version's answers that stopped)."""
-    serving = loop.store.version(version_id)
+    the version's answers that stopped). The version's come from what the gate remembers when it asked them."""
     tokens = loop.cfg.eval.max_new_tokens
-    chat_format = version_chat_format(serving)
-    shown = prompts_with_shots(prompts, serving.shots)
-    theirs, _ = gguf_answers(Path(serving.gguf), chat_format, shown, tokens, _lora(serving))
-    ours, _ = gguf_answers(Path(published.gguf), chat_format, shown, tokens, _lora(published))
+    theirs = version_answers(loop.store.version(version_id), prompts, tokens, loop.cycle_dir(version_id))
+    ours = version_answers(published, prompts, tokens)
     identical = sum(a.text == b.text for a, b in zip(theirs, ours))
     return identical, sum(a.stopped for a in ours), sum(a.stopped for a in theirs)
-
-
-def _lora(version: Version) -> Path | None:
-    return Path(version.adapter) if version.adapter else None

@@ -206,15 +206,19 @@ def import_golden_file(store: Store, path: Path, cfg: Config) -> int:
 
 
 def served_files(version: Version) -> list[str]:
-    """What llama.cpp loads for a version: its GGUF, and in adapter format its LoRA GGUF; [""] when it has none."""
-    return [version.gguf or "", *([version.adapter] if version.adapter else [])]
+    """What llama.cpp loads for a version: its GGUF, and in adapter format its LoRA GGUF (what the row names)."""
+    return [f for f in (version.gguf, version.adapter) if f]
+
+
+def has_served_files(version: Version) -> bool:
+    """A GGUF, and every file llama.cpp loads for the version, in place."""
+    return bool(version.gguf) and all(Path(f).is_file() for f in served_files(version))
 
 
 def require_servable(version: Version) -> None:
     """A version the loop can serve and train from: an exported GGUF and the run's adapter with its ChatFormat."""
     run_dir = Path(version.run_dir)
-    files = served_files(version)
-    if not all(Path(f).is_file() for f in files) or not (run_dir / "adapter" / "chat_format.json").is_file():
+    if not has_served_files(version) or not (run_dir / "adapter" / "chat_format.json").is_file():
         raise RegistryError(
             f"v{version.id} ({version.name}) has no exported GGUF or adapter in {run_dir}; "
             f"run `tuneship run` (or `tuneship export {run_dir}`) first"

@@ -18,11 +18,10 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneship.errors import TuneshipError
-from tuneship.loop.registry import served_files
+from tuneship.loop.registry import has_served_files
 from tuneship.serve.pool import BackendError, LlamaCppModel, ModelPool, Reply, never
 from tuneship.serve.generation import Emit, Generation, GenerationTimeout, Overloaded, ShouldStop, Slots
 
@@ -150,7 +149,7 @@ class Router:
             champion = in_adapter_form(self.loop, champion)
         except TuneshipError as exc:  # it still serves as it is; the cycle will say the same when it needs it
             log.warning("v%s stays in its merged GGUF: %s", champion.id, exc)
-        if not all(Path(f).is_file() for f in served_files(champion)):
+        if not has_served_files(champion):
             return
         self.pool.keep_only(self._wanted_versions())
         with self.pool.use(champion):

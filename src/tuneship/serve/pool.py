@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -79,31 +78,26 @@ class SharedGGUF:
 
     def load_adapter(self, lora: Path) -> None:
         """Load a LoRA GGUF for this model (once; a few MB), without applying it."""
-        import llama_cpp
+        from tuneship.evaluate.llama_parallel import load_lora
 
         with self.lock:
-            if lora in self.adapters:
-                return
-            adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(lora).encode("utf-8"))
-            if adapter is None:
-                raise BackendError(f"llama.cpp could not load the LoRA adapter {lora.name}")
-            self.adapters[lora] = adapter
+            if lora not in self.adapters:
+                try:
+                    self.adapters[lora] = load_lora(self.llm.model, lora)
+                except RuntimeError as exc:
+                    raise BackendError(str(exc)) from None
 
     def apply(self, lora: Path | None) -> None:
         """The context answers with `lora` (None: the file alone) from now on; under `lock`. Switching clears the
         cached prompt, whose keys and values the previous adapter computed."""
-        import llama_cpp
+        from tuneship.evaluate.llama_parallel import set_lora
 
         if lora == self.applied:
             return
-        context = self.llm._ctx.ctx
-        if lora is None:
-            status = llama_cpp.llama_set_adapters_lora(context, None, 0, None)
-        else:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapters[lora])
-            status = llama_cpp.llama_set_adapters_lora(context, adapters, 1, (ctypes.c_float * 1)(1.0))
-        if status != 0:
-            raise BackendError(f"llama.cpp could not apply the LoRA adapter {lora.name if lora else ''}")
+        try:
+            set_lora(self.llm._ctx.ctx, self.adapters[lora] if lora is not None else None)
+        except RuntimeError as exc:
+            raise BackendError(str(exc)) from None
         self.llm.reset()
         self.applied = lora
 
@@ -182,15 +176,15 @@ class LlamaCppModel:
 
 def require_files(version: Version) -> tuple[Path, Path | None]:
     """(the GGUF llama.cpp loads, the LoRA GGUF applied on it or None); BackendError when a file is missing."""
-    gguf = Path(version.gguf) if version.gguf else None
-    adapter = Path(version.adapter) if version.adapter else None
-    missing = [str(p) for p in (gguf, adapter) if p is not None and not p.is_file()]
-    if gguf is None or missing:
+    from tuneship.loop.registry import has_served_files
+
+    if not has_served_files(version):
         raise BackendError(
-            f"v{version.id} ({version.name}) has no GGUF at {', '.join(missing) or version.gguf}; run `tuneship "
-            f"export {version.run_dir}` first"
+            f"v{version.id} ({version.name}) has no GGUF at {version.gguf}"
+            + (f" or no LoRA GGUF at {version.adapter}" if version.adapter else "")
+            + f"; run `tuneship export {version.run_dir}` first"
         )
-    return gguf, adapter
+    return Path(version.gguf), Path(version.adapter) if version.adapter else None
 
 
 class ModelPool:
