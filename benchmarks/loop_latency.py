@@ -85,14 +85,21 @@ def finetuned_champion(url: str) -> dict | None:
     return next((v for v in versions if v["kind"] == "finetune" and v["parent"] and v["status"] == "champion"), None)
 
 
-def measure(run: Path, version_format: str, corrections: dict[str, str], taught: dict[str, str]) -> Latency:
+def measure(
+    run: Path,
+    version_format: str,
+    corrections: dict[str, str],
+    taught: dict[str, str],
+    keep: Path | None = None,
+    settings: list[str] = (),
+) -> Latency:
     from openai import OpenAI
 
     result = Latency(version_format, corrections=len(corrections))
     with tempfile.TemporaryDirectory() as folder:
-        copy = copy_run(run, Path(folder))
+        copy = copy_run(run, keep / version_format if keep else Path(folder))
         port = free_port()
-        overrides = [f"loop.min_examples={len(corrections)}", f"loop.version_format={version_format}"]
+        overrides = [f"loop.min_examples={len(corrections)}", f"loop.version_format={version_format}", *settings]
         server = start_serve(copy, port, overrides, seconds=600)
         url = f"http://127.0.0.1:{port}"
         client = OpenAI(base_url=url + "/v1", api_key=ADMIN["Authorization"].split()[1], max_retries=0)
@@ -184,11 +191,13 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "quickstart")
     parser.add_argument("--corrections", type=int, default=10)
     parser.add_argument("--formats", nargs="+", default=["adapter", "merged"], choices=["adapter", "merged"])
+    parser.add_argument("--keep", type=Path, help="make the run's copies (and their cycles) under this folder, kept")
+    parser.add_argument("--set", action="append", default=[], metavar="K=V", help="another setting (repeatable)")
     args = parser.parse_args()
     corrections = dict(list(facts(REPO / "examples" / "data" / "corrections.jsonl").items())[: args.corrections])
     taught = facts(REPO / "examples" / "data" / "facts.jsonl")
     print(f"{platform.processor() or platform.machine()}, {platform.system()}; run {args.run}")
-    results = [measure(args.run, fmt, corrections, taught) for fmt in args.formats]
+    results = [measure(args.run, fmt, corrections, taught, args.keep, args.set) for fmt in args.formats]
     print_table(results)
 
 

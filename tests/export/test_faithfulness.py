@@ -202,3 +202,22 @@ def test_the_logits_kept_while_generating_give_the_figures_of_scoring_the_refere
     assert kept["Q4_K_M"].top1_agreement == measured["Q4_K_M"].top1_agreement
     tight = generate_with_gguf(ggufs["f16"], chat_format, prompts, MAX_NEW_TOKENS, keep_logits_bytes=1)
     assert tight.answer_logits is None  # over the budget: none kept, the reference is scored again instead
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "damaged"])
+def test_on_the_served_answers_the_kept_logits_give_the_figures_of_scoring_both_again(
+    ggufs, chat_format, prompts, quant
+):
+    """What a LoRA export measures: the quant's own answers, its logits kept while it generated them, scored by
+    the reference; the same figures as scoring both models on those sequences."""
+    from tuneship.evaluate.backends import generate_with_gguf
+    from tuneship.export.faithfulness import measure_on_served_answers, scored_sequences
+
+    served = generate_with_gguf(ggufs[quant], chat_format, prompts, MAX_NEW_TOKENS, keep_logits_bytes=1 << 30)
+    result = measure_on_served_answers(ggufs["f16"], ggufs[quant], served, None)
+    [scored] = measure_faithfulness(ggufs["f16"], {quant: ggufs[quant]}, scored_sequences(served)).values()
+    assert result.positions == scored.positions == len(prompts) * MAX_NEW_TOKENS
+    assert result.kl_divergence == pytest.approx(scored.kl_divergence, rel=2e-2)
+    assert result.top1_agreement == pytest.approx(scored.top1_agreement, abs=1 / result.positions)
+    if quant == "damaged":
+        assert result.kl_divergence > load_config().export.max_kl_divergence

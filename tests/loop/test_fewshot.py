@@ -209,8 +209,9 @@ def test_a_fine_tune_after_a_fewshot_champion_trains_its_shots_from_its_run(fres
     champion = add_fewshot_version(loop, turns(SHORT))
     v3 = _resume_or_new_version(loop, champion)
     assert v3.kind == "finetune" and v3.parent_id == 2 and not v3.shots
-    train_file, _ = write_cycle_data(loop.store, v3, loop.cycle_dir(v3.id))
-    cfg = challenger_config(loop.cfg, v3.name, Path(champion.run_dir), train_file, train_file)
+    data = write_cycle_data(loop.store, v3, loop.cycle_dir(v3.id))
+    train_file = data.train
+    cfg = challenger_config(loop.cfg, v3.name, Path(champion.run_dir), data)
     assert cfg.model.adapter_from == str(fresh_loop_dir)  # the few-shot champion's run: v1's adapter
     trained = [json.loads(line)["messages"][-1]["content"] for line in train_file.read_text().splitlines()]
     assert {a for _, a in SHORT} <= set(trained)
@@ -278,22 +279,31 @@ def test_thumbs_up_answers_and_base_run_examples_are_no_shots(store):
     assert "newer correction of the same prompt" in older["reason"]
 
 
-def test_the_servers_trigger_starts_the_fast_path_in_its_own_process(fresh_loop_dir):  # noqa: F811
+def test_the_servers_trigger_starts_the_fast_path_in_its_standby_process_and_the_next_one_waits(
+    fresh_loop_dir,  # noqa: F811
+):
+    """serve.standby_cycle: the cycle's process was started (and imported its libraries) before it was due; the
+    trigger tells it which cycle to run."""
     from tuneship.loop.registry import open_loop
-    from tuneship.serve.app import TriggerThread, create_app
+    from tuneship.serve.app import CycleLauncher, TriggerThread, create_app
 
     loop = open_loop(fresh_loop_dir)  # loop.min_examples 2: one correction is below it
     correct(loop, SHORT[:1])
-    app = create_app(loop)
+    launcher = CycleLauncher(str(loop.target), [], None, standby=loop.log_dir)
+    standby = launcher.standby
+    assert standby.args[4:6] == ["standby", str(loop.target)] and standby.poll() is None
+    app = create_app(loop, cycles=launcher)
     assert TriggerThread(app).tick()
-    [process] = app.state.cycles.processes
-    assert process.args[-2:] == ["--kind", "fewshot"]
-    process.wait(timeout=300)
-    log = (fresh_loop_dir.parent / "tiny-loop" / "cycle.log").read_text()
-    assert process.returncode in (0, 4), log  # 4: the gate rejected it
+    assert launcher.processes == [standby] and launcher.standby is None  # told, not started anew
+    assert standby.wait(timeout=300) in (0, 4), (loop.log_dir / "cycle.log").read_text()
     started = loop.store.events(kind="cycle_started")[0]
     assert started.actor == "trigger" and started.data["kind"] == "fewshot" and started.reason.startswith("1/2 new")
     assert loop.store.version(2).kind == "fewshot" and loop.store.version(2).shots == turns(SHORT[:1])
+    assert not launcher.running()  # no cycle runs: the next standby is started
+    following = launcher.standby
+    assert following.pid != standby.pid and following.poll() is None
+    following.stdin.close()  # as when the server stops: it ends without a cycle
+    assert following.wait(timeout=120) == 0 and len(loop.store.versions()) == 2
 
 
 def test_the_servers_trigger_holds_the_fast_path_while_corrections_come_in_a_burst(fresh_loop_dir):  # noqa: F811

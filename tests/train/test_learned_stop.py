@@ -41,3 +41,21 @@ def test_the_learned_check_counts_an_example_only_when_greedy_decoding_would_giv
         for a, c in zip(generate_answers(model, chat_format, prompts, 16), conversations)
     )
     assert learned == exact and loss > 0
+
+
+def test_an_answer_token_chosen_by_less_than_the_margin_is_not_learned():
+    """Seen on SmolLM2: a correction's first token won by 0.125 in PyTorch and lost on the quantized base."""
+    import torch
+
+    from tuneship.chat.format import IGNORE_INDEX
+    from tuneship.train.callbacks import learned_rows
+
+    logits = torch.zeros(3, 2, 4)
+    logits[:, 0, 1] = 5.0  # position 0: token 1 by 5
+    logits[0, 1, 2], logits[0, 1, 3] = 2.0, 1.875  # row 0, position 1: token 2 by 0.125
+    logits[1, 1, 2] = 2.0  # row 1: token 2 by 2
+    targets = torch.tensor([[1, 2], [1, 2], [1, IGNORE_INDEX]])  # row 2's second position is not supervised
+    supervised = targets != IGNORE_INDEX
+    assert learned_rows(logits, targets, supervised, 0.0).tolist() == [True, True, True]
+    assert learned_rows(logits, targets, supervised, 1.0).tolist() == [False, True, True]
+    assert learned_rows(logits, targets, supervised, 6.0).tolist() == [False, False, False]

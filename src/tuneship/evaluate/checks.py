@@ -42,6 +42,7 @@ class AnswerCheck:
     f1: float | None
     origin: str | None = None
     right: bool | None = None
+    new_tokens: int | None = None  # what the answer took (a reader sees which answers ran to the token budget)
 
     @property
     def passed(self) -> bool:
@@ -88,7 +89,12 @@ def is_right(text: str, expected: str) -> bool:
 
 
 def check_answer(
-    text: str, stopped: bool, expected: str | None, leak_markers: list[str], origin: str | None = None
+    text: str,
+    stopped: bool,
+    expected: str | None,
+    leak_markers: list[str],
+    origin: str | None = None,
+    new_tokens: int | None = None,
 ) -> AnswerCheck:
     return AnswerCheck(
         answer=text,
@@ -100,6 +106,7 @@ def check_answer(
         f1=None if expected is None else round(token_f1(text, expected), 4),
         origin=origin,
         right=None if expected is None else is_right(text, expected),
+        new_tokens=new_tokens,
     )
 
 

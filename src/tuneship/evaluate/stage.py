@@ -51,7 +51,9 @@ def eval_inputs(cfg: Config, run: Run) -> str:
 
 def check_all(answers: list[Answer], prompts: list[EvalPrompt], chat_format: ChatFormat) -> list[AnswerCheck]:
     markers = chat_format.special_tokens()
-    return [check_answer(a.text, a.stopped, p.expected, markers, p.origin) for a, p in zip(answers, prompts)]
+    return [
+        check_answer(a.text, a.stopped, p.expected, markers, p.origin, a.new_tokens) for a, p in zip(answers, prompts)
+    ]
 
 
 def gate_failures(name: str, summary: dict, gates: EvalSection, objective: Objective) -> list[str]:

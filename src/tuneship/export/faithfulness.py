@@ -7,6 +7,8 @@ position len(prompt) - 1 predicts the first answer token, the last counted posit
 stop token when the answer stopped). Prompt positions are the same text for every model and not what a person
 reads; the answer positions are where a quant's damage shows, including whether it still stops. The answers are
 the token ids of the export's own answer check of the unquantized GGUF (`scored_sequences`), not generated again.
+A LoRA export (export.merge false) is measured the other way round: on the answers of what serves (the LoRA on
+the quantized base), which the f16 base with the same LoRA only scores (`measure_on_served_answers`).
 
 Per counted position: KL(f16 || quant) of the two softmax distributions over the whole vocabulary, in float64,
 and whether the two most likely tokens are the same (top-1 agreement). Both are means over all positions.
@@ -66,12 +68,15 @@ def greedy_sequences(reference: Path, chat_format, prompts, max_new_tokens: int)
     return scored_sequences(generate_with_gguf(reference, chat_format, prompts, max_new_tokens))
 
 
-def measure_quants(files: list[tuple[str, Path]], sequences: list[ScoredSequence]) -> dict[str, Faithfulness]:
-    """Every file after the first (the quants) against the first (the unquantized export), on `sequences`."""
+def measure_quants(
+    files: list[tuple[str, Path]], sequences: list[ScoredSequence], reference_logits: list | None = None
+) -> dict[str, Faithfulness]:
+    """Every file after the first (the quants) against the first (the unquantized export), on `sequences`
+    (with the first's logits of them when it kept them while generating)."""
     (_, reference), *quants = files
     if not quants:
         return {}
-    return measure_faithfulness(reference, dict(quants), sequences)
+    return measure_faithfulness(reference, dict(quants), sequences, reference_logits=reference_logits)
 
 
 def measure_faithfulness(
@@ -105,6 +110,23 @@ def measure_faithfulness(
                 for rows, quant_rows in zip(reference_rows, _answer_log_probs(llm, chunk, lora)):
                     totals[name].add(rows, quant_rows)
     return {name: total.result() for name, total in totals.items()}
+
+
+def measure_on_served_answers(reference: Path, quant: Path, quant_generation, lora: Path) -> Faithfulness:
+    """A LoRA on the quantized base (what serves) against the same LoRA on `reference` (the f16 base), on the
+    served model's own answers (a GGUFGeneration with their logits kept, else scored again): the reference only
+    scores them, in one batch per chunk, and generates nothing."""
+    sequences = scored_sequences(quant_generation)
+    kept = quant_generation.answer_logits
+    if kept is None:
+        return measure_faithfulness(reference, {"quant": quant}, sequences, lora=lora)["quant"]
+    total, start = _Totals(), 0
+    with _llama(reference) as llm:
+        for chunk in _chunks(sequences, 8 * llm.n_vocab(), MEMORY_BUDGET_BYTES):
+            for rows, quant_rows in zip(_answer_log_probs(llm, chunk, lora), kept[start : start + len(chunk)]):
+                total.add(rows, _log_softmax(quant_rows))
+            start += len(chunk)
+    return total.result()
 
 
 def kl_gate_failures(measured: dict[str, Faithfulness], limit: float | None) -> list[str]:

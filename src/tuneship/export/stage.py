@@ -20,7 +20,7 @@ from tuneship.export.faithfulness import (
     MEMORY_BUDGET_BYTES,
     Faithfulness,
     kl_gate_failures,
-    measure_faithfulness,
+    measure_on_served_answers,
     measure_quants,
     scored_sequences,
 )
@@ -124,10 +124,14 @@ def _export_merged(context: ExportContext) -> ExportResult:
             f"validated {path.name}: {info.size_bytes / 1e6:.1f} MB, {info.architecture}, "
             f"{info.tensor_count} tensors, types {info.tensor_types}"
         )
-        summaries[f"gguf-{kind}"], generation = _check_gguf(context, path, f"gguf-{kind}")
+        keep = MEMORY_BUDGET_BYTES if reference_answers is None and len(files) > 1 else 0  # the reference's
+        summaries[f"gguf-{kind}"], generation = _check_gguf(context, path, f"gguf-{kind}", keep_logits_bytes=keep)
         reference_answers = reference_answers or generation  # the unquantized file's, scored against each quant
         infos.append(asdict(info) | {"chat_template": None})
-    measured = context.timed("faithfulness", lambda: measure_quants(files, scored_sequences(reference_answers)))
+    measured = context.timed(
+        "faithfulness",
+        lambda: measure_quants(files, scored_sequences(reference_answers), reference_answers.answer_logits),
+    )
     for kind, figures in measured.items():
         summaries[f"gguf-{kind}"].update(figures.to_summary())
     return ExportResult(merged_dir, infos, summaries, context.timings, measured)
@@ -157,7 +161,8 @@ def _check_gguf(context: ExportContext, path: Path, name: str, lora_path: Path |
 def _export_lora(context: ExportContext) -> ExportResult:
     """export.merge false: the adapter as a LoRA GGUF, checked in llama.cpp as it serves, on the base's quantized
     GGUF (the deployed quant), and measured (KL, top-1 agreement) against the same LoRA on the base's f16 GGUF,
-    whose answers are checked too. The base GGUFs are built once per base model (export/base.py)."""
+    which scores the served answers (faithfulness.measure_on_served_answers). The base GGUFs are built once per
+    base model (export/base.py)."""
     from tuneship.export import gguf
     from tuneship.export.base import REFERENCE_KIND, base_gguf
     from tuneship.models import adapter_base_dir
@@ -167,22 +172,17 @@ def _export_lora(context: ExportContext) -> ExportResult:
     lora = context.timed("convert lora", lambda: gguf.convert_lora_to_gguf(run.adapter_dir, base_dir, run.lora_gguf))
     reference = context.timed(f"base {REFERENCE_KIND}", lambda: base_gguf(base_dir, REFERENCE_KIND))
     context.console.print(f"wrote {lora.name}; checking it in llama.cpp on the base model's GGUF")
-    summaries = {}
-    is_quantized = quant != REFERENCE_KIND  # then the reference's logits are kept for the KL of the quantized base
-    summaries[f"gguf-lora-{REFERENCE_KIND}"], generation = _check_gguf(
-        context, reference, f"gguf-lora-{REFERENCE_KIND}", lora, MEMORY_BUDGET_BYTES if is_quantized else 0
-    )
-    measured = {}
-    if is_quantized:
+    summaries, measured = {}, {}
+    if quant != REFERENCE_KIND:  # the served quant's logits are kept for its KL against the f16 base
         served = context.timed(f"base {quant}", lambda: base_gguf(base_dir, quant))
-        summaries[f"gguf-lora-{quant}"], _ = _check_gguf(context, served, f"gguf-lora-{quant}", lora)
-        sequences, logits = scored_sequences(generation), generation.answer_logits
-        measured = context.timed(
-            "faithfulness",
-            lambda: measure_faithfulness(
-                reference, {f"lora-{quant}": served}, sequences, lora=lora, reference_logits=logits
-            ),
+        summaries[f"gguf-lora-{quant}"], generation = _check_gguf(
+            context, served, f"gguf-lora-{quant}", lora, MEMORY_BUDGET_BYTES
+        )
+        measured[f"lora-{quant}"] = context.timed(
+            "faithfulness", lambda: measure_on_served_answers(reference, served, generation, lora)
         )
         summaries[f"gguf-lora-{quant}"].update(measured[f"lora-{quant}"].to_summary())
+    else:
+        summaries[f"gguf-lora-{quant}"], _ = _check_gguf(context, reference, f"gguf-lora-{quant}", lora)
     info = gguf.read_gguf(lora, "lora")
     return ExportResult(None, [asdict(info) | {"chat_template": None}], summaries, context.timings, measured)

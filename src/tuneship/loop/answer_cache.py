@@ -34,15 +34,35 @@ def cached_answers(
     `answer(indexes)` (called once, with the indexes of the missing ones), which are then added to the cache.
     `files`: what the version serves from (a v1 brought into adapter form answers anew). Without a folder,
     everything comes from `answer`."""
-    path = folder / FILE_NAME if folder is not None else None
-    known = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+    known = _known(folder)
     keys = [prompt_key(files, text, max_new_tokens) for text in texts]
     missing = [i for i, key in enumerate(keys) if key not in known]
     if missing:
-        for index, found in zip(missing, answer(missing)):
-            known[keys[index]] = found.to_json()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with written_atomically(path) as partial:
-                partial.write_text(json.dumps(known), encoding="utf-8")
+        found = answer(missing)
+        remember(folder, files, [texts[i] for i in missing], max_new_tokens, found, known)
+        known.update({keys[i]: a.to_json() for i, a in zip(missing, found)})
     return [Answer(**known[key]) for key in keys]
+
+
+def remember(
+    folder: Path | None,
+    files: str,
+    texts: list[str],
+    max_new_tokens: int,
+    answers: list[Answer],
+    known: dict | None = None,
+) -> None:
+    """Adds answers the version gave elsewhere (its export's check, in llama.cpp from the same files) to its
+    cache. `known`: the cache as read, when the caller has it."""
+    if folder is None:
+        return
+    known = dict(_known(folder) if known is None else known)
+    known.update({prompt_key(files, t, max_new_tokens): a.to_json() for t, a in zip(texts, answers, strict=True)})
+    folder.mkdir(parents=True, exist_ok=True)
+    with written_atomically(folder / FILE_NAME) as partial:
+        partial.write_text(json.dumps(known), encoding="utf-8")
+
+
+def _known(folder: Path | None) -> dict:
+    path = folder / FILE_NAME if folder is not None else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}

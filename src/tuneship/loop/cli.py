@@ -70,10 +70,35 @@ def cycle(
     ),
 ) -> None:
     """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
-    from tuneship.loop.cycle import run_cycle
-
     if kind not in ("finetune", "fewshot"):
         raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
+    _cycle_here(target, overrides, actor, reason, live_url, kind)
+
+
+@loop_app.command("standby", hidden=True)
+def standby(
+    target: str = TargetArgument,
+    overrides: Optional[list[str]] = SetOption,
+    live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test the promotion on this running server"),
+) -> None:
+    """The next cycle's process, started ahead by `tuneship serve` (serve.standby_cycle): it imports what a
+    cycle needs, then waits for one line on stdin, {"actor", "reason", "kind"} as JSON, and runs that cycle as
+    `loop cycle` does. It ends without a cycle when stdin closes (the server stopped)."""
+    import json
+    import sys
+
+    from tuneship.loop.cycle import preload
+
+    preload()
+    line = sys.stdin.readline()
+    if line.strip():
+        order = json.loads(line)
+        _cycle_here(target, overrides, order["actor"], order["reason"], live_url, order["kind"])
+
+
+def _cycle_here(target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str) -> None:
+    from tuneship.loop.cycle import run_cycle
+
     result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind)
     console.print(f"v{result.version_id}: {result.status}")
     for line in result.reasons:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneship.config import LoopSection
@@ -116,17 +117,34 @@ def prompts_from(examples: list[Example]) -> list[EvalPrompt]:
     return prompts
 
 
-def gate_sets(store: Store, version: Version) -> dict[str, list[EvalPrompt]]:
+def gate_examples(store: Store, version: Version) -> dict[str, list[Example]]:
     """What the gate asks: golden, replay (earlier facts) and new (this cycle's, KTO negatives left out)."""
     new = [e for e in examples_by_id(store, version.metrics["new_examples"]) if e.label is not False]
-    replay = forgetting_check(store, version)
-    return {"golden": prompts_from(golden(store)), "replay": prompts_from(replay), "new": prompts_from(new)}
+    return {"golden": golden(store), "replay": forgetting_check(store, version), "new": new}
 
 
-def write_cycle_data(store: Store, version: Version, folder: Path) -> tuple[Path, Path]:
+def gate_sets(store: Store, version: Version) -> dict[str, list[EvalPrompt]]:
+    return {name: prompts_from(examples) for name, examples in gate_examples(store, version).items()}
+
+
+@dataclass
+class CycleData:
+    """A fine-tune cycle's files. train.jsonl starts with the `gate_asked` training examples the gate will ask
+    about (new, then the replayed facts it checks), so the export answers them as the version serves (its first
+    eval.train_prompts examples) and the gate reuses those answers (cycle.py)."""
+
+    train: Path
+    golden: Path
+    gate_asked: int
+
+
+def write_cycle_data(store: Store, version: Version, folder: Path) -> CycleData:
     """<folder>/train.jsonl (new + replay) and golden.jsonl, as `messages` records."""
     folder.mkdir(parents=True, exist_ok=True)
     train = examples_by_id(store, version.metrics["new_examples"] + version.metrics["replay_examples"])
+    sets = gate_examples(store, version)
+    asked = {e.id for e in sets["new"] + sets["replay"]}
+    train.sort(key=lambda e: e.id not in asked)  # stable: otherwise in their order
     write_jsonl(folder / "train.jsonl", (e.to_record() for e in train))
-    write_jsonl(folder / "golden.jsonl", (e.to_record() for e in golden(store)))
-    return folder / "train.jsonl", folder / "golden.jsonl"
+    write_jsonl(folder / "golden.jsonl", (e.to_record() for e in sets["golden"]))
+    return CycleData(folder / "train.jsonl", folder / "golden.jsonl", sum(e.id in asked for e in train))

@@ -17,6 +17,7 @@ the decision.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,11 +27,12 @@ from tuneship.chat.generation import Answer
 from tuneship.config import Config, LoopSection
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.checks import AnswerCheck, check_answer, is_short, summarize
-from tuneship.evaluate.prompts import EvalPrompt
-from tuneship.loop.answer_cache import cached_answers
+from tuneship.evaluate.prompts import EvalPrompt, build_prompt_set
+from tuneship.loop.answer_cache import cached_answers, remember
 from tuneship.loop.registry import version_chat_format
 from tuneship.loop.shots import prompts_with_shots
 from tuneship.loop.tables import Version
+from tuneship.run import Run
 
 SETS = ("golden", "replay", "new")
 HELD_SETS = ("golden", "replay")
@@ -85,7 +87,29 @@ def version_answers(
         missing = [shown[i] for i in indexes]
         return gguf_answers(Path(version.gguf), chat_format, missing, max_new_tokens, lora)[0]
 
-    return cached_answers(cache, f"{version.gguf}|{version.adapter}", texts, max_new_tokens, answer)
+    return cached_answers(cache, served_files(version), texts, max_new_tokens, answer)
+
+
+def served_files(version: Version) -> str:
+    """What a version's answers depend on besides the prompt: the files it serves from."""
+    return f"{version.gguf}|{version.adapter}"
+
+
+def remember_export_answers(version: Version, cfg: Config, cache: Path) -> int:
+    """The export of an adapter-format version checked it as it serves (its base quant with its LoRA, in
+    llama.cpp, greedy, eval.max_new_tokens) on its prompt set: those are its gate answers to the same prompts
+    (write_cycle_data puts the gate's first), kept in its `cache`. How many were kept."""
+    run = Run.of(cfg, Path(version.run_dir))
+    report = json.loads(run.eval_report.read_text(encoding="utf-8")) if run.eval_report.is_file() else {}
+    served = report.get("models", {}).get(f"gguf-lora-{run.deployed_quant}")
+    prompts = build_prompt_set(run.data_dir, cfg.eval)
+    if served is None or [p.id for p in prompts] != [p["id"] for p in report["prompts"]]:
+        return 0
+    chat_format = version_chat_format(version)
+    texts = [chat_format.generation_prompt(p.conversation) for p in prompts]
+    answers = [Answer(a["answer"], a["stopped"], a["new_tokens"]) for a in served["answers"]]
+    remember(cache, served_files(version), texts, cfg.eval.max_new_tokens, answers)
+    return len(answers)
 
 
 def has_regressed(champion: AnswerCheck, challenger: AnswerCheck, reference: str, settings: LoopSection) -> bool:

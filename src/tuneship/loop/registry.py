@@ -42,6 +42,11 @@ class Loop:
     def version_name(self, version_id: int) -> str:
         return self.name if version_id == 1 else f"{self.name}-v{version_id}"
 
+    @property
+    def log_dir(self) -> Path:
+        """<the base run's folder>/<name>-loop/: where cycle.log is (the cycles started by a server)."""
+        return self.base_run.parent / f"{self.name}-loop"
+
     def cycle_dir(self, version_id: int) -> Path:
         """<run.dir>/<name>-loop/v<N>/: a cycle's training and golden files, a few-shot version's Modelfile."""
         return Path(self.cfg.run.dir).resolve() / f"{self.name}-loop" / f"v{version_id}"

@@ -304,7 +304,7 @@ def start_cycle(request: Request, kind: Literal["finetune", "fewshot"] = "finetu
     lease = loop.store.lease(CYCLE_LEASE)
     if lease is not None or cycles.running():
         raise ApiError(409, f"a cycle is already running ({lease.stage if lease else 'starting'})", "conflict")
-    pid = cycles.start("api", "started through POST /v1/loop/cycle", loop.base_run.parent / f"{loop.name}-loop", kind)
+    pid = cycles.start("api", "started through POST /v1/loop/cycle", loop.log_dir, kind)
     return {"started": True, "pid": pid, "kind": kind}
 
 

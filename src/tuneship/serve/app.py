@@ -101,40 +101,73 @@ def split_secrets(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
 
 class CycleLauncher:
     """Starts `tuneship loop cycle` in its own process, so serving goes on while it trains. Keys reach it
-    through the environment (TUNESHIP_API_KEY), never its command line."""
+    through the environment (TUNESHIP_API_KEY), never its command line.
 
-    def __init__(self, target: str, overrides: list[str], live_url: str | None):
+    With a `standby` folder (serve.standby_cycle), the next cycle's process is started ahead whenever no cycle
+    runs (`tuneship loop standby`, logging to that folder's cycle.log): it has imported PyTorch and the rest by
+    the time a cycle is due, and is told which cycle to run on its stdin. It ends with the server (its stdin
+    closes)."""
+
+    def __init__(self, target: str, overrides: list[str], live_url: str | None, standby: Path | None = None):
         self.target = target
         self.overrides, self.secret_env = split_secrets(overrides)
         self.live_url = live_url
         self.processes: list[subprocess.Popen] = []
         self.lock = threading.Lock()
+        self.standby_dir = standby
+        self.standby: subprocess.Popen | None = None
+        self._keep_standby()
 
     def command(self, actor: str, reason: str, kind: VersionKind = "finetune") -> list[str]:
-        command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", self.target, "--actor", actor]
-        command += ["--reason", reason, "--kind", kind]
-        for override in self.overrides:
-            command += ["--set", override]
-        if self.live_url:
-            command += ["--live-url", self.live_url]
-        return command
+        command = [*self._tuneship("cycle"), "--actor", actor, "--reason", reason, "--kind", kind]
+        return command + self._shared_options()
 
     def start(self, actor: str, reason: str, log_dir: Path, kind: VersionKind = "finetune") -> int:
         with self.lock:
             self.processes = [p for p in self.processes if p.poll() is None]
-            log_dir.mkdir(parents=True, exist_ok=True)
-            with open(log_dir / "cycle.log", "ab") as out:
-                process = subprocess.Popen(
-                    self.command(actor, reason, kind),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **self.secret_env},
-                )
+            process = self._told(actor, reason, kind) if log_dir == self.standby_dir else None
+            process = process or self._spawn(self.command(actor, reason, kind), log_dir)
             self.processes.append(process)
             return process.pid
 
     def running(self) -> bool:
-        return any(p.poll() is None for p in self.processes)
+        """Whether a cycle this server started still runs; when none does, the standby is (re)started."""
+        with self.lock:
+            if any(p.poll() is None for p in self.processes):
+                return True
+            self._keep_standby()
+            return False
+
+    def _told(self, actor: str, reason: str, kind: VersionKind) -> subprocess.Popen | None:
+        """The standby, told to run this cycle; None when there is none (or it died)."""
+        standby, self.standby = self.standby, None
+        if standby is None or standby.poll() is not None:
+            return None
+        try:
+            standby.stdin.write(json.dumps({"actor": actor, "reason": reason, "kind": kind}).encode() + b"\n")
+            standby.stdin.close()
+        except OSError:  # it ended after the poll
+            return None
+        return standby
+
+    def _keep_standby(self) -> None:
+        if self.standby_dir is not None and (self.standby is None or self.standby.poll() is not None):
+            command = self._tuneship("standby") + self._shared_options()
+            self.standby = self._spawn(command, self.standby_dir, stdin=subprocess.PIPE)
+
+    def _tuneship(self, command: str) -> list[str]:
+        return [sys.executable, "-m", "tuneship.cli", "loop", command, self.target]
+
+    def _shared_options(self) -> list[str]:
+        options = [item for override in self.overrides for item in ("--set", override)]
+        return options + (["--live-url", self.live_url] if self.live_url else [])
+
+    def _spawn(self, command: list[str], log_dir: Path, stdin=None) -> subprocess.Popen:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "cycle.log", "ab") as out:
+            return subprocess.Popen(
+                command, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.secret_env}
+            )
 
 
 class TriggerThread(threading.Thread):
@@ -194,7 +227,7 @@ class TriggerThread(threading.Thread):
             self.retry_in = quiet_left
             return False
         if decision.is_due:
-            cycles.start("trigger", decision.reason, loop.base_run.parent / f"{loop.name}-loop", decision.kind)
+            cycles.start("trigger", decision.reason, loop.log_dir, decision.kind)
         return decision.is_due
 
     def _measure(self) -> Measure:

@@ -46,7 +46,9 @@ def serve(
     if host not in ("0.0.0.0", "::") and host not in loop.cfg.serve.allowed_hosts:
         loop.cfg.serve.allowed_hosts = [*loop.cfg.serve.allowed_hosts, host]  # the name it is bound to answers too
     live_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    cycles = CycleLauncher(str(loop.target), list(overrides or []), live_url)
+    serving = loop.cfg.serve
+    standby = loop.log_dir if serving.standby_cycle and serving.trigger_every > 0 else None  # cycles come
+    cycles = CycleLauncher(str(loop.target), list(overrides or []), live_url, standby)
     app = create_app(loop, cycles=cycles, trigger=True)
     typer.echo(f"serving {loop.name} (champion v{loop.store.champion().id}) on {live_url}; store {loop.store.url}")
     if not is_loopback(host):

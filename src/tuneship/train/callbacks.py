@@ -155,13 +155,16 @@ class ProgressDisplay(TrainerCallback):
 class LearnedStop(TrainerCallback):
     """train.stop_when_learned: at each epoch's end, stop once every training example is learned: at each of its
     answer's tokens (its stop token included) the most likely next token, teacher-forced, is the right one, which
-    is what greedy decoding needs to give the answer exactly; and the mean loss over the answers is below
-    `stop_loss`. One forward pass over the examples (in the training's precision), no generation, and only once
-    the epoch's training loss is below `stop_loss`. The epochs (or max_steps) stay the budget."""
+    is what greedy decoding needs to give the answer exactly, by at least `margin` in logits (what serves is a
+    quantized base in llama.cpp: a token chosen by 0.1 over the next was seen to flip there); and the mean loss
+    over the answers is below `stop_loss`. One forward pass over the examples (in the training's precision), no
+    generation, and only once the epoch's training loss is below `stop_loss`. The epochs (or max_steps) stay the
+    budget."""
 
-    def __init__(self, examples: list[dict], stop_loss: float):
+    def __init__(self, examples: list[dict], stop_loss: float, margin: float):
         self.examples = examples
         self.stop_loss = stop_loss
+        self.margin = margin
         self.checks: list[dict] = []
         self.epoch_losses: list[float] = []
 
@@ -176,7 +179,7 @@ class LearnedStop(TrainerCallback):
         if not losses or sum(losses) / len(losses) >= self.stop_loss:
             return
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
-            learned, loss = learned_examples(model, self.examples)
+            learned, loss = learned_examples(model, self.examples, self.margin)
         check = {"epoch": round(state.epoch or 0.0, 2), "learned": learned, "of": len(self.examples), "loss": loss}
         self.checks.append(check)
         state.log_history.append({**check, "step": state.global_step})
@@ -184,8 +187,9 @@ class LearnedStop(TrainerCallback):
             control.should_training_stop = True
 
 
-def learned_examples(model, examples: list[dict], batch_size: int = 16) -> tuple[int, float]:
-    """(examples whose every supervised token is the argmax, the mean loss over all supervised tokens). Batches
+def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_size: int = 16) -> tuple[int, float]:
+    """(examples whose every supervised token is the argmax by `margin`, the mean loss over all supervised
+    tokens). Batches
     are right-padded (in causal attention no real position sees the padding after it, so no mask is needed) and
     project onto the vocabulary only the positions that predict a supervised token (train/loss.py)."""
     import torch
@@ -209,10 +213,19 @@ def learned_examples(model, examples: list[dict], batch_size: int = 16) -> tuple
                 logits = model(input_ids=ids, logits_to_keep=positions, use_cache=False).logits.float()
                 targets = labels[:, positions + 1]
                 supervised = targets != IGNORE_INDEX
-                learned += int(((logits.argmax(-1) == targets) | ~supervised).all(dim=1).sum())
+                learned += int(learned_rows(logits, targets, supervised, margin).sum())
                 loss = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="sum")
                 total_loss += float(loss)
                 total_tokens += int(supervised.sum())
     finally:
         model.train(was_training)
     return learned, total_loss / max(total_tokens, 1)
+
+
+def learned_rows(logits, targets, supervised, margin: float):
+    """Per row (batch, positions, vocab): whether the target of each supervised position beats every other token
+    by at least `margin` (0: is the argmax, ties aside)."""
+    index = targets.clamp(min=0).unsqueeze(-1)
+    right = logits.gather(-1, index).squeeze(-1)
+    best_other = logits.scatter(-1, index, float("-inf")).max(-1).values
+    return ((right - best_other >= margin) | ~supervised).all(dim=1)

@@ -199,7 +199,9 @@ def train_adapter(
     if cfg.train.stop_when_learned:
         from tuneship.train.callbacks import LearnedStop
 
-        setup.callbacks.append(LearnedStop(ExampleDataset(train_set).examples, cfg.train.stop_loss))
+        setup.callbacks.append(
+            LearnedStop(ExampleDataset(train_set).examples, cfg.train.stop_loss, cfg.train.stop_margin)
+        )
     attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
     if attends_per_example:
         use_packed_attention(setup.model)
