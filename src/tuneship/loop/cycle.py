@@ -100,13 +100,16 @@ def _record_failure(loop: Loop, actor: str, exc: Exception) -> None:
 
 def preload() -> None:
     """Imports what a fine-tune cycle uses (PyTorch, transformers' Trainer, PEFT, llama.cpp: about 7 s on 2
-    cores), for a process started before its cycle is due (`tuneship loop standby`)."""
-    import llama_cpp  # noqa: F401
+    cores), for a process started before its cycle is due (`tuneship loop standby`). PyTorch first, as in a
+    cycle started without a standby: the OpenMP runtime loaded first serves both libraries, and that is then the
+    one PyTorch ships with (llama.cpp first would load the system's libgomp for both)."""
+    import torch  # noqa: F401
     import peft  # noqa: F401
     import transformers.trainer  # noqa: F401
 
     import tuneship.export.stage  # noqa: F401
     import tuneship.train.trainer  # noqa: F401
+    import llama_cpp  # noqa: F401
 
 
 # fine-tune ------------------------------------------------------------------------------------
