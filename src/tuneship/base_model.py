@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from tuneship.config import EMBEDDED_MODEL
+from tuneship.disk import locked
 from tuneship.errors import ModelError
 from tuneship.extras import import_extra
 from tuneship.paths import cache_dir
@@ -100,10 +101,13 @@ def fetch_weights(model_dir: str) -> None:
 
 
 def _converted(gguf: Path, name: str) -> Path:
+    """The GGUF dequantized into the cache, once: processes asking at once (test workers, a server and its cycle)
+    wait for the first one's conversion."""
     target = cache_dir() / "models" / name
-    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
-        _convert_gguf(gguf, target)
-    _write_license(gguf, target)
+    with locked(target.with_name(f".{name}.lock")):
+        if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+            _convert_gguf(gguf, target)
+        _write_license(gguf, target)
     return target
 
 

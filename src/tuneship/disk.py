@@ -40,11 +40,25 @@ def require_disk_for_file(folder: Path, expected_bytes: int, what: str) -> None:
 
 @contextmanager
 def written_atomically(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write it under; renamed to `path` when the write succeeded, removed if
-    not, so a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
+    """A temporary name beside `path` to write it under (this process's own); renamed to `path` when the write
+    succeeded, removed if not, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield partial
         partial.replace(path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on `lock_path` (created when missing) among the processes of this machine (POSIX)."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneship.disk import locked, written_atomically
 from tuneship.errors import ContractBroken, TuneshipError
 from tuneship.paths import cache_dir
 
@@ -98,11 +99,12 @@ def go_renderer() -> Path:
     if toolchain is None:
         raise GoUnavailable(GO_MISSING)
     go, go_env = toolchain
-    binary.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **go_env, "GOCACHE": str(cache_dir() / "go-build"), "GO111MODULE": "off", "GOFLAGS": ""}
-    result = subprocess.run([go, "build", "-o", str(binary), str(GO_SOURCE)], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise GoUnavailable(f"building the Go template renderer failed: {result.stderr[-1000:]}")
+    with locked(binary.with_name(".tuneship-gorender.lock")), written_atomically(binary) as partial:
+        build = [go, "build", "-o", str(partial), str(GO_SOURCE)]
+        result = subprocess.run(build, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise GoUnavailable(f"building the Go template renderer failed: {result.stderr[-1000:]}")
     return binary
 
 

@@ -10,13 +10,10 @@ and the server): one builds under a file lock, each file is written under a temp
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from tuneship.disk import written_atomically
+from tuneship.disk import locked, written_atomically
 from tuneship.paths import cache_dir
 
 REFERENCE_KIND = "f16"
@@ -31,7 +28,7 @@ def base_gguf(base_dir: str | Path, kind: str) -> Path:
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / ".lock"):
+    with locked(folder / ".lock"):
         reference = folder / f"base-{REFERENCE_KIND}.gguf"
         if not reference.is_file():
             with written_atomically(reference) as partial:
@@ -49,13 +46,3 @@ def base_key(base_dir: Path) -> str:
         stat = weights.stat()
         digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tuneship.disk import written_atomically
 from tuneship.paths import cache_dir
 
 BF16_MIN_SPEEDUP = 1.15  # below this, bf16's rounding is not worth it
@@ -85,7 +86,8 @@ def cpu_matmul_rates() -> MatmulRates:
     if key not in cached:
         cached[key] = asdict(measure_matmul_rates())
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=2), encoding="utf-8")
+        with written_atomically(path) as partial:  # other processes may read it meanwhile
+            partial.write_text(json.dumps(cached, indent=2), encoding="utf-8")
     return MatmulRates(**cached[key])
 
 
