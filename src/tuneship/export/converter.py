@@ -56,7 +56,9 @@ def ensure_converter() -> Path:
 
 
 def fetch_converter() -> Path:
-    """Download the llama-cpp-python sdist of the installed version and keep the converter files."""
+    """Download the llama-cpp-python sdist of the installed version and keep the converter files. Only that
+    package as source: its build requirements come as wheels (`--no-binary :all:` built every one of them from
+    source too, minutes without pip's cache)."""
     version = llama_cpp_version()
     target = converter_dir(version)
     if (target / "convert_hf_to_gguf.py").is_file():
@@ -70,7 +72,7 @@ def fetch_converter() -> Path:
                 "download",
                 "--no-deps",
                 "--no-binary",
-                ":all:",
+                "llama-cpp-python",
                 "-q",
                 f"llama-cpp-python=={version}",
                 "-d",
@@ -87,12 +89,16 @@ def fetch_converter() -> Path:
 
 
 def _extract(sdist: Path, destination: Path) -> None:
+    """The converter's files only (plain files and folders under vendor/llama.cpp/, no `..`), with tarfile's
+    "data" filter where this Python has it (3.11.4 and later; Debian 12's 3.11.2 has not)."""
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     with tarfile.open(sdist) as archive:
         for member in archive.getmembers():
             _, _, inner = member.name.partition("/vendor/llama.cpp/")
-            if inner and inner.startswith(MEMBERS) and (member.isfile() or member.isdir()):
+            wanted = inner.startswith(MEMBERS) and (member.isfile() or member.isdir())
+            if inner and wanted and ".." not in Path(inner).parts:
                 member.name = inner
-                archive.extract(member, destination, filter="data")
+                archive.extract(member, destination, **safe)
 
 
 def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
