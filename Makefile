@@ -10,7 +10,8 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Test workers (pytest-xdist): 2 cut the suite by a third on 2 cores (tests wait on processes and servers too).
-# The SmolLM2 end-to-end tests share one worker (xdist_group), so the quickstart run they share is made once.
+# A file's tests stay on one worker (their module fixtures are made once); the SmolLM2 quickstart run the
+# end-to-end files share is made once per session by the first worker (tests/e2e/conftest.py).
 TEST_WORKERS ?= 2
 
 .PHONY: setup tools demo test test-fast bench clean
@@ -47,10 +48,10 @@ demo: setup
 	$(BIN)/tuneship run examples/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not e2e"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not e2e"
 
 bench: setup
 	$(BIN)/python benchmarks/audit_100k.py

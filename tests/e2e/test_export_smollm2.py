@@ -8,7 +8,7 @@ from rich.console import Console
 
 from tuneship.cli import main
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("smollm2")]  # one worker makes the quickstart run
+pytestmark = pytest.mark.e2e
 
 
 def cli(args):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("smollm2")]  # one worker makes the quickstart run
+pytestmark = pytest.mark.e2e
 
 
 def test_trained_smollm2_answers_facts_exactly_and_always_stops(quickstart_run):
