@@ -20,6 +20,20 @@ os.environ.setdefault("TUNESHIP_CACHE", str(REPO / ".cache" / "tuneship"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest test file first (marked `longest`: the loop's SmolLM2 end-to-end tests, which make the
+    quickstart run the other end-to-end files then find made), then the tests that need no SmolLM2, then the
+    other end-to-end tests; otherwise in their order. In two xdist workers one starts the longest file at once
+    while the other works through the rest, instead of both waiting on it at the end."""
+
+    def rank(item) -> int:
+        if item.get_closest_marker("longest"):
+            return 0
+        return 2 if item.get_closest_marker("e2e") else 1
+
+    items.sort(key=rank)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     """Rows may be dicts (dumped as JSON) or raw strings (written as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO
 from tests.e2e.conftest import copy_of_quickstart
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.longest]
 
 FACTS = [json.loads(line) for line in (REPO / "examples" / "data" / "facts.jsonl").read_text().splitlines()]
 TAUGHT = {f["messages"][0]["content"]: f["messages"][1]["content"] for f in FACTS}
