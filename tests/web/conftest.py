@@ -74,12 +74,21 @@ def screenshot(driver, folder: Path, name: str) -> Path:
 
 def wait_for(driver, condition, message: str):
     """Until `condition(driver)` is truthy; a page that reloads meanwhile (stale or missing elements) is waited
-    out."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    out. Chromium reports an element read while its page was replaced either as stale or, under load, as the
+    inspector's "Node with given id does not belong to the document"; both are waited out."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def holds(d):
+        try:
+            return condition(d)
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return False
+            raise
+
     ignored = (NoSuchElementException, StaleElementReferenceException)
-    return WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=ignored).until(condition, message)
+    return WebDriverWait(driver, WAIT_SECONDS, ignored_exceptions=ignored).until(holds, message)
 
 
 @pytest.fixture(scope="session")
