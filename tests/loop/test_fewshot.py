@@ -304,6 +304,7 @@ def test_the_servers_trigger_starts_the_fast_path_in_its_standby_process_and_the
     assert following.pid != standby.pid and following.poll() is None
     following.stdin.close()  # as when the server stops: it ends without a cycle
     assert following.wait(timeout=120) == 0 and len(loop.store.versions()) == 2
+    assert not launcher.running() and launcher.standby is None  # one that ended untold is not started again
 
 
 def test_the_servers_trigger_holds_the_fast_path_while_corrections_come_in_a_burst(fresh_loop_dir):  # noqa: F811

@@ -95,21 +95,20 @@ def served_files(version: Version) -> str:
     return f"{version.gguf}|{version.adapter}"
 
 
-def remember_export_answers(version: Version, cfg: Config, cache: Path) -> int:
+def remember_export_answers(version: Version, cfg: Config, cache: Path) -> None:
     """The export of an adapter-format version checked it as it serves (its base quant with its LoRA, in
     llama.cpp, greedy, eval.max_new_tokens) on its prompt set: those are its gate answers to the same prompts
-    (write_cycle_data puts the gate's first), kept in its `cache`. How many were kept."""
+    (write_cycle_data puts the gate's first), kept in its `cache`."""
     run = Run.of(cfg, Path(version.run_dir))
     report = json.loads(run.eval_report.read_text(encoding="utf-8")) if run.eval_report.is_file() else {}
     served = report.get("models", {}).get(f"gguf-lora-{run.deployed_quant}")
     prompts = build_prompt_set(run.data_dir, cfg.eval)
     if served is None or [p.id for p in prompts] != [p["id"] for p in report["prompts"]]:
-        return 0
+        return
     chat_format = version_chat_format(version)
     texts = [chat_format.generation_prompt(p.conversation) for p in prompts]
     answers = [Answer(a["answer"], a["stopped"], a["new_tokens"]) for a in served["answers"]]
     remember(cache, served_files(version), texts, cfg.eval.max_new_tokens, answers)
-    return len(answers)
 
 
 def has_regressed(champion: AnswerCheck, challenger: AnswerCheck, reference: str, settings: LoopSection) -> bool:

@@ -151,7 +151,15 @@ class CycleLauncher:
         return standby
 
     def _keep_standby(self) -> None:
-        if self.standby_dir is not None and (self.standby is None or self.standby.poll() is not None):
+        """A standby that ended untold failed (it ends by itself only when its stdin closes): then no other is
+        started, every cycle starts its own process, and the log says where to look."""
+        if self.standby_dir is None:
+            return
+        if self.standby is not None and self.standby.poll() is not None:
+            log.warning("the standby cycle process ended (%s); see %s", self.standby.returncode, self.standby_dir)
+            self.standby_dir = self.standby = None
+            return
+        if self.standby is None:
             command = self._tuneship("standby") + self._shared_options()
             self.standby = self._spawn(command, self.standby_dir, stdin=subprocess.PIPE)
 
