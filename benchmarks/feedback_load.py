@@ -1,8 +1,10 @@
 """Feedback under load: N POST /v1/feedback from C concurrent clients against `tuneship serve` (a real uvicorn
-in its own process) on SQLite and on PostgreSQL; prints requests/s, p50/p99 latency, errors and rows stored.
+in its own process) on SQLite and on PostgreSQL, and against two replicas on one PostgreSQL (client k posts to
+replica k % 2, and every tenth post is sent again, same Idempotency-Key, to the other replica: it must count once);
+prints requests/s, p50/p99 latency, errors, rows stored and rows stored twice.
 
 Usage: python benchmarks/feedback_load.py [N=1000] [C=50]
-PostgreSQL comes from tests/postgres.py (a throwaway server on loopback); without it that row is skipped.
+PostgreSQL comes from tests/postgres.py (a throwaway server on loopback); without it those rows are skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class LoadResult:
     rows: int
     seconds: float
     latencies_ms: list[float]
+    duplicated: int = 0  # rows beyond one per Idempotency-Key
+    retries: int = 0  # posts sent again to the other replica
 
     @property
     def per_second(self) -> float:
@@ -96,38 +100,50 @@ def seed_generations(store, count: int) -> list[str]:
     return ids
 
 
-async def post_feedback(url: str, generation_ids: list[str], total: int, concurrency: int):
+async def post_feedback(urls: list[str], generation_ids: list[str], total: int, concurrency: int):
+    """(latencies, errors, seconds, retries): client k posts to urls[k % len(urls)]; with several urls every tenth
+    post is retried on the next one with the same key (a client whose first answer got lost), which must replay."""
     import httpx
 
     latencies: list[float] = []
-    errors = 0
+    errors = retries = 0
     queue: asyncio.Queue = asyncio.Queue()
     for index in range(total):
         queue.put_nowait(index)
 
-    async def client_loop():
+    async def post(client, body: dict, key: str, replayed: bool) -> None:
         nonlocal errors
-        async with httpx.AsyncClient(base_url=url, headers=ADMIN, timeout=60) as client:
+        started = time.perf_counter()
+        try:
+            response = await client.post("/v1/feedback", json=body, headers={"Idempotency-Key": key})
+            errors += response.status_code != 201 or response.json()["replayed"] != replayed
+        except httpx.HTTPError:
+            errors += 1
+        latencies.append((time.perf_counter() - started) * 1000)
+
+    async def client_loop(number: int):
+        nonlocal retries
+        mine, other = urls[number % len(urls)], urls[(number + 1) % len(urls)]
+        async with (
+            httpx.AsyncClient(base_url=mine, headers=ADMIN, timeout=60) as client,
+            httpx.AsyncClient(base_url=other, headers=ADMIN, timeout=60) as retry_client,
+        ):
             while not queue.empty():
                 index = queue.get_nowait()
                 body = {"generation_id": generation_ids[index % len(generation_ids)], "rating": 1 + index % 5}
-                started = time.perf_counter()
-                try:
-                    response = await client.post(
-                        "/v1/feedback", json=body, headers={"Idempotency-Key": f"bench-{index}"}
-                    )
-                    errors += response.status_code != 201
-                except httpx.HTTPError:
-                    errors += 1
-                latencies.append((time.perf_counter() - started) * 1000)
+                await post(client, body, f"bench-{index}", replayed=False)
+                if len(urls) > 1 and index % 10 == 0:
+                    retries += 1
+                    await post(retry_client, body, f"bench-{index}", replayed=True)
 
     started = time.perf_counter()
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    return latencies, errors, time.perf_counter() - started
+    await asyncio.gather(*(client_loop(number) for number in range(concurrency)))
+    return latencies, errors, time.perf_counter() - started, retries
 
 
-def run_load(database_url: str, total: int, concurrency: int) -> LoadResult:
-    """Start `tuneship serve` on `database_url`, post `total` feedback from `concurrency` clients."""
+def run_load(database_url: str, total: int, concurrency: int, replicas: int = 1) -> LoadResult:
+    """Start `replicas` `tuneship serve` processes on `database_url`, post `total` feedback from `concurrency`
+    clients across them."""
     from tuneship.loop.store import open_store
 
     folder = Path(tempfile.mkdtemp(prefix="tuneship-load-"))
@@ -135,18 +151,31 @@ def run_load(database_url: str, total: int, concurrency: int) -> LoadResult:
     config.write_text(f"run: {{name: bench, dir: {folder / 'runs'}}}\n")
     store = open_store(database_url)
     generation_ids = seed_generations(store, 100)
-    port = free_port()
-    server = start_server(config, database_url, port)
+    ports = [free_port() for _ in range(replicas)]
+    servers = []
     try:
-        latencies, errors, seconds = asyncio.run(
-            post_feedback(f"http://127.0.0.1:{port}", generation_ids, total, concurrency)
-        )
+        servers = [start_server(config, database_url, port) for port in ports]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        latencies, errors, seconds, retries = asyncio.run(post_feedback(urls, generation_ids, total, concurrency))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
     rows = store.feedback_count()
+    duplicated = rows - distinct_keys(store)
     store.close()
-    return LoadResult(total, errors, rows, seconds, latencies)
+    return LoadResult(total, errors, rows, seconds, latencies, duplicated, retries)
+
+
+def distinct_keys(store) -> int:
+    """Distinct (client, Idempotency-Key) pairs among the stored feedback."""
+    from sqlalchemy import func, select
+
+    from tuneship.loop.tables import Feedback
+
+    pairs = select(Feedback.client, Feedback.idempotency_key).distinct().subquery()
+    with store.session() as session:
+        return session.scalar(select(func.count()).select_from(pairs)) or 0
 
 
 def main() -> None:
@@ -155,17 +184,30 @@ def main() -> None:
     total = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     concurrency = int(sys.argv[2]) if len(sys.argv) > 2 else 50
     print(f"{total} POST /v1/feedback from {concurrency} concurrent clients, tuneship serve on loopback")
-    print(f"{'database':<12}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'rows':>8}")
+    print(f"{'database':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'rows':>8}{'twice':>7}")
     with tempfile.TemporaryDirectory() as folder, postgres_url() as pg_url:
-        for name, url in (("sqlite", f"sqlite:///{folder}/bench.db"), ("postgresql", pg_url)):
+        rows = (("sqlite", f"sqlite:///{folder}/bench.db", 1), ("postgresql", pg_url, 1))
+        for name, url, replicas in (*rows, ("postgresql, 2 replicas", pg_url, 2)):
             if url is None:
-                print(f"{name:<12}skipped: PostgreSQL not installed")
+                print(f"{name:<26}skipped: PostgreSQL not installed")
                 continue
-            result = run_load(url, total, concurrency)
+            if replicas > 1:
+                empty_schema(url)
+            result = run_load(url, total, concurrency, replicas)
             print(
-                f"{name:<12}{result.per_second:>10.1f}{result.percentile(0.5):>10.1f}"
-                f"{result.percentile(0.99):>10.1f}{result.errors:>8}{result.rows:>8}"
+                f"{name:<26}{result.per_second:>10.1f}{result.percentile(0.5):>10.1f}"
+                f"{result.percentile(0.99):>10.1f}{result.errors:>8}{result.rows:>8}{result.duplicated:>7}"
+                + (f"  ({result.retries} retried on the other replica)" if result.retries else "")
             )
+
+
+def empty_schema(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from tests.test_dependencies import parse_source
 SRC = REPO / "src"
 # Who may drive the pipeline (the torchtune rule: the library never imports the recipe), and who may run a cycle.
 PIPELINE_IMPORTERS = {"tuneship.cli", "tuneship.loop.cycle"}
-CYCLE_IMPORTERS = {"tuneship.loop.cli"}
+CYCLE_IMPORTERS = {"tuneship.loop.cli", "tuneship.loop.worker"}
 
 
 def module_name(path: Path) -> str:

@@ -247,6 +247,14 @@ class ServeSection(Section):
         description="with the trigger on, keep the next cycle's process started with its libraries imported "
         "(about 7 s saved per cycle on 2 cores; about 500 MB of memory while it waits)",
     )
+    cycles: Literal["local", "external"] = Field(
+        "local",
+        description="local: this server starts the loop's cycles; external: it never does, a `tuneship loop worker` "
+        "(any machine that reaches the store) runs them",
+    )
+    sync_seconds: float = Field(
+        5.0, gt=0, description="seconds between this server's look at the champion and its heartbeat row (replicas)"
+    )
     db_timeout: float = Field(
         5.0, gt=0, description="seconds a request waits for the loop's database (lock, connection); then 503"
     )
@@ -270,6 +278,12 @@ class ServeSection(Section):
 
 class LoopSection(Section):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<run.dir>/tuneship.db")
+    artifacts_url: str | None = Field(
+        None,
+        pattern=r"^s3://[^/]+(/.*)?$",
+        description="s3://bucket/prefix: versions' served files go there with their sha256 in the registry, for "
+        "replicas on other machines (client settings: data.s3); null: local disk only",
+    )
     min_examples: int = Field(50, ge=1, description="new accepted examples that trigger a cycle")
     window: str | None = Field(
         None, pattern=r"^\d\d:\d\d-\d\d:\d\d$", description='automatic cycles only inside "HH:MM-HH:MM" (UTC)'

@@ -15,24 +15,14 @@ boto3 = pytest.importorskip("boto3")
 
 @pytest.fixture
 def s3_server(monkeypatch, tmp_path):
-    from moto.server import ThreadedMotoServer
+    from tests.servers import s3_endpoint
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="train-data")
-    body = "\n".join(json.dumps(qa(f"Q{i}", f"A{i}")) for i in range(3)) + "\n"
-    client.put_object(Bucket="train-data", Key="sets/v1/facts.jsonl", Body=body.encode())
-    client.put_object(Bucket="train-data", Key="sets/v1/more.jsonl", Body=json.dumps(qa("Q9", "A9")).encode())
-    client.put_object(Bucket="train-data", Key="sets/v1/readme.txt", Body=b"not data")
-    yield endpoint, client
-    server.stop()
+    with s3_endpoint(monkeypatch, tmp_path, ["train-data"]) as (endpoint, client):
+        body = "\n".join(json.dumps(qa(f"Q{i}", f"A{i}")) for i in range(3)) + "\n"
+        client.put_object(Bucket="train-data", Key="sets/v1/facts.jsonl", Body=body.encode())
+        client.put_object(Bucket="train-data", Key="sets/v1/more.jsonl", Body=json.dumps(qa("Q9", "A9")).encode())
+        client.put_object(Bucket="train-data", Key="sets/v1/readme.txt", Body=b"not data")
+        yield endpoint, client
 
 
 def settings(endpoint, tmp_path, **extra):

@@ -197,3 +197,15 @@ def test_models_indexes_and_unique_constraints_match_the_migrated_schema(store):
     [champion_index] = [i for i in inspector.get_indexes("versions") if i["name"] == ONE_CHAMPION]
     where = champion_index["dialect_options"].get(f"{store.engine.dialect.name}_where")
     assert "champion" in str(where)  # partial: only the champion row is unique
+
+
+def test_processes_opening_a_new_database_together_migrate_it_once(database_url):
+    """Replicas and a worker started together on an empty PostgreSQL: each open waits for the other's migration
+    (an advisory lock) instead of creating the same tables at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: open_store(database_url), range(4)))
+    assert all(s.versions() == [] for s in stores)
+    for opened in stores:
+        opened.close()

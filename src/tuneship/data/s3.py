@@ -44,7 +44,7 @@ class S3Mirror:
         if not uri.endswith("/") and prefix:
             return [uri]
         try:
-            keys = _call(uri, self.settings, lambda client: _list_keys(client, bucket, prefix))
+            keys = call_s3(uri, self.settings, lambda client: _list_keys(client, bucket, prefix))
         except EndpointUnreachable as exc:
             keys = self._mirrored_keys(uri)
             if not keys:
@@ -59,7 +59,7 @@ class S3Mirror:
         target = local_path(uri, self.settings)
         bucket, key = split_uri(uri)
         try:
-            head = _call(uri, self.settings, lambda client: client.head_object(Bucket=bucket, Key=key))
+            head = call_s3(uri, self.settings, lambda client: client.head_object(Bucket=bucket, Key=key))
         except EndpointUnreachable as exc:
             if not target.is_file():
                 raise
@@ -74,7 +74,7 @@ class S3Mirror:
         bucket, key = split_uri(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
-        _call(uri, self.settings, lambda client: client.download_file(bucket, key, str(partial)))
+        call_s3(uri, self.settings, lambda client: client.download_file(bucket, key, str(partial)))
         partial.replace(target)  # a change between the HEAD and this download shows as another ETag next time
         target.with_name(target.name + MIRROR_META).write_text(json.dumps(remote), encoding="utf-8")
 
@@ -130,7 +130,8 @@ def _endpoint(settings) -> str | None:
     return (settings.endpoint_url if settings else None) or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def _client(settings):
+def s3_client(settings):
+    """A boto3 S3 client for data.s3's endpoint, region, retries and timeouts."""
     boto3 = import_extra("boto3", "s3:// sources")
     from botocore.config import Config
 
@@ -144,13 +145,15 @@ def _client(settings):
     return session.client("s3", endpoint_url=_endpoint(settings), region_name=region, config=retry)
 
 
-def _call(uri: str, settings, action):
+def call_s3(uri: str, settings, action, client=None):
+    """`action(client)` against the endpoint of `settings` (data.s3); errors a person can fix become SourceError
+    saying what to do, an endpoint that does not answer EndpointUnreachable."""
     import_extra("boto3", "s3:// sources")
     from boto3.exceptions import RetriesExceededError
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
 
     try:
-        return action(_client(settings))
+        return action(client or s3_client(settings))
     except NoCredentialsError:
         raise SourceError(
             f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
@@ -182,7 +185,7 @@ def _bucket_exists(bucket: str, settings) -> bool:
     from botocore.exceptions import ClientError
 
     try:
-        _client(settings).head_bucket(Bucket=bucket)
+        s3_client(settings).head_bucket(Bucket=bucket)
     except ClientError:
         return False
     return True

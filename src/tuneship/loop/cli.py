@@ -54,6 +54,18 @@ def status(target: str = TargetArgument, overrides: Optional[list[str]] = SetOpt
     )
     console.print(f"trigger: {'due' if info['trigger']['is_due'] else 'not due'} ({escape(info['trigger']['reason'])})")
     console.print(f"disk: {format_bytes(sum(info['disk'].values()))} in {len(info['disk'])} versions' files")
+    console.print(
+        f"cycles: {info['cycles']}" + (f"; artifacts: {info['artifacts_url']}" if info["artifacts_url"] else "")
+    )
+    for replica in info["replicas"]:
+        served = f"v{replica['version']}" if replica["version"] else "nothing"
+        problem = f"; [yellow]{escape(replica['problem'])}[/]" if replica["problem"] else ""
+        console.print(
+            f"replica {replica['host']} {replica['url'] or ''}: serves {served}, reported {replica['seconds_ago']:g} s "
+            f"ago{problem}",
+            highlight=False,
+            soft_wrap=True,
+        )
     for warning in info.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
@@ -73,6 +85,28 @@ def cycle(
     if kind not in ("finetune", "fewshot"):
         raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
     _cycle_here(target, overrides, actor, reason, live_url, kind)
+
+
+@loop_app.command("worker")
+def worker(
+    target: str = TargetArgument,
+    overrides: Optional[list[str]] = SetOption,
+    every: Optional[float] = typer.Option(
+        None, "--every", min=0.1, help="seconds between looks for a due cycle (default serve.trigger_every, or 30)"
+    ),
+    live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test each promotion on this server"),
+    cycles: Optional[int] = typer.Option(None, "--cycles", min=1, help="stop after this many cycles"),
+) -> None:
+    """Run the loop's cycles here as they fall due, for servers with serve.cycles=external (any machine that
+    reaches the store: a GPU box). Several workers may run: the lease lets one cycle run at a time."""
+    from tuneship.loop.worker import run_worker
+
+    loop = _open(target, overrides)
+    seconds = every or loop.cfg.serve.trigger_every or 30.0
+    try:
+        run_worker(loop, console, seconds, live_url, cycles)
+    except KeyboardInterrupt:
+        console.print("worker stopped")
 
 
 @loop_app.command("standby", hidden=True)

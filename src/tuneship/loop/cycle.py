@@ -32,6 +32,7 @@ from rich.console import Console
 
 from tuneship.config import Config
 from tuneship.errors import ContractBroken, GateFailed, TuneshipError
+from tuneship.loop.artifacts import publish_artifacts
 from tuneship.loop.adapter_form import adapter_files, drop_checkpoints, in_adapter_form, is_adapter_format
 from tuneship.loop.blame import hold_blamed
 from tuneship.loop.examples import CycleData, current_waiting, gate_sets, replay_sample, write_cycle_data
@@ -285,6 +286,7 @@ def _register_candidate(loop: Loop, champion: Version, choice: ShotChoice) -> Ve
         run_dir=champion.run_dir,
         gguf=champion.gguf,
         adapter=champion.adapter,
+        artifacts=champion.artifacts,  # the same files: published already when the champion was
         status="candidate",
         kind="fewshot",
         shots=choice.shots,
@@ -306,6 +308,9 @@ def conclude(
     data = {"promoted": decision.is_promoted, **decision.metrics, "regressed": decision.regressed}
     store.add_event("gated", actor, "; ".join(decision.reasons), data, version.id)
     drop_checkpoints(loop, version)
+    if loop.cfg.loop.artifacts_url and _has_files(version):  # replicas elsewhere serve it (promoted now or by hand
+        heartbeat.stage("publish", version.id)  # later) from there: its files go before it can be champion
+        version = publish_artifacts(loop, version)
     if not decision.is_promoted:
         store.update_version(version.id, status="rejected")
         blamed = hold_blamed(loop, version, decision) if version.kind == "finetune" else {}
@@ -340,6 +345,11 @@ def conclude(
         return CycleResult(version.id, "rolled_back", smoke)
     store.add_event("cycle_finished", actor, f"v{version.id} promoted", {}, version.id)
     return CycleResult(version.id, "promoted", decision.reasons)
+
+
+def _has_files(version: Version) -> bool:
+    """Exported: a version rejected by its own eval or export gates may have no GGUF to publish."""
+    return bool(version.gguf) and Path(version.gguf).is_file()
 
 
 def _stale(loop: Loop, version: Version, actor: str, why: str) -> CycleResult:

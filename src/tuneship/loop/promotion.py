@@ -24,7 +24,14 @@ from tuneship.errors import TuneshipError
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.prompts import EvalPrompt
 from tuneship.loop.examples import examples_by_id, golden, prompts_from
-from tuneship.loop.registry import Loop, RegistryError, has_served_files, require_servable, version_chat_format
+from tuneship.loop.registry import (
+    Loop,
+    RegistryError,
+    has_served_files,
+    is_published,
+    require_servable,
+    version_chat_format,
+)
 from tuneship.loop.shots import prompts_with_shots
 from tuneship.loop.tables import Version
 from tuneship.models import trained_chat_format
@@ -44,8 +51,14 @@ def promotable(version: Version) -> None:
     """A version that can be made the champion: trained, with its GGUF in place (RegistryError if not)."""
     if version.status in ("training", "failed"):
         raise RegistryError(f"v{version.id} is {version.status}: only a trained version can be promoted")
-    if not has_served_files(version):
+    if not (has_served_files(version) or is_published(version)):
         raise RegistryError(f"v{version.id} has no GGUF file; it cannot serve (see `tuneship loop versions`)")
+
+
+def restorable(version: Version) -> None:
+    """A version a rollback may restore: published to loop.artifacts_url, or its files in place here."""
+    if not is_published(version):
+        require_servable(version)
 
 
 def previous_champion(loop: Loop) -> Version | None:
@@ -57,7 +70,7 @@ def rollback(loop: Loop, actor: str, reason: str, champion: int | None = None) -
     """Restore the previous champion in one transaction, when it can serve (its GGUF and adapter in place); the
     current one is marked rejected so it is not restored again. With `champion`, only when that version is still
     the champion (else StaleChampion)."""
-    restored = loop.store.restore_previous(actor, reason, check=require_servable, champion=champion)
+    restored = loop.store.restore_previous(actor, reason, check=restorable, champion=champion)
     if restored is None:
         raise RegistryError("nothing to roll back to: no earlier champion in the registry")
     return restored

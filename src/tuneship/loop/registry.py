@@ -220,6 +220,11 @@ def has_served_files(version: Version) -> bool:
     return bool(version.gguf) and all(Path(f).is_file() for f in served_files(version))
 
 
+def is_published(version: Version) -> bool:
+    """Its files are in loop.artifacts_url (replicas on other machines serve it from there)."""
+    return "gguf" in (version.artifacts or {})
+
+
 def require_servable(version: Version) -> None:
     """A version the loop can serve and train from: an exported GGUF and the run's adapter with its ChatFormat."""
     run_dir = Path(version.run_dir)

@@ -8,6 +8,8 @@ from tuneship.loop.golden import golden_warning
 from tuneship.loop.lease import CYCLE_LEASE
 from tuneship.loop.prune import disk_use
 from tuneship.loop.registry import Loop
+from tuneship.loop.store import Store
+from tuneship.loop.tables import utcnow
 from tuneship.loop.trigger import trigger_decision
 
 CYCLE_END_KINDS = ("cycle_finished", "cycle_failed")
@@ -43,9 +45,29 @@ def status_report(loop: Loop) -> dict:
         "trigger": {"is_due": decision.is_due, "reason": decision.reason, "kind": decision.kind},
         "fast_path": cfg.fast_path,
         "database": store.url,
+        "cycles": loop.cfg.serve.cycles,
+        "artifacts_url": cfg.artifacts_url,
+        "replicas": replica_rows(store),
         "warnings": loop_warnings(loop),
         "disk": disk_use(loop),
     }
+
+
+def replica_rows(store: Store) -> list[dict]:
+    """Each serving process: the version it serves, how long ago it last reported, and why not the champion."""
+    now = utcnow()
+    return [
+        {
+            "id": r.id,
+            "host": r.host,
+            "url": r.url,
+            "version": r.version_id,
+            "reported_at": r.reported_at.isoformat(),
+            "seconds_ago": round((now - r.reported_at).total_seconds(), 1),
+            "problem": r.problem,
+        }
+        for r in store.replicas()
+    ]
 
 
 def loop_warnings(loop: Loop) -> list[str]:

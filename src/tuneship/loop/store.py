@@ -21,6 +21,7 @@ Public API (stable; the web pages read it):
   Store.promote(version_id, actor, reason, ...) / restore_previous(actor, reason, check)
   Store.add_event(...) / events(limit)
   Store.acquire_lease(name, holder, seconds, stage) / renew_lease / release_lease / lease(name)
+  Store.report_replica(id, host, url, version_id, problem) / replicas() / forget_replica(id)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from tuneship.loop.tables import (
     Feedback,
     Generation,
     Lease,
+    Replica,
     Split,
     Version,
     utcnow,
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 REGISTRY_LOCK = 7_301_911  # PostgreSQL advisory lock key: champion moves one at a time
+MIGRATION_LOCK = 7_301_912  # PostgreSQL advisory lock key: processes that open a new store migrate one at a time
 
 
 class StoreError(TuneshipError):
@@ -163,12 +166,17 @@ def _no_check(_version: Version) -> None:
 
 
 def _upgrade(engine: Engine) -> None:
+    """Apply the migrations; on PostgreSQL under an advisory lock, so replicas and workers started together on a
+    new database do not create the same tables at once (the second waits, then finds them there)."""
     from alembic import command
     from alembic.config import Config as AlembicConfig
+    from sqlalchemy import text
 
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -533,6 +541,32 @@ class Store:
         with self.session() as session:
             row = session.get(Lease, name)
         return row if row is not None and row.expires_at >= utcnow() else None
+
+    # replicas ------------------------------------------------------------------------------
+
+    def report_replica(
+        self, replica_id: str, host: str, url: str | None, version_id: int | None, problem: str | None
+    ) -> None:
+        """A serving process's heartbeat: the version it serves now and why not the champion (None: no problem)."""
+        with self.session.begin() as session:
+            row = session.get(Replica, replica_id)
+            if row is None:
+                row = Replica(id=replica_id, host=host, started_at=utcnow())
+                session.add(row)
+            row.url, row.version_id, row.problem, row.reported_at = url, version_id, problem, utcnow()
+
+    def replicas(self) -> list[Replica]:
+        from sqlalchemy import select
+
+        with self.session() as session:
+            return list(session.scalars(select(Replica).order_by(Replica.started_at, Replica.id)))
+
+    def forget_replica(self, replica_id: str) -> None:
+        """A replica that stopped cleanly leaves the list (one killed stays, its last report ageing)."""
+        from sqlalchemy import delete
+
+        with self.session.begin() as session:
+            session.execute(delete(Replica).where(Replica.id == replica_id))
 
     def _count(self, model: type[Base]) -> int:
         from sqlalchemy import func, select

@@ -12,6 +12,8 @@
   prepended to every conversation it answers; see fewshot.py).
 - events: every cycle, gate decision, promotion and rollback, with who and why.
 - leases: named locks with an expiry (one row "cycle": never two cycles at once; a crashed worker loses it).
+- replicas: one row per `tuneship serve` process, its heartbeat: the version it serves, when it last reported,
+  and why it does not serve the champion when it cannot (a file whose hash differs, storage unreachable).
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class Version(Base):
     promoted_at: Mapped[datetime | None]
     kind: Mapped[str] = mapped_column(String(16), default="finetune")
     shots: Mapped[list[Any]] = mapped_column(default=list)
+    # loop.artifacts_url: served file -> {"key", "sha256", "size"} (artifacts.py); {} when kept on local disk only
+    artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
     @property
     def shot_count(self) -> int:
@@ -154,3 +158,15 @@ class Lease(Base):
     expires_at: Mapped[datetime]
     stage: Mapped[str | None] = mapped_column(String(40))
     version_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class Replica(Base):
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    url: Mapped[str | None] = mapped_column(Text)
+    version_id: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reported_at: Mapped[datetime] = mapped_column(default=utcnow)
+    problem: Mapped[str | None] = mapped_column(Text)

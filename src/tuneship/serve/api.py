@@ -297,13 +297,18 @@ def get_loop_status(request: Request) -> dict:
 @router.post("/v1/loop/cycle", status_code=202, tags=["loop"], dependencies=[Depends(require_admin)])
 def start_cycle(request: Request, kind: Literal["finetune", "fewshot"] = "finetune") -> dict:
     """Start a cycle now, in its own process; 409 while one runs. `kind=fewshot`: the fast path's few-shot
-    candidate (the newest corrections as example turns) instead of a fine-tuned challenger."""
+    candidate (the newest corrections as example turns) instead of a fine-tuned challenger. With
+    serve.cycles=external the request is recorded and the next `tuneship loop worker` to look runs it."""
     from tuneship.loop.lease import CYCLE_LEASE
+    from tuneship.loop.worker import request_cycle
 
     loop, cycles = request.app.state.loop, request.app.state.cycles
     lease = loop.store.lease(CYCLE_LEASE)
     if lease is not None or cycles.running():
         raise ApiError(409, f"a cycle is already running ({lease.stage if lease else 'starting'})", "conflict")
+    if loop.cfg.serve.cycles == "external":
+        request_cycle(loop.store, "api", "requested through POST /v1/loop/cycle", kind)
+        return {"started": False, "requested": True, "kind": kind}
     pid = cycles.start("api", "started through POST /v1/loop/cycle", loop.log_dir, kind)
     return {"started": True, "pid": pid, "kind": kind}
 

@@ -255,10 +255,16 @@ def log_loop_warnings(loop: Loop) -> None:
 
 
 def create_app(
-    loop: Loop, *, router: Router | None = None, cycles: CycleLauncher | None = None, trigger: bool = False
+    loop: Loop,
+    *,
+    router: Router | None = None,
+    cycles: CycleLauncher | None = None,
+    trigger: bool = False,
+    url: str | None = None,
 ) -> FastAPI:
     """The app over one Loop. `router` defaults to a Router over the loop's registry; `cycles` to a launcher
-    for `tuneship loop cycle <base run>`; `trigger` starts the background trigger thread with the app."""
+    for `tuneship loop cycle <base run>`; `trigger` starts the background trigger thread with the app (unless
+    serve.cycles is external: a worker runs them). `url`: where this server answers, in its replica row."""
     from contextlib import asynccontextmanager
 
     from tuneship.serve.api import router as api_router
@@ -267,14 +273,22 @@ def create_app(
     from tuneship.serve.errors import install_error_handlers
     from tuneship.serve.golden_api import router as golden_router
     from tuneship.serve.guard import HostOriginGuard
+    from tuneship.serve.replica import Replica, SyncThread
     from tuneship.serve.review import router as review_router
     from tuneship.serve.web.pages import mount_web
+
+    serve_cfg = loop.cfg.serve
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log_loop_warnings(loop)
+        replica = app.state.router.replica
+        replica.sync()
         app.state.router.warm_up()
-        thread = TriggerThread(app) if trigger and loop.cfg.serve.trigger_every > 0 else None
+        sync = SyncThread(replica, serve_cfg.sync_seconds)
+        sync.start()
+        starts_cycles = trigger and serve_cfg.trigger_every > 0 and serve_cfg.cycles == "local"
+        thread = TriggerThread(app) if starts_cycles else None
         if thread:
             thread.start()
         app.state.trigger = thread
@@ -282,6 +296,8 @@ def create_app(
         if thread:
             thread.stopped.set()
             thread.wake.set()
+        sync.stopped.set()
+        replica.close()
         app.state.router.close()
 
     app = FastAPI(
@@ -293,7 +309,7 @@ def create_app(
     loop.store.use_timeout(loop.cfg.serve.db_timeout)  # a locked database: 503 within serve.db_timeout, not 30 s
     app.state.loop = loop
     app.state.feedback_limit = PerClientLimit(loop.cfg.serve.feedback_per_minute)
-    app.state.router = router or Router(loop)
+    app.state.router = router or Router(loop, replica=Replica(loop, url))
     app.state.cycles = cycles or CycleLauncher(str(loop.target), [], None)
     install_auth(app, loop.cfg.serve)
     install_error_handlers(app)
@@ -302,8 +318,7 @@ def create_app(
     app.include_router(golden_router)
     mount_web(app, loop.base_run.parent)  # the web pages (tuneship.serve.web)
     app.add_middleware(BodyLimit, max_bytes=loop.cfg.serve.max_body_bytes)
-    serve_cfg = loop.cfg.serve  # the outermost: a foreign Host or Origin is refused before anything else
-    app.add_middleware(
+    app.add_middleware(  # the outermost: a foreign Host or Origin is refused before anything else
         HostOriginGuard, allowed_hosts=serve_cfg.allowed_hosts, allowed_origins=serve_cfg.allowed_origins
     )
     return app

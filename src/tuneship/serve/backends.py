@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from tuneship.errors import TuneshipError
 from tuneship.loop.registry import has_served_files
 from tuneship.serve.pool import BackendError, LlamaCppModel, ModelPool, Reply, never
+from tuneship.serve.replica import Replica
 from tuneship.serve.generation import Emit, Generation, GenerationTimeout, Overloaded, ShouldStop, Slots
 
 if TYPE_CHECKING:
@@ -130,10 +131,11 @@ class Failures:
 class Router:
     """Resolves a request's model name to targets and answers with the first that works."""
 
-    def __init__(self, loop: Loop, pool: ModelPool | None = None) -> None:
+    def __init__(self, loop: Loop, pool: ModelPool | None = None, replica: Replica | None = None) -> None:
         self.loop = loop
         self.serve = loop.cfg.serve
         self.pool = pool or ModelPool(self.serve.n_ctx, self.serve.max_loaded_models)
+        self.replica = replica or Replica(loop)  # which versions answer here (their files in the artifacts cache)
         self.slots: dict[str, Slots] = {}  # target key -> its queue (touched in the event loop only)
 
     def warm_up(self) -> None:
@@ -145,11 +147,14 @@ class Router:
         champion = self.loop.store.champion()
         if self.serve.backend != "llamacpp" or champion is None or not champion.gguf:
             return
-        try:
-            champion = in_adapter_form(self.loop, champion)
-        except TuneshipError as exc:  # it still serves as it is; the cycle will say the same when it needs it
-            log.warning("v%s stays in its merged GGUF: %s", champion.id, exc)
-        if not has_served_files(champion):
+        if self.replica.remote:  # its files come from the artifacts (the worker brings it into adapter form)
+            champion = self.replica.champion()
+        else:
+            try:
+                champion = in_adapter_form(self.loop, champion)
+            except TuneshipError as exc:  # it still serves as it is; the cycle will say the same when it needs it
+                log.warning("v%s stays in its merged GGUF: %s", champion.id, exc)
+        if champion is None or not has_served_files(champion):
             return
         self.pool.keep_only(self._wanted_versions())
         with self.pool.use(champion):
@@ -194,7 +199,7 @@ class Router:
 
     def _wanted_versions(self) -> set[int]:
         """The champion and the versions routes name stay loaded; any other is closed once idle."""
-        champion = self.loop.store.champion()
+        champion = self.replica.champion()
         named = {
             int(t[1:])
             for route in self.serve.routes.values()
@@ -205,12 +210,15 @@ class Router:
 
     def _version(self, target: str) -> Version:
         if target == "champion":
-            version = self.loop.store.champion()
+            version = self.replica.champion()
             if version is None:
-                raise BackendError("no champion version in the registry; promote one (`tuneship loop versions`)")
+                raise BackendError(
+                    self.replica.problem
+                    or "no champion version in the registry; promote one (`tuneship loop versions`)"
+                )
             return version
         if target.startswith("v") and target[1:].isdigit():
-            version = self.loop.store.version(int(target[1:]))
+            version = self.replica.version(int(target[1:]))
             if version is not None:
                 return version
         raise BackendError(f"serve.routes: unknown target {target!r}; use champion, v<N> or ollama:<model>")

@@ -47,9 +47,10 @@ def serve(
         loop.cfg.serve.allowed_hosts = [*loop.cfg.serve.allowed_hosts, host]  # the name it is bound to answers too
     live_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     serving = loop.cfg.serve
-    standby = loop.log_dir if serving.standby_cycle and serving.trigger_every > 0 else None  # cycles come
+    starts_cycles = serving.cycles == "local" and serving.trigger_every > 0
+    standby = loop.log_dir if serving.standby_cycle and starts_cycles else None  # cycles come
     cycles = CycleLauncher(str(loop.target), list(overrides or []), live_url, standby)
-    app = create_app(loop, cycles=cycles, trigger=True)
+    app = create_app(loop, cycles=cycles, trigger=True, url=live_url)
     typer.echo(f"serving {loop.name} (champion v{loop.store.champion().id}) on {live_url}; store {loop.store.url}")
     if not is_loopback(host):
         names = ", ".join(loop.cfg.serve.allowed_hosts)

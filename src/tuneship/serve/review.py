@@ -83,5 +83,5 @@ def _measure(app: FastAPI) -> Measure:
     from tuneship.loop.registry import version_chat_format
 
     if getattr(app.state, "review_measure", None) is None:
-        app.state.review_measure = version_chat_format(app.state.loop.store.champion()).measure
+        app.state.review_measure = version_chat_format(app.state.router.replica.champion()).measure
     return app.state.review_measure
