@@ -1,5 +1,6 @@
 """The store on SQLite and PostgreSQL: migrations, idempotent feedback, examples, registry, leases."""
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -200,12 +201,17 @@ def test_models_indexes_and_unique_constraints_match_the_migrated_schema(store):
 
 
 def test_processes_opening_a_new_database_together_migrate_it_once(database_url):
-    """Replicas and a worker started together on an empty PostgreSQL: each open waits for the other's migration
-    (an advisory lock) instead of creating the same tables at once."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Replicas and a worker started together on a new database: each waits for the other's migration (PostgreSQL:
+    an advisory lock; SQLite: the write lock) instead of creating the same tables at once."""
+    import subprocess
+    import sys
 
-    with ThreadPoolExecutor(4) as pool:
-        stores = list(pool.map(lambda _: open_store(database_url), range(4)))
-    assert all(s.versions() == [] for s in stores)
-    for opened in stores:
-        opened.close()
+    from tests.conftest import REPO
+
+    code = "import sys; from tuneship.loop.store import open_store; print(len(open_store(sys.argv[1]).versions()))"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    opening = [
+        subprocess.Popen([sys.executable, "-c", code, database_url], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    assert [(p.communicate(timeout=120)[0].strip(), p.returncode) for p in opening] == [("0", 0)] * 4

@@ -166,8 +166,9 @@ def _no_check(_version: Version) -> None:
 
 
 def _upgrade(engine: Engine) -> None:
-    """Apply the migrations; on PostgreSQL under an advisory lock, so replicas and workers started together on a
-    new database do not create the same tables at once (the second waits, then finds them there)."""
+    """Apply the migrations, one process at a time (PostgreSQL: an advisory lock; SQLite: its write lock, taken
+    first), so replicas and workers started together on a new database do not create the same tables at once:
+    the second waits, then finds them there."""
     from alembic import command
     from alembic.config import Config as AlembicConfig
     from sqlalchemy import text
@@ -177,6 +178,8 @@ def _upgrade(engine: Engine) -> None:
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        elif engine.dialect.name == "sqlite":
+            connection.execute(text("BEGIN IMMEDIATE"))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
