@@ -200,3 +200,18 @@ def test_a_small_knowledge_base_is_replayed_whole(tmp_path):
     assert (
         len(replay_sample(loop.store, loop.cfg.loop, {f"new-{i}" for i in range(20)}, seed=1)) == 20
     )  # replay_ratio x new
+
+
+def test_status_lists_each_replica_with_what_it_serves_and_why_not(config_file, capsys):
+    from tuneship.loop.registry import open_loop
+
+    store = open_loop(config_file).store
+    store.report_replica("host-a:1:x", "host-a", "http://10.0.0.1:8000", 1, None)
+    store.report_replica("host-b:2:y", "host-b", "http://10.0.0.2:8000", 1, "v2 not served: sha256 differs")
+    code, out = run_cli(["loop", "status", str(config_file)], capsys)
+    assert code == 0 and "cycles: local" in out.out
+    assert "replica host-a http://10.0.0.1:8000: serves v1, reported" in out.out
+    assert "replica host-b http://10.0.0.2:8000: serves v1" in out.out and "v2 not served: sha256 differs" in out.out
+    store.forget_replica("host-a:1:x")
+    code, out = run_cli(["loop", "status", str(config_file)], capsys)
+    assert "host-a" not in out.out

@@ -298,3 +298,20 @@ def test_every_visible_control_on_every_page_has_an_accessible_name(browser, loo
             if c.is_displayed() and not c.accessible_name.strip()
         ]
     assert not unnamed
+
+
+def test_loop_page_lists_the_servers_on_the_store_with_what_each_serves(browser, loop_site):
+    from selenium.webdriver.common.by import By
+
+    url, loop, _ = loop_site
+    loop.store.report_replica("far:7:z", "far-host", "http://10.0.0.9:8000", 1, "v3 not served: sha256 differs")
+    try:
+        sign_in(browser, url, "/loop")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#replicas tbody tr")
+        texts = [row.text for row in rows]
+        assert len(rows) == 2, texts  # this server (its row written at start) and the other one
+        far = next(t for t in texts if "far-host" in t)
+        assert "v1" in far and "v3 not served: sha256 differs" in far
+        assert browser.find_element(By.ID, "replicas").accessible_name == "Servers"
+    finally:
+        loop.store.forget_replica("far:7:z")
