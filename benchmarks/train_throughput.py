@@ -199,6 +199,12 @@ def flops_per_trained_token() -> float:
     return 4.0 * (layers * per_layer + config["vocab_size"] * hidden)
 
 
+def probe_shape_text() -> str:
+    from tuneship.train.precision import PROBE_SHAPE
+
+    return "x".join(map(str, PROBE_SHAPE))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
@@ -208,19 +214,23 @@ def main() -> None:
     if args.child:
         child(args.child, args.steps)
         return
-    from tuneship.train.precision import BF16_MIN_SPEEDUP, measure_matmul_rates, physical_cores
+    from tuneship.train.precision import BF16_MIN_SPEEDUP, cpu_matmul_rates, measure_matmul_rates, physical_cores
 
     load_before = os.getloadavg()[0]
-    peak = measure_matmul_rates(PEAK_SHAPE, seconds=2.0)
+    probe = cpu_matmul_rates()  # the small shape train.precision=auto measured (and cached) on this CPU
+    is_bf16_slow = probe.bf16_speedup < BF16_MIN_SPEEDUP
+    peak = measure_matmul_rates(PEAK_SHAPE, seconds=2.0, bf16=not is_bf16_slow)
+    if is_bf16_slow:  # emulated: the large product would take minutes; the probe's rate says enough
+        peak.bf16 = probe.bf16
     limits = {name: rate * 1e9 / flops_per_trained_token() for name, rate in (("bf16", peak.bf16), ("fp32", peak.fp32))}
-    is_bf16_slow = peak.bf16_speedup < BF16_MIN_SPEEDUP
     print(
         f"machine: {platform.machine()}, {physical_cores()} physical cores, python {platform.python_version()}; "
         f"load average {load_before:.1f} at the start; "
         f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, batch {BATCH}, {args.steps} steps"
     )
     print(
-        f"measured matmul peak {peak.bf16:.0f} GFLOP/s bf16, {peak.fp32:.0f} fp32 ({PEAK_SHAPE[0]}^3); "
+        f"measured matmul peak {peak.bf16:.0f} GFLOP/s bf16"
+        f"{f' (at {probe_shape_text()}: emulated)' if is_bf16_slow else ''}, {peak.fp32:.0f} fp32 ({PEAK_SHAPE[0]}^3); "
         f"{flops_per_trained_token() / 1e9:.2f} GFLOP per trained token -> limit {limits['bf16']:,.0f} tokens/s "
         f"in bf16, {limits['fp32']:,.0f} in fp32 (% limit: of the precision the row ran in)"
     )

@@ -98,6 +98,14 @@ def test_auto_precision_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert precision.cpu_auto_precision()[0] == "bf16"
 
 
+def test_a_matmul_rate_can_leave_emulated_bf16_unmeasured():
+    """Where bf16 is emulated one large bf16 product takes minutes: the benchmark measures fp32 alone there."""
+    from tuneship.train.precision import measure_matmul_rates
+
+    rates = measure_matmul_rates((64, 64, 64), seconds=0.01, bf16=False)
+    assert rates.fp32 > 0 and rates.bf16 == 0.0 and rates.bf16_speedup == 0.0
+
+
 def test_compute_threads_are_shared_among_processes_on_the_machine(monkeypatch):
     import torch
 
