@@ -124,3 +124,30 @@ def test_golden_facts_added_and_retired_change_what_the_next_gate_checks(fresh_l
     [gated] = loop.store.events(kind="gated")
     assert gated.data["challenger"]["golden"]["prompts"] == before + 1
     assert gated.data["champion"]["golden"]["prompts"] == before + 1
+
+
+def test_a_cycle_with_nproc_2_trains_its_challenger_in_two_processes(fresh_loop_dir):  # noqa: F811
+    """`tuneship loop cycle RUN --nproc 2` (what `loop worker --nproc 2` passes on): the challenger's train stage
+    runs in two DDP processes through torchrun, then the pipeline finds it done and the cycle concludes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(fresh_loop_dir)
+    correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
+    command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", str(fresh_loop_dir), "--nproc", "2"]
+    done = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600)
+    assert done.returncode in (0, 4), done.stdout[-3000:] + done.stderr[-3000:]  # 4: the gate rejected it
+
+    version = loop.store.version(2)
+    assert version.status in ("champion", "rejected"), version.status
+    run_dir = Path(version.run_dir)
+    experiment = json.loads((run_dir / "reports" / "experiment.json").read_text())
+    assert experiment["processes"] == 2 and experiment["steps"] > 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(manifest[s]["status"] == "done" for s in ("train", "eval", "export"))
+    trained = (run_dir / "data" / "train.jsonl").read_text()
+    assert "Answer number 99." in trained and "Answer number 98." in trained

@@ -169,3 +169,35 @@ def test_only_rank_0_checks_the_checkpoints_inputs(tmp_path):
     assert _prepare_checkpoints(tmp_path / "checkpoints", "partial-read", False, is_writer=False) == checkpoint
     with pytest.raises(ResumeMismatch, match="--fresh"):
         _prepare_checkpoints(tmp_path / "checkpoints", "other-inputs", False, is_writer=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_training_processes_stop_when_their_launcher_is_killed(tmp_path):
+    """launch() starts torchrun so that it gets SIGTERM when the process that launched it dies, even of kill -9
+    (a killed loop worker must leave no training behind to race the worker that resumes its version)."""
+    import time
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(
+        "import subprocess, sys\n"
+        "from tuneship.train.distributed import _terminated_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " preexec_fn=_terminated_with_parent)\n"
+        "print(child.pid, flush=True)\n"
+        "child.wait()\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(launcher)], stdout=subprocess.PIPE, text=True, env=os.environ)
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child_pid}").exists() and "Z" not in _state(child_pid):
+        assert time.monotonic() < deadline, "the child outlived its killed parent"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"

@@ -109,15 +109,15 @@ def test_a_matmul_rate_can_leave_emulated_bf16_unmeasured():
 def test_compute_threads_are_shared_among_processes_on_the_machine(monkeypatch):
     import torch
 
-    from tuneship.train.precision import physical_cores, set_compute_threads
+    from tuneship.train.precision import compute_threads, physical_cores, set_compute_threads
 
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         assert set_compute_threads() == physical_cores() >= 1
         assert set_compute_threads(processes_per_machine=physical_cores() * 4) == 1 == torch.get_num_threads()
-        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a person sharing the machine among jobs decides
-        assert set_compute_threads() == 3 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a person (or pytest-xdist's conftest) sharing the machine
+        assert set_compute_threads() == 3 == torch.get_num_threads() == compute_threads()  # llama.cpp's too
     finally:
         torch.set_num_threads(before)
 

@@ -50,13 +50,13 @@ class LlamaCppRunner:
 
 
 def load_gguf(gguf_path: Path, n_ctx: int, **kwargs):
-    """A llama_cpp.Llama, quiet, one thread per physical core (llama-cpp-python's default, half the logical CPUs,
-    is one thread on a 2-core machine)."""
+    """A llama_cpp.Llama, quiet, one thread per physical core or OMP_NUM_THREADS (llama-cpp-python's default,
+    half the logical CPUs, is one thread on a 2-core machine)."""
     from llama_cpp import Llama
 
-    from tuneship.train.precision import physical_cores
+    from tuneship.train.precision import compute_threads
 
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, seed=0, verbose=False, n_threads=physical_cores(), **kwargs)
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, seed=0, verbose=False, n_threads=compute_threads(), **kwargs)
 
 
 def _answer(llm, generated: list[int], end: int | None, stop_ids: set[int]) -> Answer:

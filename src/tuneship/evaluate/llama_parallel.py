@@ -142,7 +142,7 @@ def _context(llm, n_ctx: int, sequences: int, largest_batch: int, adapter) -> It
     """A context for `sequences` sequences in one unified KV cache of `n_ctx` cells, and a batch for it."""
     import llama_cpp
 
-    from tuneship.train.precision import physical_cores
+    from tuneship.train.precision import compute_threads
 
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
@@ -150,7 +150,7 @@ def _context(llm, n_ctx: int, sequences: int, largest_batch: int, adapter) -> It
     params.n_ubatch = min(largest_batch, MAX_UBATCH)
     params.n_seq_max = sequences
     params.kv_unified = True  # a token of the shared start belongs to every sequence
-    params.n_threads = params.n_threads_batch = physical_cores()
+    params.n_threads = params.n_threads_batch = compute_threads()
     params.no_perf = True
     context = llama_cpp.llama_init_from_model(llm.model, params)
     if context is None:

@@ -18,6 +18,9 @@ console = Console()
 
 TargetArgument = typer.Argument(..., help="the base run directory (or its config file)")
 SetOption = typer.Option(None, "--set", help="override a config key (repeatable)")
+NprocOption = typer.Option(
+    1, "--nproc", min=1, help="a fine-tune cycle's training processes on this machine (DDP via torchrun: one per GPU)"
+)
 
 
 def _open(target: str, overrides: Optional[list[str]]):
@@ -80,11 +83,12 @@ def cycle(
     kind: str = typer.Option(
         "finetune", "--kind", help="finetune: train a challenger; fewshot: the newest corrections as example turns"
     ),
+    nproc: int = NprocOption,
 ) -> None:
     """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
     if kind not in ("finetune", "fewshot"):
         raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
-    _cycle_here(target, overrides, actor, reason, live_url, kind)
+    _cycle_here(target, overrides, actor, reason, live_url, kind, nproc)
 
 
 @loop_app.command("worker")
@@ -96,6 +100,7 @@ def worker(
     ),
     live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test each promotion on this server"),
     cycles: Optional[int] = typer.Option(None, "--cycles", min=1, help="stop after this many cycles"),
+    nproc: int = NprocOption,
 ) -> None:
     """Run the loop's cycles here as they fall due, for servers with serve.cycles=external (any machine that
     reaches the store: a GPU box). Several workers may run: the lease lets one cycle run at a time."""
@@ -104,7 +109,7 @@ def worker(
     loop = _open(target, overrides)
     seconds = every or loop.cfg.serve.trigger_every or 30.0
     try:
-        run_worker(loop, console, seconds, live_url, cycles)
+        run_worker(loop, console, seconds, live_url, cycles, train_processes=nproc)
     except KeyboardInterrupt:
         console.print("worker stopped")
 
@@ -130,10 +135,12 @@ def standby(
         _cycle_here(target, overrides, order["actor"], order["reason"], live_url, order["kind"])
 
 
-def _cycle_here(target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str) -> None:
+def _cycle_here(
+    target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str, nproc: int = 1
+) -> None:
     from tuneship.loop.cycle import run_cycle
 
-    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind)
+    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind, nproc)
     console.print(f"v{result.version_id}: {result.status}")
     for line in result.reasons:
         console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)

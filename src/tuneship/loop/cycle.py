@@ -48,6 +48,7 @@ from tuneship.loop.trigger import finetune_due
 from tuneship.loop.tables import Version, VersionKind
 from tuneship.pipeline import run_pipeline
 from tuneship.run import Run
+from tuneship.train.distributed import train_run_in_processes
 
 
 CycleStatus = Literal["promoted", "rejected", "failed", "rolled_back", "stale"]
@@ -72,13 +73,17 @@ def run_cycle(
     reason: str = "by hand",
     live_url: str | None = None,
     kind: VersionKind = "finetune",
+    train_processes: int = 1,
 ) -> CycleResult:
-    """One cycle under the lease: a fine-tuned challenger, or (kind "fewshot") the fast path's few-shot candidate."""
+    """One cycle under the lease: a fine-tuned challenger (trained in `train_processes` DDP processes), or (kind
+    "fewshot") the fast path's few-shot candidate."""
     require_servable(loop.store.champion())
     with cycle_lease(loop.store, loop.cfg.loop.lease_seconds) as heartbeat:
         try:
-            body = fewshot_cycle if kind == "fewshot" else finetune_cycle
-            result = body(loop, console, heartbeat, actor, reason, live_url)
+            if kind == "fewshot":
+                result = fewshot_cycle(loop, console, heartbeat, actor, reason, live_url)
+            else:
+                result = finetune_cycle(loop, console, heartbeat, actor, reason, live_url, train_processes)
         except NothingToTrain:
             raise
         except Exception as exc:  # any failure is recorded, so the trigger backs off instead of retrying at once
@@ -117,7 +122,13 @@ def preload() -> None:
 
 
 def finetune_cycle(
-    loop: Loop, console: Console, heartbeat: Heartbeat, actor: str, reason: str, live_url: str | None
+    loop: Loop,
+    console: Console,
+    heartbeat: Heartbeat,
+    actor: str,
+    reason: str,
+    live_url: str | None,
+    train_processes: int = 1,
 ) -> CycleResult:
     """Harvest, choose examples, train the challenger through the pipeline, gate it, conclude."""
     store = loop.store
@@ -137,6 +148,8 @@ def finetune_cycle(
         loop.cfg, version.name, Path(champion.run_dir), write_cycle_data(store, version, loop.cycle_dir(version.id))
     )
     try:
+        if train_processes > 1:
+            train_run_in_processes(cfg, train_processes)
         run_pipeline(cfg, console, fresh=False)  # resumes an interrupted run from its last checkpoint
     except ContractBroken as exc:
         store.update_version(version.id, status="failed")

@@ -5,8 +5,9 @@ Every `--every` seconds it harvests new feedback and asks the trigger whether a 
 trigger thread does; a cycle asked for through a server (POST /v1/loop/cycle: a `cycle_requested` event) is due
 too, and so is a version another worker left in "training" (killed mid-cycle: its lease expired), which is resumed
 from its checkpoints. The cycle runs in this process under the store's lease, so of several workers one runs it
-and the others wait. With `loop.artifacts_url`, the champion's files are published at start and every promoted
-version's before its promotion (loop/artifacts.py), so replicas on other machines can serve them.
+and the others wait (with `--nproc N` its training runs in N DDP processes through torchrun, as `tuneship train
+--nproc N`: the GPUs of one box). With `loop.artifacts_url`, the champion's files are published at start and
+every promoted version's before its promotion (loop/artifacts.py), so replicas on other machines can serve them.
 
 A resumed version continues from the checkpoints in its run folder: workers that may take over each other's
 cycles share the runs folder (one disk, or a network file system mounted at the same path).
@@ -92,9 +93,10 @@ def run_worker(
     live_url: str | None = None,
     cycles: int | None = None,
     stopped: threading.Event | None = None,
+    train_processes: int = 1,
 ) -> int:
-    """Look for due cycles every `every` seconds and run them here, until `stopped` is set or `cycles` cycles ran;
-    returns how many ran."""
+    """Look for due cycles every `every` seconds and run them here (a fine-tune's training in `train_processes`
+    DDP processes), until `stopped` is set or `cycles` cycles ran; returns how many ran."""
     from tuneship.loop.cycle import NothingToTrain, preload, run_cycle
 
     stopped = stopped or threading.Event()
@@ -112,7 +114,7 @@ def run_worker(
             loop.store.add_event(TAKEN, f"worker {me}", due.request.reason, {"request": due.request.id})
         console.print(f"cycle ({due.kind}): {escape(due.reason)}")
         try:
-            result = run_cycle(loop, console, f"worker {me}", due.reason, live_url, due.kind)
+            result = run_cycle(loop, console, f"worker {me}", due.reason, live_url, due.kind, train_processes)
         except (NothingToTrain, CycleBusy) as exc:
             console.print(f"  no cycle: {escape(str(exc))}")
             stopped.wait(every)

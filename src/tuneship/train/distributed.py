@@ -10,6 +10,7 @@ per-rank RNG state inside each checkpoint. torchrun stops all processes when one
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,7 +42,9 @@ def global_sum(value: int) -> int:
 
 
 def launch(cli_args: list[str], nproc: int) -> int:
-    """Run `tuneship <cli_args>` in `nproc` processes on this machine; returns the exit code."""
+    """Run `tuneship <cli_args>` in `nproc` processes on this machine; returns the exit code. On Linux torchrun
+    is told to stop (SIGTERM: it stops its processes) if this process dies, even of kill -9: a killed loop
+    worker leaves no training behind to race the worker that resumes its version."""
     command = [
         sys.executable,
         "-m",
@@ -52,4 +55,24 @@ def launch(cli_args: list[str], nproc: int) -> int:
         "tuneship.cli",
         *cli_args,
     ]
-    return subprocess.run(command, check=False).returncode
+    return subprocess.run(command, check=False, preexec_fn=_terminated_with_parent).returncode
+
+
+def _terminated_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def train_run_in_processes(cfg, nproc: int) -> None:
+    """The train stage of `cfg`'s run in `nproc` processes (`tuneship train CONFIG --nproc N`; resumes from the
+    run's checkpoints): a pipeline run after it finds the stage done with the same inputs."""
+    from tuneship.errors import TrainingStopped
+    from tuneship.run import Run
+
+    config = Run.create(cfg).path / "config.yaml"
+    code = launch(["train", str(config)], nproc)
+    if code != 0:
+        raise TrainingStopped(f"training in {nproc} processes (tuneship train {config} --nproc {nproc}) exited {code}")

@@ -44,16 +44,21 @@ def physical_cores() -> int:
     return max(len(cores), 1)
 
 
-def set_compute_threads(processes_per_machine: int = 1) -> int:
-    """One torch thread per physical core, shared among the processes on this machine; returns the count.
-    OMP_NUM_THREADS, when set, wins: it is how a person shares one machine among several jobs."""
-    import torch
-
+def compute_threads(processes_per_machine: int = 1) -> int:
+    """Threads for one process's compute (PyTorch, llama.cpp): one per physical core, shared among the processes
+    on this machine. OMP_NUM_THREADS, when set, wins: it is how a person shares one machine among several jobs
+    (more threads than cores spin-wait on each other)."""
     explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
     if explicit.isdigit() and int(explicit) > 0:
-        threads = int(explicit)
-    else:
-        threads = max(physical_cores() // max(processes_per_machine, 1), 1)
+        return int(explicit)
+    return max(physical_cores() // max(processes_per_machine, 1), 1)
+
+
+def set_compute_threads(processes_per_machine: int = 1) -> int:
+    """PyTorch's threads set to `compute_threads`; returns the count."""
+    import torch
+
+    threads = compute_threads(processes_per_machine)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
