@@ -191,13 +191,7 @@ def test_the_training_processes_stop_when_their_launcher_is_killed(tmp_path):
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child_pid}").exists() and "Z" not in _state(child_pid):
+    while Path(f"/proc/{child_pid}").exists() and b"Z" not in _state(child_pid):
         assert time.monotonic() < deadline, "the child outlived its killed parent"
         time.sleep(0.1)
 
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return "Z"

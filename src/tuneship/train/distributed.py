@@ -59,7 +59,8 @@ def launch(cli_args: list[str], nproc: int) -> int:
 
 
 def _terminated_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    """In the child, before exec: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG; elsewhere nothing).
+    Linux counts the thread that started the child as its parent: `launch` runs in the caller's main thread."""
     if sys.platform.startswith("linux"):
         import ctypes
 
