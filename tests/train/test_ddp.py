@@ -194,4 +194,3 @@ def test_the_training_processes_stop_when_their_launcher_is_killed(tmp_path):
     while Path(f"/proc/{child_pid}").exists() and b"Z" not in _state(child_pid):
         assert time.monotonic() < deadline, "the child outlived its killed parent"
         time.sleep(0.1)
-
