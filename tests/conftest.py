@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,10 +86,28 @@ def tokenizer(smollm2_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder `name`, filled by `make(folder)` once per test session: under pytest-xdist in the session's
+    folder that every worker shares, by the first worker that needs it (the others wait on the lock, then read
+    it), so a fixture every worker uses is built once, not once per worker."""
+    from tuneship.disk import locked
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, made = shared / name, shared / f"{name}.made"
+    with locked(shared / f"{name}.lock"):
+        if not made.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed first try left
+            folder.mkdir(parents=True)
+            make(folder)
+            made.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> str:
     """A 2-layer, 32-wide random Llama with the real SmolLM2 tokenizer: trains in seconds on CPU."""
-    return make_tiny_model(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+    return str(made_once(tmp_path_factory, "tiny-llama", lambda folder: make_tiny_model(smollm2_tokenizer_dir, folder)))
 
 
 def make_tiny_model(tokenizer_dir: str, folder: Path) -> str:
@@ -187,8 +206,10 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     from tuneship.pipeline import run_pipeline
     from tuneship.run import Run
 
-    cfg = load_config(tiny_config_file(tmp_path_factory.mktemp("tiny-run"), tiny_model_dir, max_steps=2))
-    run_pipeline(cfg, quiet_console())
+    def make(folder: Path) -> None:
+        run_pipeline(load_config(tiny_config_file(folder, tiny_model_dir, max_steps=2)), quiet_console())
+
+    cfg = load_config(made_once(tmp_path_factory, "tiny-run", make) / "run.yaml")
     run = Run.of(cfg)
     before = _snapshot(run.path)
     yield cfg, run

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_config_file
+from tests.conftest import made_once, tiny_config_file
 
 
 def served(store, generation_id: str, question: str, answer: str, *, model: str = "tiny", backend: str = "test"):
@@ -47,10 +47,11 @@ def tiny_base_run(tiny_model_dir, tmp_path_factory) -> Path:
     from tuneship.config import load_config
     from tuneship.pipeline import run_pipeline
 
-    cfg = load_config(tiny_loop_config(tmp_path_factory.mktemp("tiny-loop"), tiny_model_dir))
-    summary = run_pipeline(cfg, Console(file=io.StringIO()))
-    assert not summary.failed, summary.stages
-    return cfg.run_dir
+    def make(folder: Path) -> None:
+        summary = run_pipeline(load_config(tiny_loop_config(folder, tiny_model_dir)), Console(file=io.StringIO()))
+        assert not summary.failed, summary.stages
+
+    return load_config(made_once(tmp_path_factory, "tiny-loop", make) / "run.yaml").run_dir
 
 
 @pytest.fixture

@@ -2,13 +2,12 @@
 the 30 made-up facts: trained, evaluated, exported to Q4_K_M and Q8_0, template-checked, Modelfile written;
 deploy target none). Tests read it; the loop test serves it (the loop writes beside it, never into it)."""
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, made_once
 
 
 @pytest.fixture(scope="session")
@@ -16,20 +15,14 @@ def quickstart_run(tmp_path_factory) -> Path:
     """Made once per test session: under pytest-xdist, in the session's folder that every worker shares, by the
     first worker that needs it (the others wait on the lock, then read it)."""
     from tuneship.cli import main
-    from tuneship.disk import locked
 
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    runs = shared / "quickstart-runs"
-    with locked(shared / "quickstart-runs.lock"):
-        if not (shared / "quickstart-runs.made").is_file():
-            shutil.rmtree(runs, ignore_errors=True)  # what a failed first try left
-            overrides = [f"run.dir={runs}", "train.report_to=[]", "export.quants=[Q4_K_M,Q8_0]", "deploy.target=none"]
-            with pytest.raises(SystemExit) as exit_info:
-                main(["run", str(REPO / "examples" / "quickstart.yaml"), *[f"--set={o}" for o in overrides]])
-            assert exit_info.value.code in (0, None)
-            (shared / "quickstart-runs.made").touch()
-    return runs / "quickstart"
+    def make(runs: Path) -> None:
+        overrides = [f"run.dir={runs}", "train.report_to=[]", "export.quants=[Q4_K_M,Q8_0]", "deploy.target=none"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", str(REPO / "examples" / "quickstart.yaml"), *[f"--set={o}" for o in overrides]])
+        assert exit_info.value.code in (0, None)
+
+    return made_once(tmp_path_factory, "quickstart-runs", make) / "quickstart"
 
 
 def copy_of_quickstart(quickstart_run: Path, parent: Path) -> Path:
