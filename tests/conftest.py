@@ -24,12 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _share_the_cores_among_test_workers() -> None:
     """Under pytest-xdist each worker (and every process it starts: servers, cycles, llama.cpp) computes with its
     share of the cores, as OMP_NUM_THREADS says (train/precision.py): with two workers of two threads each on two
-    cores, the quickstart run took 590 s in the suite against about 100 s alone."""
+    cores, the quickstart run took 590 s in the suite against about 180 s alone."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        from tuneship.train.precision import physical_cores
+        from tuneship.train.precision import compute_threads
 
-        os.environ["OMP_NUM_THREADS"] = str(max(physical_cores() // workers, 1))
+        os.environ["OMP_NUM_THREADS"] = str(compute_threads(processes_per_machine=workers))
 
 
 _share_the_cores_among_test_workers()
