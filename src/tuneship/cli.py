@@ -111,16 +111,24 @@ def train(
     fresh: bool = typer.Option(False, help="start over instead of resuming from the latest checkpoint"),
     dry_run: bool = typer.Option(False, help="prepare data and the chat format, run the pre-flight checks, stop"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="training processes on this machine (DDP via torchrun)"),
+    accelerate_config: Optional[Path] = typer.Option(
+        None,
+        "--accelerate-config",
+        exists=True,
+        dir_okay=False,
+        help="start the processes with `accelerate launch --config_file FILE` (FSDP, DeepSpeed, GPUs)",
+    ),
 ) -> None:
     """Fine-tune a LoRA adapter; resumes from the latest checkpoint automatically."""
     from tuneship.run import Run
-    from tuneship.train.distributed import is_main_process, launch, world_size
+    from tuneship.train.distributed import Processes, is_main_process, launch, world_size
     from tuneship.train.stage import run_train
 
     cfg = _load(config, overrides)
-    if nproc > 1 and world_size() == 1 and not dry_run:
+    processes = Processes(nproc, accelerate_config)
+    if processes.several and world_size() == 1 and not dry_run:
         args = ["train", str(config), *[f"--set={o}" for o in overrides or []], *(["--fresh"] if fresh else [])]
-        raise typer.Exit(launch(args, nproc))
+        raise typer.Exit(launch(args, processes))
     run = Run.create(cfg) if is_main_process() else Run.of(cfg)  # under DDP rank 0 alone writes the run dir
     run_train(cfg, run, console, fresh=fresh, dry_run=dry_run)
 

@@ -232,7 +232,7 @@ def test_a_failure_after_the_promotion_leaves_the_promoted_version_champion(loop
 
     add_version(loop, 2)
 
-    def promotes_then_breaks(loop, console, heartbeat, actor, reason, live_url, train_processes=1):
+    def promotes_then_breaks(loop, console, heartbeat, actor, reason, live_url, train_processes=None):
         heartbeat.stage("promote", 2)
         promote(loop, 2, actor, "won the gate")
         raise RuntimeError("the smoke test broke")

@@ -126,9 +126,24 @@ def test_golden_facts_added_and_retired_change_what_the_next_gate_checks(fresh_l
     assert gated.data["champion"]["golden"]["prompts"] == before + 1
 
 
-def test_a_cycle_with_nproc_2_trains_its_challenger_in_two_processes(fresh_loop_dir):  # noqa: F811
-    """`tuneship loop cycle RUN --nproc 2` (what `loop worker --nproc 2` passes on): the challenger's train stage
-    runs in two DDP processes through torchrun, then the pipeline finds it done and the cycle concludes."""
+ACCELERATE_DDP_ON_CPU = """\
+# examples/accelerate/ddp.yaml without bf16: accelerate's multi-GPU launcher (torchrun) runs on CPUs too (gloo)
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+use_cpu: false
+rdzv_backend: static
+same_network: true
+"""
+
+
+def test_a_cycle_with_an_accelerate_config_trains_its_challenger_in_its_processes(fresh_loop_dir, tmp_path):  # noqa: F811
+    """`tuneship loop cycle RUN --accelerate-config FILE` (what `loop worker` passes on, as with `--nproc N`): the
+    challenger's train stage runs in the file's two processes through `accelerate launch`, then the pipeline finds
+    it done and the cycle concludes."""
     import os
     import subprocess
     import sys
@@ -136,9 +151,12 @@ def test_a_cycle_with_nproc_2_trains_its_challenger_in_two_processes(fresh_loop_
     from tests.conftest import REPO
     from tuneship.loop.registry import open_loop
 
+    accelerate_config = tmp_path / "ddp.yaml"
+    accelerate_config.write_text(ACCELERATE_DDP_ON_CPU)
     loop = open_loop(fresh_loop_dir)
     correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
-    command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", str(fresh_loop_dir), "--nproc", "2"]
+    command = [sys.executable, "-m", "tuneship.cli", "loop", "cycle", str(fresh_loop_dir)]
+    command += ["--accelerate-config", str(accelerate_config)]
     done = subprocess.run(command, cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 4), done.stdout[-3000:] + done.stderr[-3000:]  # 4: the gate rejected it
 

@@ -120,6 +120,25 @@ def launch_args(name: str):
     return args
 
 
+def test_an_accelerate_config_and_nproc_become_accelerate_launch_arguments():
+    """`--accelerate-config FILE [--nproc N]` (tuneship train, loop worker, loop cycle) runs `accelerate launch`
+    with the file, N overriding its num_processes; `--nproc N` alone runs torchrun."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from tuneship.train.distributed import Processes
+
+    config = REPO / "examples" / "accelerate" / "fsdp.yaml"
+    command = Processes(4, config).command(["train", "run.yaml"])
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(command[3:])
+    assert args.config_file == str(config) and args.num_processes == 4 and args.module
+    assert [args.training_script, *args.training_script_args] == ["tuneship.cli", "train", "run.yaml"]
+    assert launch_command_parser().parse_args(Processes(1, config).command(["train"])[3:]).num_processes is None
+    torchrun = Processes(2).command(["train", "run.yaml"])
+    assert torchrun[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert not Processes(1).several and Processes(1, config).several and Processes(2).several
+
+
 def test_ddp_accelerate_config_runs_one_process_per_gpu():
     args = launch_args("ddp")
     assert args.num_processes == 2 and args.multi_gpu and not args.use_fsdp and not args.use_deepspeed

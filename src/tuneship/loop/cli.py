@@ -21,6 +21,13 @@ SetOption = typer.Option(None, "--set", help="override a config key (repeatable)
 NprocOption = typer.Option(
     1, "--nproc", min=1, help="a fine-tune cycle's training processes on this machine (DDP via torchrun: one per GPU)"
 )
+AccelerateOption = typer.Option(
+    None,
+    "--accelerate-config",
+    exists=True,
+    dir_okay=False,
+    help="start a fine-tune cycle's training with `accelerate launch --config_file FILE` (FSDP, DeepSpeed, GPUs)",
+)
 
 
 def _open(target: str, overrides: Optional[list[str]]):
@@ -84,11 +91,14 @@ def cycle(
         "finetune", "--kind", help="finetune: train a challenger; fewshot: the newest corrections as example turns"
     ),
     nproc: int = NprocOption,
+    accelerate_config: Optional[Path] = AccelerateOption,
 ) -> None:
     """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
+    from tuneship.train.distributed import Processes
+
     if kind not in ("finetune", "fewshot"):
         raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
-    _cycle_here(target, overrides, actor, reason, live_url, kind, nproc)
+    _cycle_here(target, overrides, actor, reason, live_url, kind, Processes(nproc, accelerate_config))
 
 
 @loop_app.command("worker")
@@ -101,15 +111,17 @@ def worker(
     live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test each promotion on this server"),
     cycles: Optional[int] = typer.Option(None, "--cycles", min=1, help="stop after this many cycles"),
     nproc: int = NprocOption,
+    accelerate_config: Optional[Path] = AccelerateOption,
 ) -> None:
     """Run the loop's cycles here as they fall due, for servers with serve.cycles=external (any machine that
     reaches the store: a GPU box). Several workers may run: the lease lets one cycle run at a time."""
     from tuneship.loop.worker import run_worker
+    from tuneship.train.distributed import Processes
 
     loop = _open(target, overrides)
     seconds = every or loop.cfg.serve.trigger_every or 30.0
     try:
-        run_worker(loop, console, seconds, live_url, cycles, train_processes=nproc)
+        run_worker(loop, console, seconds, live_url, cycles, train_processes=Processes(nproc, accelerate_config))
     except KeyboardInterrupt:
         console.print("worker stopped")
 
@@ -135,12 +147,11 @@ def standby(
         _cycle_here(target, overrides, order["actor"], order["reason"], live_url, order["kind"])
 
 
-def _cycle_here(
-    target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str, nproc: int = 1
-) -> None:
+def _cycle_here(target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str, processes=None):
     from tuneship.loop.cycle import run_cycle
+    from tuneship.train.distributed import Processes
 
-    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind, nproc)
+    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind, processes or Processes())
     console.print(f"v{result.version_id}: {result.status}")
     for line in result.reasons:
         console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)

@@ -48,7 +48,7 @@ from tuneship.loop.trigger import finetune_due
 from tuneship.loop.tables import Version, VersionKind
 from tuneship.pipeline import run_pipeline
 from tuneship.run import Run
-from tuneship.train.distributed import train_run_in_processes
+from tuneship.train.distributed import Processes, train_run_in_processes
 
 
 CycleStatus = Literal["promoted", "rejected", "failed", "rolled_back", "stale"]
@@ -73,9 +73,9 @@ def run_cycle(
     reason: str = "by hand",
     live_url: str | None = None,
     kind: VersionKind = "finetune",
-    train_processes: int = 1,
+    train_processes: Processes = Processes(),
 ) -> CycleResult:
-    """One cycle under the lease: a fine-tuned challenger (trained in `train_processes` DDP processes), or (kind
+    """One cycle under the lease: a fine-tuned challenger (trained in `train_processes`), or (kind
     "fewshot") the fast path's few-shot candidate."""
     require_servable(loop.store.champion())
     with cycle_lease(loop.store, loop.cfg.loop.lease_seconds) as heartbeat:
@@ -128,7 +128,7 @@ def finetune_cycle(
     actor: str,
     reason: str,
     live_url: str | None,
-    train_processes: int = 1,
+    train_processes: Processes = Processes(),
 ) -> CycleResult:
     """Harvest, choose examples, train the challenger through the pipeline, gate it, conclude."""
     store = loop.store
@@ -148,7 +148,7 @@ def finetune_cycle(
         loop.cfg, version.name, Path(champion.run_dir), write_cycle_data(store, version, loop.cycle_dir(version.id))
     )
     try:
-        if train_processes > 1:
+        if train_processes.several:
             train_run_in_processes(cfg, train_processes)
         run_pipeline(cfg, console, fresh=False)  # resumes an interrupted run from its last checkpoint
     except ContractBroken as exc:

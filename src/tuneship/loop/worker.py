@@ -6,8 +6,9 @@ trigger thread does; a cycle asked for through a server (POST /v1/loop/cycle: a 
 too, and so is a version another worker left in "training" (killed mid-cycle: its lease expired), which is resumed
 from its checkpoints. The cycle runs in this process under the store's lease, so of several workers one runs it
 and the others wait (with `--nproc N` its training runs in N DDP processes through torchrun, as `tuneship train
---nproc N`: the GPUs of one box). With `loop.artifacts_url`, the champion's files are published at start and
-every promoted version's before its promotion (loop/artifacts.py), so replicas on other machines can serve them.
+--nproc N`: the GPUs of one box; with `--accelerate-config FILE` through `accelerate launch`: FSDP, DeepSpeed).
+With `loop.artifacts_url`, the champion's files are published at start and every promoted version's before its
+promotion (loop/artifacts.py), so replicas on other machines can serve them.
 
 A resumed version continues from the checkpoints in its run folder: workers that may take over each other's
 cycles share the runs folder (one disk, or a network file system mounted at the same path).
@@ -27,6 +28,7 @@ from tuneship.loop.lease import CYCLE_LEASE, CycleBusy, new_holder
 from tuneship.loop.registry import Loop, version_chat_format
 from tuneship.loop.store import Store
 from tuneship.loop.tables import Event, VersionKind
+from tuneship.train.distributed import Processes
 
 log = logging.getLogger("tuneship.loop")
 
@@ -93,10 +95,10 @@ def run_worker(
     live_url: str | None = None,
     cycles: int | None = None,
     stopped: threading.Event | None = None,
-    train_processes: int = 1,
+    train_processes: Processes = Processes(),
 ) -> int:
-    """Look for due cycles every `every` seconds and run them here (a fine-tune's training in `train_processes`
-    DDP processes), until `stopped` is set or `cycles` cycles ran; returns how many ran."""
+    """Look for due cycles every `every` seconds and run them here (a fine-tune's training in `train_processes`),
+    until `stopped` is set or `cycles` cycles ran; returns how many ran."""
     from tuneship.loop.cycle import NothingToTrain, preload, run_cycle
 
     stopped = stopped or threading.Event()

@@ -4,7 +4,9 @@
 same as `torchrun --nproc-per-node N -m tuneship.cli train CONFIG` or `accelerate launch --num_processes N
 -m tuneship.cli train CONFIG`. Every process prepares the same data in memory; only rank 0 writes the run
 directory (config, data, chat format, manifest, checkpoints, reports, adapter), except the HF Trainer's
-per-rank RNG state inside each checkpoint. torchrun stops all processes when one dies.
+per-rank RNG state inside each checkpoint. torchrun stops all processes when one dies. With an accelerate config
+file (`--accelerate-config`: FSDP, DeepSpeed, the GPUs of a box) the processes are started by `accelerate launch
+--config_file FILE -m tuneship.cli train CONFIG` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def rank() -> int:
@@ -41,21 +45,39 @@ def global_sum(value: int) -> int:
     return int(total.item())
 
 
-def launch(cli_args: list[str], nproc: int) -> int:
-    """Run `tuneship <cli_args>` in `nproc` processes on this machine; returns the exit code. On Linux torchrun
-    is told to stop (SIGTERM: it stops its processes) if this process dies, even of kill -9: a killed loop
-    worker leaves no training behind to race the worker that resumes its version."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "tuneship.cli",
-        *cli_args,
-    ]
-    return subprocess.run(command, check=False, preexec_fn=_terminated_with_parent).returncode
+@dataclass(frozen=True)
+class Processes:
+    """How a training is started: `count` processes on this machine through torchrun, or through `accelerate
+    launch` with `accelerate_config` (its `num_processes`, unless `count` is more than 1)."""
+
+    count: int = 1
+    accelerate_config: Path | None = None
+
+    @property
+    def several(self) -> bool:
+        """True when a launcher starts the training (else this process trains)."""
+        return self.count > 1 or self.accelerate_config is not None
+
+    def command(self, cli_args: list[str]) -> list[str]:
+        """The launcher's command line that runs `tuneship <cli_args>` in every process."""
+        if self.accelerate_config is None:
+            launcher = ["torch.distributed.run", "--standalone", f"--nproc-per-node={self.count}"]
+        else:
+            count = ["--num_processes", str(self.count)] if self.count > 1 else []
+            launcher = ["accelerate.commands.launch", "--config_file", str(self.accelerate_config), *count]
+        return [sys.executable, "-m", *launcher, "-m", "tuneship.cli", *cli_args]
+
+    def describe(self) -> str:
+        if self.accelerate_config is None:
+            return f"--nproc {self.count}"
+        return f"--accelerate-config {self.accelerate_config}" + (f" --nproc {self.count}" if self.count > 1 else "")
+
+
+def launch(cli_args: list[str], processes: Processes) -> int:
+    """Run `tuneship <cli_args>` in the processes of `processes`; returns the launcher's exit code. On Linux the
+    launcher is told to stop (SIGTERM: it stops its processes) if this process dies, even of kill -9: a killed
+    loop worker leaves no training behind to race the worker that resumes its version."""
+    return subprocess.run(processes.command(cli_args), check=False, preexec_fn=_terminated_with_parent).returncode
 
 
 def _terminated_with_parent() -> None:
@@ -67,13 +89,14 @@ def _terminated_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def train_run_in_processes(cfg, nproc: int) -> None:
-    """The train stage of `cfg`'s run in `nproc` processes (`tuneship train CONFIG --nproc N`; resumes from the
-    run's checkpoints): a pipeline run after it finds the stage done with the same inputs."""
+def train_run_in_processes(cfg, processes: Processes) -> None:
+    """The train stage of `cfg`'s run in `processes` (`tuneship train CONFIG --nproc N`, or with
+    `--accelerate-config FILE`; resumes from the run's checkpoints): a pipeline run after it finds the stage done
+    with the same inputs."""
     from tuneship.errors import TrainingStopped
     from tuneship.run import Run
 
     config = Run.create(cfg).path / "config.yaml"
-    code = launch(["train", str(config)], nproc)
+    code = launch(["train", str(config)], processes)
     if code != 0:
-        raise TrainingStopped(f"training in {nproc} processes (tuneship train {config} --nproc {nproc}) exited {code}")
+        raise TrainingStopped(f"training (tuneship train {config} {processes.describe()}) exited {code}")
