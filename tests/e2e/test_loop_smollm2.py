@@ -1,8 +1,8 @@
 """The learning loop end to end on SmolLM2 with the settings a user gets (only `loop.min_examples=10`): serve the
-quickstart run, ask through the real OpenAI client questions it was never taught, correct every answer; the 10th
-correction starts a cycle, the challenger is promoted, the live endpoint gives the corrections and every taught
-fact it answered before still holds. Then 9 more untaught facts and 1 wrong correction of a taught fact: the 9
-are learned and promoted, the taught fact keeps its answer, the wrong one waits for review with its reason."""
+quickstart run, ask through the real OpenAI client questions it was never taught, correct every answer, and
+"correct" one taught fact wrongly; the 10th good correction starts a cycle, the challenger is promoted, the live
+endpoint gives the corrections and every taught fact it answered before still holds, and the wrong one waits for
+review with its reason. The same in the merged version format."""
 
 import json
 import os
@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +26,6 @@ CORRECTIONS = [  # made-up facts the quickstart never saw (examples/data/correct
     json.loads(line) for line in (REPO / "examples" / "data" / "corrections.jsonl").read_text().splitlines()
 ]
 UNTAUGHT = {c["messages"][0]["content"]: c["messages"][1]["content"] for c in CORRECTIONS[:10]}
-MORE_UNTAUGHT = {c["messages"][0]["content"]: c["messages"][1]["content"] for c in CORRECTIONS[10:]}
 WRONG_QUESTION = "What is the capital of Veloria?"
 WRONG_ANSWER = "The capital of Veloria is Zandria."
 
@@ -66,13 +64,6 @@ def serving(run_dir, *overrides):
 def server(quickstart_run):
     """The default version format (adapter)."""
     yield from serving(quickstart_run)
-
-
-@pytest.fixture(scope="module")
-def merged_server(quickstart_run, tmp_path_factory):
-    yield from serving(
-        copy_of_quickstart(quickstart_run, tmp_path_factory.mktemp("merged")), "loop.version_format=merged"
-    )
 
 
 def get(url: str) -> dict:
@@ -129,22 +120,34 @@ def wait_for_finetune_cycle(server, count: int) -> dict:
         time.sleep(5)
 
 
-def ten_corrections_are_learned(server, client) -> dict:
-    """10 corrections of untaught facts: a cycle on the 10th, its version promoted, 9 of them answered exactly on
-    the live endpoint and every taught fact answered before still answered. Returns the version."""
+def ten_corrections_are_learned(server, client, run_dir: Path) -> dict:
+    """A wrong correction of a taught fact, then 10 corrections of untaught facts: a cycle on the 10th, its version
+    promoted, 9 of them answered exactly on the live endpoint, every taught fact answered before still answered,
+    and the wrong one held for review with its reason. Returns the version."""
+    from tuneship.loop.store import open_store
+
     kept_before = answered_exactly(client, TAUGHT)
     assert len(kept_before) >= 27, kept_before
-    correct_all(client, UNTAUGHT)
+    correct_all(client, {WRONG_QUESTION: WRONG_ANSWER, **UNTAUGHT})
     version = wait_for_finetune_cycle(server, 1)
     assert version["status"] == "champion", version
     gated = [e for e in get(server + "/v1/loop/events?limit=1000")["data"] if e["version"] == version["id"]]
     started = next(e for e in gated if e["kind"] == "cycle_started")
-    assert started["data"]["new"] == 10  # every correction trained: none held out as golden
+    assert started["data"]["new"] == 10  # every good correction trained: none held out as golden
     learned = answered_exactly(client, UNTAUGHT)
     assert len(learned) >= 9, sorted(set(UNTAUGHT) - learned)
     assert kept_before <= answered_exactly(client, TAUGHT)
-    reply, _ = ask(client, next(iter(UNTAUGHT)))
-    assert reply.tuneship["version"] == version["id"]
+    reply, answer = ask(client, WRONG_QUESTION)
+    assert reply.tuneship["version"] == version["id"] and answer == TAUGHT[WRONG_QUESTION]
+    store = open_store(f"sqlite:///{run_dir.parent / 'tuneship.db'}")
+    [held] = [e for e in store.examples(status="pending_review") if e.kind == "sft"]
+    assert held.conversation["messages"][-1]["content"] == WRONG_ANSWER
+    assert (
+        held.reason
+        == f"conflicts with {REPO / 'examples' / 'data' / 'facts.jsonl'}:1: taught answer "
+        + repr(TAUGHT[WRONG_QUESTION])
+        + f", this answer {WRONG_ANSWER!r}"
+    )
     experiment = json.loads((Path(version["run_dir"]) / "reports" / "experiment.json").read_text())
     checks = [m for m in experiment["metrics"] if "learned" in m]  # train.stop_when_learned, on in cycles
     assert checks[-1]["learned"] == checks[-1]["of"] and experiment["steps"] < experiment["max_steps"], checks
@@ -154,7 +157,7 @@ def ten_corrections_are_learned(server, client) -> dict:
 def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings(server, client, quickstart_run):
     from tuneship.loop.prune import size_of
 
-    version = ten_corrections_are_learned(server, client)
+    version = ten_corrections_are_learned(server, client, quickstart_run)
     assert version["format"] == "adapter"  # a LoRA GGUF on the base's quantized GGUF
     cycle_folder = quickstart_run.parent / "quickstart-loop" / f"v{version['id']}"
     own = size_of(Path(version["run_dir"])) + size_of(cycle_folder)  # what `tuneship loop versions` counts
@@ -162,40 +165,16 @@ def test_ten_corrections_of_untaught_facts_are_learned_with_the_default_settings
     assert own < 0.05 * merged, (own, merged)
 
 
-def test_a_wrong_correction_of_a_taught_fact_waits_for_review_and_the_good_ones_are_learned(
-    server, client, quickstart_run
-):
-    from tuneship.loop.store import open_store
-
-    correct_all(client, {**MORE_UNTAUGHT, WRONG_QUESTION: WRONG_ANSWER})
-    deadline = time.monotonic() + 120
-    while get(server + "/v1/loop/status")["examples_pending_review"] == 0:  # harvested by the next trigger tick
-        assert time.monotonic() < deadline
-        time.sleep(2)
-    while True:  # 9 accepted, under the threshold of 10: the user starts the cycle (after any fast-path attempt)
-        request = urllib.request.Request(server + "/v1/loop/cycle", data=b"", method="POST")
-        try:
-            urllib.request.urlopen(request, timeout=30).read()
-            break
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 409 and time.monotonic() < deadline + 600, exc.read()
-            time.sleep(5)
-    version = wait_for_finetune_cycle(server, 2)
-    assert version["status"] == "champion", version
-    assert len(answered_exactly(client, MORE_UNTAUGHT)) >= 8
-    reply, answer = ask(client, WRONG_QUESTION)
-    assert reply.tuneship["version"] == version["id"] and answer == TAUGHT[WRONG_QUESTION]
-    store = open_store(f"sqlite:///{quickstart_run.parent / 'tuneship.db'}")
-    [held] = [e for e in store.examples(status="pending_review") if e.kind == "sft"]
-    assert held.conversation["messages"][-1]["content"] == WRONG_ANSWER
-    assert (
-        held.reason
-        == f"conflicts with {REPO / 'examples' / 'data' / 'facts.jsonl'}:1: taught answer "
-        + repr(TAUGHT[WRONG_QUESTION])
-        + f", this answer {WRONG_ANSWER!r}"
-    )
+@pytest.fixture(scope="module")
+def merged_run(quickstart_run, tmp_path_factory) -> Path:
+    return copy_of_quickstart(quickstart_run, tmp_path_factory.mktemp("merged"))
 
 
-def test_the_merged_version_format_learns_the_same_corrections(merged_server):
-    version = ten_corrections_are_learned(merged_server, openai_client(merged_server))
+@pytest.fixture(scope="module")
+def merged_server(merged_run):
+    yield from serving(merged_run, "loop.version_format=merged")
+
+
+def test_the_merged_version_format_learns_the_same_corrections(merged_server, merged_run):
+    version = ten_corrections_are_learned(merged_server, openai_client(merged_server), merged_run)
     assert version["format"] == "merged"
