@@ -128,6 +128,11 @@ class TrainSection(Section):
         description="train.stop_when_learned: by how much (in logits) every answer token must beat the next most "
         "likely one: an answer learned by a hair flips on a quantized base or in another runtime",
     )
+    focus_unlearned: bool = Field(
+        True,
+        description="train.stop_when_learned: after a learned check, the next epochs train the examples not learned "
+        "yet and as many learned ones (one process only)",
+    )
     sample_every: int = Field(0, ge=0, description="generate sample answers every N steps (0: off)")
     sample_prompts: list[str] = Field(default_factory=list)
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])

@@ -34,13 +34,13 @@ def test_the_learned_check_counts_an_example_only_when_greedy_decoding_would_giv
     conversations = list(read_conversations(run.data_dir / "train.jsonl"))
     rendered = [chat_format.render(c) for c in conversations]
     examples = [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered]
-    learned, loss = learned_examples(model, examples)
+    flags, loss = learned_examples(model, examples)
     prompts = [chat_format.generation_prompt(c) for c in conversations]
     exact = sum(
         a.text == c.messages[-1].content and a.stopped
         for a, c in zip(generate_answers(model, chat_format, prompts, 16), conversations)
     )
-    assert learned == exact and loss > 0
+    assert sum(flags) == exact and len(flags) == len(examples) and loss > 0
 
 
 def test_an_answer_token_chosen_by_less_than_the_margin_is_not_learned():
@@ -59,3 +59,63 @@ def test_an_answer_token_chosen_by_less_than_the_margin_is_not_learned():
     assert learned_rows(logits, targets, supervised, 0.0).tolist() == [True, True, True]
     assert learned_rows(logits, targets, supervised, 1.0).tolist() == [False, True, True]
     assert learned_rows(logits, targets, supervised, 6.0).tolist() == [False, False, False]
+
+
+def test_after_a_check_the_next_epochs_train_the_unlearned_and_as_many_learned_examples():
+    from tuneship.train.callbacks import focus_indices
+
+    flags = [True] * 38 + [False] * 2
+    focus = focus_indices(flags, batch=8)
+    assert {38, 39} <= set(focus) and len(focus) == 8  # 2 unlearned + 6 learned: one full batch
+    focus = focus_indices([True] * 10 + [False] * 12, batch=8)
+    assert set(range(10, 22)) <= set(focus) and len(focus) == 22  # 12 unlearned + the 10 learned (fewer than 12)
+    focus = focus_indices([True] * 30 + [False] * 10, batch=8)
+    assert set(range(30, 40)) <= set(focus) and len(focus) == 20
+    assert focus_indices([True] * 5, batch=8) is None and focus_indices([False] * 5, batch=8) is None
+
+
+def test_the_focus_sampler_shuffles_every_example_until_it_is_told_which():
+    import torch
+
+    from tuneship.train.callbacks import FocusSampler
+
+    sampler = FocusSampler(10, seed=3)
+    assert sorted(sampler) == list(range(10)) and len(sampler) == 10
+    sampler.indices = [2, 5, 7]
+    assert sorted(sampler) == [2, 5, 7] and len(sampler) == 10  # the Trainer plans with the dataset's length
+    sampler.set_epoch(4)
+    assert list(sampler) == [[2, 5, 7][i] for i in torch.randperm(3, generator=torch.Generator().manual_seed(7))]
+
+
+def test_a_run_trains_its_later_epochs_on_what_the_check_found_unlearned_and_stops_once_all_are(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """The HF Trainer with the focus sampler: after the first check (2 of 9 examples not learned), the next epoch
+    is those 2 and 2 learned ones (1 step of 4 instead of 3); the check after it finds all 9 learned and stops.
+    The check's outcome is scripted here (the tiny random model learns nothing in seconds); what it computes is
+    tested above, and on SmolLM2 in the loop's end-to-end test."""
+    import tuneship.train.callbacks as callbacks
+
+    outcomes = iter([([True] * 7 + [False] * 2, 0.5), ([True] * 9, 0.01)])
+    monkeypatch.setattr(callbacks, "learned_examples", lambda model, examples, margin: next(outcomes))
+    overrides = {"max_steps": -1, "epochs": 4, "stop_when_learned": True, "stop_loss": 100.0}
+    cfg = load_config(tiny_config_file(tmp_path, tiny_model_dir, **overrides), ["data.eval_ratio=0.25"])
+    run = Run.create(cfg)
+    result = run_train(cfg, run, quiet_console(), data=run_data(cfg, run, quiet_console()))
+    checks = [m for m in json.loads((run.reports_dir / "experiment.json").read_text())["metrics"] if "learned" in m]
+    assert [(c["learned"], c["of"], c.get("next_epoch")) for c in checks] == [(7, 9, 4), (9, 9, None)]
+    assert result.steps == 3 + 1  # epoch 1: 9 examples in batches of 4; epoch 2: the 4 focused ones
+
+
+def test_until_a_check_focuses_it_a_run_trains_exactly_as_with_the_trainer_s_own_sampler(tmp_path, tiny_model_dir):
+    """The same order, so the same loss at every step, with train.focus_unlearned on and off (the tiny model
+    never learns an example, so no check ever sets a focus)."""
+    losses = {}
+    for focus in (True, False):
+        overrides = {"max_steps": -1, "epochs": 3, "stop_when_learned": True, "focus_unlearned": focus}
+        cfg = load_config(tiny_config_file(tmp_path / str(focus), tiny_model_dir, **overrides), ["data.eval_ratio=0"])
+        run = Run.create(cfg)
+        run_train(cfg, run, quiet_console(), data=run_data(cfg, run, quiet_console()))
+        metrics = json.loads((run.reports_dir / "experiment.json").read_text())["metrics"]
+        losses[focus] = [m["loss"] for m in metrics if "loss" in m and "learned" not in m]
+    assert len(losses[True]) == 9 and losses[True] == losses[False]

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from tuneship.chat.format import IGNORE_INDEX
@@ -28,8 +29,6 @@ class NonFiniteGuard(TrainerCallback):
     """Stops at the first non-finite gradient, before the optimizer applies it."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        import torch
-
         gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         if not gradients or torch.isfinite(torch.nn.utils.get_total_norm(gradients.values())):
             return  # one norm over all gradients, one sync: a NaN or inf anywhere makes it non-finite
@@ -159,12 +158,17 @@ class LearnedStop(TrainerCallback):
     quantized base in llama.cpp: a token chosen by 0.1 over the next was seen to flip there); and the mean loss
     over the answers is below `stop_loss`. One forward pass over the examples (in the training's precision), no
     generation, and only once the epoch's training loss is below `stop_loss`. The epochs (or max_steps) stay the
-    budget."""
+    budget. With a `focus` sampler (train.focus_unlearned), the epochs after a check train the examples not learned
+    yet and a share of the learned ones (`focus_indices`); every check still checks every example."""
 
-    def __init__(self, examples: list[dict], stop_loss: float, margin: float):
+    def __init__(
+        self, examples: list[dict], stop_loss: float, margin: float, focus: FocusSampler | None = None, batch: int = 8
+    ):
         self.examples = examples
         self.stop_loss = stop_loss
         self.margin = margin
+        self.focus = focus
+        self.batch = batch
         self.checks: list[dict] = []
         self.epoch_losses: list[float] = []
 
@@ -173,32 +177,80 @@ class LearnedStop(TrainerCallback):
             self.epoch_losses.append(float(logs["loss"]))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        import torch
-
         losses, self.epoch_losses = self.epoch_losses, []
         if not losses or sum(losses) / len(losses) >= self.stop_loss:
             return
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
-            learned, loss = learned_examples(model, self.examples, self.margin)
-        check = {"epoch": round(state.epoch or 0.0, 2), "learned": learned, "of": len(self.examples), "loss": loss}
+            flags, loss = learned_examples(model, self.examples, self.margin)
+        check = {"epoch": round(state.epoch or 0.0, 2), "learned": sum(flags), "of": len(self.examples), "loss": loss}
+        if sum(flags) == len(self.examples) and loss < self.stop_loss:
+            control.should_training_stop = True
+        elif self.focus is not None:
+            self.focus.indices = focus_indices(flags, self.batch, self.focus.generator())
+            check["next_epoch"] = self.focus.epoch_size
         self.checks.append(check)
         state.log_history.append({**check, "step": state.global_step})
-        if learned == len(self.examples) and loss < self.stop_loss:
-            control.should_training_stop = True
 
 
-def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_size: int = 16) -> tuple[int, float]:
-    """(examples whose every supervised token is the argmax by `margin`, the mean loss over all supervised
-    tokens). Batches
-    are right-padded (in causal attention no real position sees the padding after it, so no mask is needed) and
-    project onto the vocabulary only the positions that predict a supervised token (train/loss.py)."""
-    import torch
+class FocusSampler(torch.utils.data.Sampler):
+    """The training order: every example, shuffled in the order the HF Trainer's own sampler gives (accelerate's
+    SeedableRandomSampler: a permutation drawn from `seed` + the epoch), or, once `indices` is set (by
+    LearnedStop), only those, shuffled the same way. Until a check sets `indices`, a run trains exactly as without
+    it. Its length stays the dataset's, which is what the Trainer plans its epochs and budget with; an epoch over
+    fewer examples ends after fewer steps. The focus is not in a checkpoint: a resumed run trains every example
+    again until its next check."""
 
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.indices: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def epoch_size(self) -> int:
+        """How many examples an epoch trains now."""
+        return self.size if self.indices is None else len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        """This epoch's random numbers (the same on a rerun)."""
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def __iter__(self):
+        chosen = self.indices if self.indices is not None else range(self.size)
+        order = torch.randperm(len(chosen), generator=self.generator()).tolist()
+        self.epoch += 1
+        return iter([chosen[i] for i in order])
+
+
+def focus_indices(flags: list[bool], batch: int, generator: torch.Generator | None = None) -> list[int] | None:
+    """The next epochs' examples after a learned check (`flags`: learned or not): those not learned yet, and as many
+    learned ones drawn at random (at least enough to fill a `batch`), rehearsed so they are kept; None (all of
+    them) when every example or none is learned."""
+    unlearned = [i for i, learned in enumerate(flags) if not learned]
+    learned = [i for i, learned in enumerate(flags) if learned]
+    if not unlearned or not learned:
+        return None
+    share = min(len(learned), max(len(unlearned), batch - len(unlearned)))
+    rehearsed = [learned[i] for i in torch.randperm(len(learned), generator=generator)[:share].tolist()]
+    return sorted(unlearned + rehearsed)
+
+
+def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_size: int = 16):
+    """(per example: whether its every supervised token is the argmax by `margin` (a list of bools), the mean
+    loss over all supervised tokens). Batches are right-padded (in causal attention no real position sees the
+    padding after it, so no mask is needed) and project onto the vocabulary only the positions that predict a
+    supervised token (train/loss.py)."""
     from tuneship.train.loss import predicting_positions
 
     was_training = model.training
     model.eval()
-    learned, total_loss, total_tokens = 0, 0.0, 0
+    flags, total_loss, total_tokens = [], 0.0, 0
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -213,13 +265,13 @@ def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_siz
                 logits = model(input_ids=ids, logits_to_keep=positions, use_cache=False).logits.float()
                 targets = labels[:, positions + 1]
                 supervised = targets != IGNORE_INDEX
-                learned += int(learned_rows(logits, targets, supervised, margin).sum())
+                flags += learned_rows(logits, targets, supervised, margin).tolist()
                 loss = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="sum")
                 total_loss += float(loss)
                 total_tokens += int(supervised.sum())
     finally:
         model.train(was_training)
-    return learned, total_loss / max(total_tokens, 1)
+    return flags, total_loss / max(total_tokens, 1)
 
 
 def learned_rows(logits, targets, supervised, margin: float):

@@ -195,13 +195,11 @@ def train_adapter(
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
 
-    counter = setup.counter
-    if cfg.train.stop_when_learned:
-        from tuneship.train.callbacks import LearnedStop
+        def _get_train_sampler(self, train_dataset=None):
+            return focus or super()._get_train_sampler(train_dataset)
 
-        setup.callbacks.append(
-            LearnedStop(ExampleDataset(train_set).examples, cfg.train.stop_loss, cfg.train.stop_margin)
-        )
+    counter = setup.counter
+    focus = learned_stop(cfg, train_set, setup.callbacks)
     attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
     if attends_per_example:
         use_packed_attention(setup.model)
@@ -217,6 +215,19 @@ def train_adapter(
         callbacks=setup.callbacks,
     )
     return fit(trainer, setup, run, cfg, chat_format, console)
+
+
+def learned_stop(cfg: Config, train_set, callbacks: list):
+    """With train.stop_when_learned, the LearnedStop callback added to `callbacks`; returns the sampler it focuses
+    (train.focus_unlearned, one process: several would each have to cut their epochs alike), else None."""
+    from tuneship.train.callbacks import FocusSampler, LearnedStop
+
+    if not cfg.train.stop_when_learned:
+        return None
+    focus = FocusSampler(len(train_set), cfg.train.seed) if cfg.train.focus_unlearned and world_size() == 1 else None
+    examples = ExampleDataset(train_set).examples
+    callbacks.append(LearnedStop(examples, cfg.train.stop_loss, cfg.train.stop_margin, focus, cfg.train.batch_size))
+    return focus
 
 
 def fit(trainer, setup: TrainingSetup, run: Run, cfg: Config, chat_format, console) -> TrainResult:
