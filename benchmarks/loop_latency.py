@@ -186,6 +186,18 @@ def print_table(results: list[Latency]) -> None:
     print(f"{'kept':<10}" + "".join(f"{f'{r.kept}/{r.taught_before}':>12}" for r in results))
 
 
+def require_exported(run: Path) -> None:
+    """The loop serves the run's exported GGUF: a run that `make demo` (or `tuneship run`) did not finish stops
+    here with the fix, not later with a server that cannot answer."""
+    manifest = run / "manifest.json"
+    status = json.loads(manifest.read_text()).get("export", {}).get("status") if manifest.is_file() else None
+    if status != "done":
+        raise SystemExit(
+            f"{run}: not exported yet (export stage: {status or 'not run'}); run `make demo` (or `tuneship run "
+            "CONFIG`) first, or pass --run RUN_DIR"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "quickstart")
@@ -194,6 +206,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="make the run's copies (and their cycles) under this folder, kept")
     parser.add_argument("--set", action="append", default=[], metavar="K=V", help="another setting (repeatable)")
     args = parser.parse_args()
+    require_exported(args.run)
     corrections = dict(list(facts(REPO / "examples" / "data" / "corrections.jsonl").items())[: args.corrections])
     taught = facts(REPO / "examples" / "data" / "facts.jsonl")
     print(f"{platform.processor() or platform.machine()}, {platform.system()}; run {args.run}")
