@@ -80,9 +80,16 @@ def exact(client, model: str, known: dict[str, str]) -> set[str]:
     return {q for q, a in known.items() if ask(client, model, q)[1] == a}
 
 
-def finetuned_champion(url: str) -> dict | None:
+def finetuned_version(url: str, statuses: tuple[str, ...]) -> dict | None:
     versions = get(url + "/v1/versions")["data"]
-    return next((v for v in versions if v["kind"] == "finetune" and v["parent"] and v["status"] == "champion"), None)
+    return next((v for v in versions if v["kind"] == "finetune" and v["parent"] and v["status"] in statuses), None)
+
+
+def why_not_promoted(url: str, version: dict) -> str:
+    """A version's cycle ended without a promotion: the reasons its events give (the gate's, or the failure)."""
+    events = [e for e in get(url + "/v1/loop/events?limit=1000")["data"] if e["version"] == version["id"]]
+    reasons = [e["reason"] for e in events if e["kind"] in ("gated", "cycle_failed", "cycle_finished")]
+    return f"v{version['id']} was {version['status']}, not promoted: " + ("; ".join(reasons) or "no reason recorded")
 
 
 def measure(
@@ -130,7 +137,10 @@ def wait_for_live(client, url: str, model: str, question: str, limit: float = 18
     """The first chat answer that comes from a promoted fine-tuned version: {"version", "at"}."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        champion = finetuned_champion(url)
+        champion = finetuned_version(url, ("champion",))
+        ended = finetuned_version(url, ("rejected", "failed"))
+        if champion is None and ended is not None:
+            raise RuntimeError(why_not_promoted(url, ended))
         if champion is not None:
             reply, _ = ask(client, model, question)
             if reply.tuneship["version"] == champion["id"]:
