@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from tuneship.train.distributed import Processes
+
 loop_app = typer.Typer(no_args_is_help=True, help="The learning loop: status, cycles, versions, rollback.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback collected outside `tuneship serve`.")
 golden_app = typer.Typer(no_args_is_help=True, help="The golden set the gate checks: list, add, update, retire.")
@@ -94,8 +96,6 @@ def cycle(
     accelerate_config: Optional[Path] = AccelerateOption,
 ) -> None:
     """Run one cycle now, in this process: examples, challenger run, gate, promotion (exit 4 when rejected)."""
-    from tuneship.train.distributed import Processes
-
     if kind not in ("finetune", "fewshot"):
         raise typer.BadParameter(f"{kind!r}: use finetune or fewshot", param_hint="--kind")
     _cycle_here(target, overrides, actor, reason, live_url, kind, Processes(nproc, accelerate_config))
@@ -116,7 +116,6 @@ def worker(
     """Run the loop's cycles here as they fall due, for servers with serve.cycles=external (any machine that
     reaches the store: a GPU box). Several workers may run: the lease lets one cycle run at a time."""
     from tuneship.loop.worker import run_worker
-    from tuneship.train.distributed import Processes
 
     loop = _open(target, overrides)
     seconds = every or loop.cfg.serve.trigger_every or 30.0
@@ -147,11 +146,12 @@ def standby(
         _cycle_here(target, overrides, order["actor"], order["reason"], live_url, order["kind"])
 
 
-def _cycle_here(target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str, processes=None):
+def _cycle_here(
+    target: str, overrides, actor: str, reason: str, live_url: Optional[str], kind: str, processes=Processes()
+) -> None:
     from tuneship.loop.cycle import run_cycle
-    from tuneship.train.distributed import Processes
 
-    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind, processes or Processes())
+    result = run_cycle(_open(target, overrides), console, actor, reason, live_url, kind, processes)
     console.print(f"v{result.version_id}: {result.status}")
     for line in result.reasons:
         console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)

@@ -199,7 +199,8 @@ def train_adapter(
             return focus or super()._get_train_sampler(train_dataset)
 
     counter = setup.counter
-    focus = learned_stop(cfg, train_set, setup.callbacks)
+    dataset = ExampleDataset(train_set)
+    focus = learned_stop(cfg, dataset, setup.callbacks)
     attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
     if attends_per_example:
         use_packed_attention(setup.model)
@@ -210,23 +211,24 @@ def train_adapter(
     trainer = GuardedTrainer(
         model=setup.model,
         args=setup.args,
-        train_dataset=ExampleDataset(train_set),
+        train_dataset=dataset,
         data_collator=collator,
         callbacks=setup.callbacks,
     )
     return fit(trainer, setup, run, cfg, chat_format, console)
 
 
-def learned_stop(cfg: Config, train_set, callbacks: list):
-    """With train.stop_when_learned, the LearnedStop callback added to `callbacks`; returns the sampler it focuses
-    (train.focus_unlearned, one process: several would each have to cut their epochs alike), else None."""
+def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list):
+    """With train.stop_when_learned, the LearnedStop callback over `dataset` added to `callbacks`; returns the
+    sampler it focuses (train.focus_unlearned, one process: several would each have to cut their epochs alike),
+    else None."""
     from tuneship.train.callbacks import FocusSampler, LearnedStop
 
     if not cfg.train.stop_when_learned:
         return None
-    focus = FocusSampler(len(train_set), cfg.train.seed) if cfg.train.focus_unlearned and world_size() == 1 else None
-    examples = ExampleDataset(train_set).examples
-    callbacks.append(LearnedStop(examples, cfg.train.stop_loss, cfg.train.stop_margin, focus, cfg.train.batch_size))
+    focus = FocusSampler(len(dataset), cfg.train.seed) if cfg.train.focus_unlearned and world_size() == 1 else None
+    train = cfg.train
+    callbacks.append(LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, focus, train.batch_size))
     return focus
 
 
