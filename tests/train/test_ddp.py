@@ -139,6 +139,20 @@ def test_an_accelerate_config_and_nproc_become_accelerate_launch_arguments():
     assert not Processes(1).several and Processes(1, config).several and Processes(2).several
 
 
+def test_an_accelerate_config_that_is_not_a_mapping_of_settings_stops_before_any_launch(tmp_path):
+    from tuneship.errors import ConfigError
+    from tuneship.train.distributed import Processes
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("num_processes: 2\nx: [\n")
+    with pytest.raises(ConfigError, match=f"{broken}:3: not a readable YAML"):
+        Processes(2, broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 2\n")
+    with pytest.raises(ConfigError, match="a mapping of settings"):
+        Processes(1, listed)
+
+
 def test_ddp_accelerate_config_runs_one_process_per_gpu():
     args = launch_args("ddp")
     assert args.num_processes == 2 and args.multi_gpu and not args.use_fsdp and not args.use_deepspeed

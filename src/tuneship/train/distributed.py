@@ -53,6 +53,10 @@ class Processes:
     count: int = 1
     accelerate_config: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.accelerate_config is not None:
+            _check_accelerate_config(Path(self.accelerate_config))
+
     @property
     def several(self) -> bool:
         """True when a launcher starts the training (else this process trains)."""
@@ -71,6 +75,26 @@ class Processes:
         if self.accelerate_config is None:
             return f"--nproc {self.count}"
         return f"--accelerate-config {self.accelerate_config}" + (f" --nproc {self.count}" if self.count > 1 else "")
+
+
+def _check_accelerate_config(path: Path) -> None:
+    """An accelerate config file is a YAML (or JSON) mapping: anything else stops here, saying where, instead of
+    as a traceback from inside `accelerate launch`."""
+    import yaml
+
+    from tuneship.errors import ConfigError
+
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise ConfigError(f"--accelerate-config {path}{line}: not a readable YAML or JSON file ({exc})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"--accelerate-config {path}: an accelerate config is a mapping of settings (see `accelerate config`, "
+            "or examples/accelerate/)"
+        )
 
 
 def launch(cli_args: list[str], processes: Processes) -> int:
