@@ -5,8 +5,10 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= train,export,hub,parquet,s3,serve,dev
-# llama-cpp-python is built from source: portable CPU build, no multimodal library (set CMAKE_ARGS="-DGGML_CUDA=on" for CUDA).
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# llama-cpp-python is built from source: a portable CPU build (CMAKE_ARGS="-DGGML_CUDA=on" for CUDA), and only the
+# libraries it loads (no multimodal library, no llama.cpp common library: scripts/llama_libraries_only.cmake).
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_libraries_only.cmake
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Test workers (pytest-xdist): 2 cut the suite by a third on 2 cores (tests wait on processes and servers too).
