@@ -5,6 +5,8 @@ stops once SmolLM2 learned its examples, and that greedy decoding then gives eac
 
 import json
 
+import pytest
+
 from tests.conftest import quiet_console, tiny_config_file
 from tuneship.config import load_config
 from tuneship.data.stage import run_data
@@ -43,12 +45,44 @@ def test_the_learned_check_counts_an_example_only_when_greedy_decoding_would_giv
     assert sum(flags) == exact and len(flags) == len(examples) and loss > 0
 
 
+def test_the_check_on_the_training_s_packed_batches_finds_what_the_padded_check_finds(tiny_run):
+    """LearnedStop checks with the training's collator: examples packed in one row, their shared start (system
+    prompt) once. Half the examples answer what the model itself says greedily (learned), half their taught
+    answers (not learned by the tiny random model): the packed check says which, as the padded one does."""
+    import torch
+
+    from tuneship.data.conversation import read_conversations
+    from tuneship.models import load_adapted
+    from tuneship.train.attention import use_packed_attention
+    from tuneship.train.batches import PackCollator
+    from tuneship.train.callbacks import learned_examples
+
+    _, run = tiny_run
+    model, chat_format = load_adapted(run)
+    examples = []
+    for number, conversation in enumerate(list(read_conversations(run.data_dir / "train.jsonl"))[:8]):
+        rendered = chat_format.render(conversation)
+        if number % 2:
+            examples.append({"input_ids": rendered.input_ids, "labels": rendered.labels})
+            continue
+        prompt = chat_format.encode(chat_format.generation_prompt(conversation))
+        with torch.no_grad():
+            answer = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
+        examples.append({"input_ids": prompt + answer.tolist(), "labels": [-100] * len(prompt) + answer.tolist()})
+    padded = learned_examples(model, examples, margin=0.0)
+    use_packed_attention(model)
+    packed = learned_examples(model, examples, margin=0.0, collate=PackCollator(share_prefix=True), batch_size=8)
+    assert PackCollator(share_prefix=True)(examples)["shared_prefix_tokens"] > 0
+    assert padded[0] == packed[0] == [True, False] * 4
+    assert packed[1] == pytest.approx(padded[1], rel=1e-4)
+
+
 def test_an_answer_token_chosen_by_less_than_the_margin_is_not_learned():
     """Seen on SmolLM2: a correction's first token won by 0.125 in PyTorch and lost on the quantized base."""
     import torch
 
     from tuneship.chat.format import IGNORE_INDEX
-    from tuneship.train.callbacks import learned_rows
+    from tuneship.train.callbacks import learned_tokens
 
     logits = torch.zeros(3, 2, 4)
     logits[:, 0, 1] = 5.0  # position 0: token 1 by 5
@@ -56,9 +90,9 @@ def test_an_answer_token_chosen_by_less_than_the_margin_is_not_learned():
     logits[1, 1, 2] = 2.0  # row 1: token 2 by 2
     targets = torch.tensor([[1, 2], [1, 2], [1, IGNORE_INDEX]])  # row 2's second position is not supervised
     supervised = targets != IGNORE_INDEX
-    assert learned_rows(logits, targets, supervised, 0.0).tolist() == [True, True, True]
-    assert learned_rows(logits, targets, supervised, 1.0).tolist() == [False, True, True]
-    assert learned_rows(logits, targets, supervised, 6.0).tolist() == [False, False, False]
+    assert learned_tokens(logits, targets, supervised, 0.0).tolist() == [[True, True], [True, True], [True, True]]
+    assert learned_tokens(logits, targets, supervised, 1.0).tolist() == [[True, False], [True, True], [True, True]]
+    assert learned_tokens(logits, targets, supervised, 6.0).tolist() == [[False, False], [False, False], [False, True]]
 
 
 def test_after_a_check_the_next_epochs_train_the_unlearned_and_as_many_learned_examples():
@@ -97,7 +131,7 @@ def test_a_run_trains_its_later_epochs_on_what_the_check_found_unlearned_and_sto
     import tuneship.train.callbacks as callbacks
 
     outcomes = iter([([True] * 7 + [False] * 2, 0.5), ([True] * 9, 0.01)])
-    monkeypatch.setattr(callbacks, "learned_examples", lambda model, examples, margin: next(outcomes))
+    monkeypatch.setattr(callbacks, "learned_examples", lambda model, examples, margin, collate: next(outcomes))
     overrides = {"max_steps": -1, "epochs": 4, "stop_when_learned": True, "stop_loss": 100.0}
     cfg = load_config(tiny_config_file(tmp_path, tiny_model_dir, **overrides), ["data.eval_ratio=0.25"])
     run = Run.create(cfg)

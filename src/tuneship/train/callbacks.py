@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from tuneship.chat.format import IGNORE_INDEX
 from tuneship.disk import require_disk
 from tuneship.errors import TrainingStopped
-from tuneship.train.batches import TokenCounter
+from tuneship.train.batches import SHARED_PREFIX, TokenCounter
 
 NAN_ADVICE = (
     "try a lower train.learning_rate, train.precision=fp32, or another device; the last good "
@@ -162,9 +162,16 @@ class LearnedStop(TrainerCallback):
     yet and a share of the learned ones (`focus_indices`); every check still checks every example."""
 
     def __init__(
-        self, examples: list[dict], stop_loss: float, margin: float, focus: FocusSampler | None = None, batch: int = 8
+        self,
+        examples: list[dict],
+        stop_loss: float,
+        margin: float,
+        focus: FocusSampler | None = None,
+        batch: int = 8,
+        collate=None,
     ):
         self.examples = examples
+        self.collate = collate
         self.stop_loss = stop_loss
         self.margin = margin
         self.focus = focus
@@ -181,7 +188,7 @@ class LearnedStop(TrainerCallback):
         if not losses or sum(losses) / len(losses) >= self.stop_loss:
             return
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
-            flags, loss = learned_examples(model, self.examples, self.margin)
+            flags, loss = learned_examples(model, self.examples, self.margin, self.collate)
         check = {"epoch": round(state.epoch or 0.0, 2), "learned": sum(flags), "of": len(self.examples), "loss": loss}
         if sum(flags) == len(self.examples) and loss < self.stop_loss:
             control.should_training_stop = True
@@ -241,11 +248,12 @@ def focus_indices(flags: list[bool], batch: int, generator: torch.Generator | No
     return sorted(unlearned + rehearsed)
 
 
-def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_size: int = 16):
+def learned_examples(model, examples: list[dict], margin: float = 0.0, collate=None, batch_size: int = 16):
     """(per example: whether its every supervised token is the argmax by `margin` (a list of bools), the mean
-    loss over all supervised tokens). Batches are right-padded (in causal attention no real position sees the
-    padding after it, so no mask is needed) and project onto the vocabulary only the positions that predict a
-    supervised token (train/loss.py)."""
+    loss over all supervised tokens). `collate` makes the batches: the training's own collator (packed rows, a
+    shared prefix once: train/batches.py) or, by default, right-padded rows (in causal attention no real position
+    sees the padding after it, so no mask is needed). Only the positions that predict a supervised token are
+    projected onto the vocabulary (train/loss.py)."""
     from tuneship.train.loss import predicting_positions
 
     was_training = model.training
@@ -255,17 +263,20 @@ def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_siz
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                width = max(len(e["input_ids"]) for e in batch)
-                ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in batch], device=device)
-                labels = torch.tensor(
-                    [e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in batch], device=device
-                )
+                features = examples[start : start + batch_size]
+                batched = (collate or right_padded)(features)
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batched.items()}
+                labels = batch.pop("labels")
                 positions = predicting_positions(labels)
-                logits = model(input_ids=ids, logits_to_keep=positions, use_cache=False).logits.float()
+                logits = model(**batch, logits_to_keep=positions, use_cache=False).logits.float()
                 targets = labels[:, positions + 1]
                 supervised = targets != IGNORE_INDEX
-                flags += learned_rows(logits, targets, supervised, margin).tolist()
+                missed = ~learned_tokens(logits, targets, supervised, margin)
+                owners = example_owners(batch, positions, len(features))
+                misses = torch.zeros(len(features), device=device).index_add_(
+                    0, owners[missed], torch.ones(int(missed.sum()), device=device)
+                )
+                flags += (misses == 0).tolist()
                 loss = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="sum")
                 total_loss += float(loss)
                 total_tokens += int(supervised.sum())
@@ -274,10 +285,30 @@ def learned_examples(model, examples: list[dict], margin: float = 0.0, batch_siz
     return flags, total_loss / max(total_tokens, 1)
 
 
-def learned_rows(logits, targets, supervised, margin: float):
-    """Per row (batch, positions, vocab): whether the target of each supervised position beats every other token
-    by at least `margin` (0: is the argmax, ties aside)."""
+def right_padded(features: list[dict]) -> dict:
+    """The examples as rows padded on the right (token 0, ignored labels), one row each."""
+    width = max(len(f["input_ids"]) for f in features)
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
+        "labels": torch.tensor([f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"])) for f in features]),
+    }
+
+
+def example_owners(batch: dict, positions, examples: int):
+    """(rows, positions): which example of the batch each kept position predicts a token of: a padded batch's
+    row, or, in a packed row (train/batches.py), the example whose span holds the predicted token (after the
+    shared prefix, segment 0, when there is one)."""
+    bounds = batch.get("cu_seq_lens_q")
+    if bounds is None:
+        return torch.arange(examples, device=positions.device)[:, None].expand(examples, positions.numel())
+    segments = torch.searchsorted(bounds, (positions + 1).to(bounds.dtype), right=True) - 1
+    return (segments - (1 if batch.get(SHARED_PREFIX) else 0)).unsqueeze(0).long()
+
+
+def learned_tokens(logits, targets, supervised, margin: float):
+    """Per (row, position) of logits (batch, positions, vocab): whether the target beats every other token by at
+    least `margin` (0: is the argmax, ties aside); True where nothing is supervised."""
     index = targets.clamp(min=0).unsqueeze(-1)
     right = logits.gather(-1, index).squeeze(-1)
     best_other = logits.scatter(-1, index, float("-inf")).max(-1).values
-    return ((right - best_other >= margin) | ~supervised).all(dim=1)
+    return (right - best_other >= margin) | ~supervised

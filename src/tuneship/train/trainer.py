@@ -198,37 +198,42 @@ def train_adapter(
         def _get_train_sampler(self, train_dataset=None):
             return focus or super()._get_train_sampler(train_dataset)
 
-    counter = setup.counter
     dataset = ExampleDataset(train_set)
-    focus = learned_stop(cfg, dataset, setup.callbacks)
     attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
     if attends_per_example:
         use_packed_attention(setup.model)
-    if cfg.train.packing:  # a shared prefix only where our attention function reads it (not flash-attention's)
-        collator = PackCollator(counter, share_prefix=attends_per_example and cfg.train.shared_prefix)
-    else:
-        collator = PadCollator(chat_format.spec.pad_token_id, counter)
+    focus = learned_stop(cfg, dataset, setup.callbacks, batch_collator(cfg, chat_format, attends_per_example))
     trainer = GuardedTrainer(
         model=setup.model,
         args=setup.args,
         train_dataset=dataset,
-        data_collator=collator,
+        data_collator=batch_collator(cfg, chat_format, attends_per_example, setup.counter),
         callbacks=setup.callbacks,
     )
     return fit(trainer, setup, run, cfg, chat_format, console)
 
 
-def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list):
-    """With train.stop_when_learned, the LearnedStop callback over `dataset` added to `callbacks`; returns the
-    sampler it focuses (train.focus_unlearned, one process: several would each have to cut their epochs alike),
-    else None."""
+def batch_collator(cfg: Config, chat_format, attends_per_example: bool, counter: TokenCounter | None = None):
+    """The training's batches: packed (a shared prefix only where our attention function reads it, not
+    flash-attention's) or padded; `counter` counts their tokens."""
+    if cfg.train.packing:
+        return PackCollator(counter, share_prefix=attends_per_example and cfg.train.shared_prefix)
+    return PadCollator(chat_format.spec.pad_token_id, counter)
+
+
+def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list, collate):
+    """With train.stop_when_learned, the LearnedStop callback over `dataset` added to `callbacks` (its checks
+    batch the examples with `collate`, as the training does); returns the sampler it focuses
+    (train.focus_unlearned, one process: several would each have to cut their epochs alike), else None."""
     from tuneship.train.callbacks import FocusSampler, LearnedStop
 
     if not cfg.train.stop_when_learned:
         return None
     focus = FocusSampler(len(dataset), cfg.train.seed) if cfg.train.focus_unlearned and world_size() == 1 else None
     train = cfg.train
-    callbacks.append(LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, focus, train.batch_size))
+    callbacks.append(
+        LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, focus, train.batch_size, collate)
+    )
     return focus
 
 
