@@ -125,20 +125,30 @@ def test_a_run_trains_its_later_epochs_on_what_the_check_found_unlearned_and_sto
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """The HF Trainer with the focus sampler: after the first check (2 of 9 examples not learned), the next epoch
-    is those 2 and 2 learned ones (1 step of 4 instead of 3); the check after it finds all 9 learned and stops.
-    The check's outcome is scripted here (the tiny random model learns nothing in seconds); what it computes is
-    tested above, and on SmolLM2 in the loop's end-to-end test."""
+    is those 2 and 2 learned ones (1 step of 4 instead of 3). After it only those 4 are checked: one is still not
+    learned, so the next epoch focuses again (it and 3 learned ones). After that one its 4 are learned, so all 9
+    are checked, and training stops. The checks' outcomes are scripted here (the tiny random model learns nothing
+    in seconds); what a check computes is tested above, and on SmolLM2 in the loop's end-to-end test."""
     import tuneship.train.callbacks as callbacks
 
-    outcomes = iter([([True] * 7 + [False] * 2, 0.5), ([True] * 9, 0.01)])
-    monkeypatch.setattr(callbacks, "learned_examples", lambda model, examples, margin, collate: next(outcomes))
-    overrides = {"max_steps": -1, "epochs": 4, "stop_when_learned": True, "stop_loss": 100.0}
+    scripted = [(9, [True] * 7 + [False] * 2), (4, [True, True, True, False]), (4, [True] * 4), (9, [True] * 9)]
+    outcomes = iter(scripted)
+
+    def check(model, examples, margin, collate):
+        count, flags = next(outcomes)
+        assert len(examples) == count
+        return flags, 0.01
+
+    monkeypatch.setattr(callbacks, "learned_examples", check)
+    overrides = {"max_steps": -1, "epochs": 5, "stop_when_learned": True, "stop_loss": 100.0}
     cfg = load_config(tiny_config_file(tmp_path, tiny_model_dir, **overrides), ["data.eval_ratio=0.25"])
     run = Run.create(cfg)
     result = run_train(cfg, run, quiet_console(), data=run_data(cfg, run, quiet_console()))
     checks = [m for m in json.loads((run.reports_dir / "experiment.json").read_text())["metrics"] if "learned" in m]
-    assert [(c["learned"], c["of"], c.get("next_epoch")) for c in checks] == [(7, 9, 4), (9, 9, None)]
-    assert result.steps == 3 + 1  # epoch 1: 9 examples in batches of 4; epoch 2: the 4 focused ones
+    summary = [(c["learned"], c["of"], c.get("focused", False), c.get("next_epoch")) for c in checks]
+    assert summary == [(7, 9, False, 4), (3, 4, True, 4), (9, 9, False, None)]
+    assert next(outcomes, None) is None
+    assert result.steps == 3 + 1 + 1  # epoch 1: 9 examples in batches of 4; epochs 2 and 3: 4 focused ones each
 
 
 def test_until_a_check_focuses_it_a_run_trains_exactly_as_with_the_trainer_s_own_sampler(tmp_path, tiny_model_dir):

@@ -159,7 +159,8 @@ class LearnedStop(TrainerCallback):
     over the answers is below `stop_loss`. One forward pass over the examples (in the training's precision), no
     generation, and only once the epoch's training loss is below `stop_loss`. The epochs (or max_steps) stay the
     budget. With a `focus` sampler (train.focus_unlearned), the epochs after a check train the examples not learned
-    yet and a share of the learned ones (`focus_indices`); every check still checks every example."""
+    yet and a share of the learned ones (`focus_indices`); after such an epoch the check looks at those first, and
+    at every example once they are all learned: training stops only on a check of every example."""
 
     def __init__(
         self,
@@ -176,7 +177,6 @@ class LearnedStop(TrainerCallback):
         self.margin = margin
         self.focus = focus
         self.batch = batch
-        self.checks: list[dict] = []
         self.epoch_losses: list[float] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -188,15 +188,39 @@ class LearnedStop(TrainerCallback):
         if not losses or sum(losses) / len(losses) >= self.stop_loss:
             return
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
+            if self.focus is not None and self.focus.indices is not None and not self.focused_learned(model, state):
+                return
             flags, loss = learned_examples(model, self.examples, self.margin, self.collate)
-        check = {"epoch": round(state.epoch or 0.0, 2), "learned": sum(flags), "of": len(self.examples), "loss": loss}
-        if sum(flags) == len(self.examples) and loss < self.stop_loss:
+        check = self.record(state, flags, loss)
+        if all(flags) and loss < self.stop_loss:
             control.should_training_stop = True
         elif self.focus is not None:
-            self.focus.indices = focus_indices(flags, self.batch, self.focus.generator())
-            check["next_epoch"] = self.focus.epoch_size
-        self.checks.append(check)
-        state.log_history.append({**check, "step": state.global_step})
+            self.refocus(flags, check)
+
+    def focused_learned(self, model, state) -> bool:
+        """After a focused epoch, whether the examples it trained are all learned now (then every example is
+        checked); if not, the next epochs focus on those still not learned, without checking the others: they
+        were learned at the last check of every example, and one that slipped since is found by the next."""
+        indices = self.focus.indices
+        flags, loss = learned_examples(model, [self.examples[i] for i in indices], self.margin, self.collate)
+        if all(flags):
+            return True
+        every = [True] * len(self.examples)
+        for index, learned in zip(indices, flags):
+            every[index] = learned
+        self.refocus(every, self.record(state, flags, loss, focused=True))
+        return False
+
+    def refocus(self, flags: list[bool], check: dict) -> None:
+        self.focus.indices = focus_indices(flags, self.batch, self.focus.generator())
+        check["next_epoch"] = self.focus.epoch_size
+
+    def record(self, state, flags: list[bool], loss: float, focused: bool = False) -> dict:
+        """The check in the run's log history (experiment.json): on `focused` examples only, or on all of them."""
+        check = {"epoch": round(state.epoch or 0.0, 2), "learned": sum(flags), "of": len(flags), "loss": loss}
+        check |= ({"focused": True} if focused else {}) | {"step": state.global_step}
+        state.log_history.append(check)  # refocus adds next_epoch to this dict
+        return check
 
 
 class FocusSampler(torch.utils.data.Sampler):
