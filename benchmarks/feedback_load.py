@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,16 @@ sys.path.insert(0, str(REPO))
 @dataclass
 class LoadResult:
     requests: int
-    errors: int
+    error_kinds: Counter  # "HTTP 503", "replayed False, expected True", "ReadTimeout"...: how many of each
     rows: int
     seconds: float
     latencies_ms: list[float]
     duplicated: int = 0  # rows beyond one per Idempotency-Key
     retries: int = 0  # posts sent again to the other replica
+
+    @property
+    def errors(self) -> int:
+        return sum(self.error_kinds.values())
 
     @property
     def per_second(self) -> float:
@@ -101,24 +106,27 @@ def seed_generations(store, count: int) -> list[str]:
 
 
 async def post_feedback(urls: list[str], generation_ids: list[str], total: int, concurrency: int):
-    """(latencies, errors, seconds, retries): client k posts to urls[k % len(urls)]; with several urls every tenth
+    """(latencies, error kinds, seconds, retries): client k posts to urls[k % len(urls)]; with several urls every tenth
     post is retried on the next one with the same key (a client whose first answer got lost), which must replay."""
     import httpx
 
     latencies: list[float] = []
-    errors = retries = 0
+    errors: Counter = Counter()
+    retries = 0
     queue: asyncio.Queue = asyncio.Queue()
     for index in range(total):
         queue.put_nowait(index)
 
     async def post(client, body: dict, key: str, replayed: bool) -> None:
-        nonlocal errors
         started = time.perf_counter()
         try:
             response = await client.post("/v1/feedback", json=body, headers={"Idempotency-Key": key})
-            errors += response.status_code != 201 or response.json()["replayed"] != replayed
-        except httpx.HTTPError:
-            errors += 1
+            if response.status_code != 201:
+                errors[f"HTTP {response.status_code}: {response.text[:200]}"] += 1
+            elif response.json()["replayed"] != replayed:
+                errors[f"replayed {not replayed}, expected {replayed}"] += 1
+        except httpx.HTTPError as exc:
+            errors[type(exc).__name__] += 1
         latencies.append((time.perf_counter() - started) * 1000)
 
     async def client_loop(number: int):

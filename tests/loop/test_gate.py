@@ -120,6 +120,39 @@ def test_a_version_is_asked_in_the_gate_only_what_it_was_not_asked_before(fresh_
     assert [c.answer for c in measured_more["new"].checks] == [c.answer for c in measure(v1, more, 8)["new"].checks]
 
 
+def test_the_champion_s_answers_made_before_a_cycle_are_the_ones_its_gate_asks_about_earlier_facts(
+    fresh_loop_dir,  # noqa: F811
+    monkeypatch,
+):
+    """`tuneship loop standby` makes them while it waits: v1 in adapter form, a knowledge base replayed whole (under
+    loop.min_replay), so the gate's forgetting check asks the first GATE_REPLAY_LIMIT earlier facts; the gate then
+    answers them, and the golden facts, from v1's cache, with no model loaded."""
+    from types import SimpleNamespace
+
+    import tuneship.loop.gate as gate
+    from tuneship.loop.adapter_form import in_adapter_form
+    from tuneship.loop.cycle import warm_gate_answers
+    from tuneship.loop.examples import forgetting_check, golden, learned_facts, prompts_from
+    from tuneship.loop.registry import open_loop
+
+    loop = open_loop(fresh_loop_dir)
+    assert warm_gate_answers(loop) == 0  # v1 still serves its merged GGUF: answers of other files would not count
+    v1 = in_adapter_form(loop, loop.store.champion())
+    learned = learned_facts(loop.store, set())
+    assert 0 < len(learned) <= loop.cfg.loop.min_replay
+    assert warm_gate_answers(loop) == len(golden(loop.store)) + min(len(learned), 20)
+    replayed = [e.id for e in learned]
+    every_fact_replayed = SimpleNamespace(id=2, metrics={"new_examples": [], "replay_examples": replayed})
+    asked = prompts_from(golden(loop.store) + forgetting_check(loop.store, every_fact_replayed))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the gate loaded a model for answers made ahead")
+
+    monkeypatch.setattr(gate, "gguf_answers", no_model)
+    answers = gate.version_answers(v1, asked, loop.cfg.eval.max_new_tokens, loop.cycle_dir(v1.id))
+    assert len(answers) == len(asked) and all(a.new_tokens > 0 for a in answers)
+
+
 def test_remembered_answers_are_asked_again_for_other_files_or_another_token_budget(tmp_path):
     from tuneship.chat.generation import Answer
     from tuneship.loop.answer_cache import cached_answers

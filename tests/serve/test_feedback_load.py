@@ -8,7 +8,7 @@ from tests.loop.conftest import database_url, postgres_server  # noqa: F401
 
 def test_a_thousand_concurrent_feedback_posts_store_a_thousand_rows(database_url):  # noqa: F811
     result = run_load(database_url, total=1000, concurrency=50)
-    assert (result.errors, result.rows, len(result.latencies_ms)) == (0, 1000, 1000)
+    assert (result.errors, result.rows, len(result.latencies_ms)) == (0, 1000, 1000), result.error_kinds
 
 
 def test_two_replicas_on_one_postgresql_lose_nothing_and_count_a_retry_once(postgres_server):  # noqa: F811
@@ -20,4 +20,4 @@ def test_two_replicas_on_one_postgresql_lose_nothing_and_count_a_retry_once(post
         pytest.skip("PostgreSQL is not installed (make setup installs it when run as root)")
     empty_schema(postgres_server)
     result = run_load(postgres_server, total=1000, concurrency=50, replicas=2)
-    assert (result.errors, result.rows, result.duplicated, result.retries) == (0, 1000, 0, 100)
+    assert (result.errors, result.rows, result.duplicated, result.retries) == (0, 1000, 0, 100), result.error_kinds

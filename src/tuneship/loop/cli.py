@@ -132,14 +132,20 @@ def standby(
     live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test the promotion on this running server"),
 ) -> None:
     """The next cycle's process, started ahead by `tuneship serve` (serve.standby_cycle): it imports what a
-    cycle needs, then waits for one line on stdin, {"actor", "reason", "kind"} as JSON, and runs that cycle as
+    cycle needs and makes the champion's answers the next gate asks whatever the new examples (`warm_gate_answers`),
+    then waits for one line on stdin, {"actor", "reason", "kind"} as JSON, and runs that cycle as
     `loop cycle` does. It ends without a cycle when stdin closes (the server stopped)."""
     import json
     import sys
 
-    from tuneship.loop.cycle import preload
+    from tuneship.loop.cycle import preload, warm_gate_answers
 
     preload()
+    try:
+        warmed = warm_gate_answers(_open(target, overrides))
+        console.print(f"the champion's answers to {warmed} prompts the next gate asks are ready")
+    except Exception as exc:  # noqa: BLE001 (the cycle still runs: its gate asks the champion then)
+        console.print(f"the champion's gate answers were not made ahead: {escape(str(exc))}")
     line = sys.stdin.readline()
     if line.strip():
         order = json.loads(line)

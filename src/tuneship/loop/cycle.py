@@ -35,9 +35,17 @@ from tuneship.errors import ContractBroken, GateFailed, TuneshipError
 from tuneship.loop.artifacts import publish_artifacts
 from tuneship.loop.adapter_form import adapter_files, drop_checkpoints, in_adapter_form, is_adapter_format
 from tuneship.loop.blame import hold_blamed
-from tuneship.loop.examples import CycleData, current_waiting, gate_sets, replay_sample, write_cycle_data
+from tuneship.loop.examples import (
+    CycleData,
+    current_waiting,
+    gate_examples_known_ahead,
+    gate_sets,
+    prompts_from,
+    replay_sample,
+    write_cycle_data,
+)
 from tuneship.loop.fewshot import SELECTED_EVENT, ShotChoice, select_shots
-from tuneship.loop.gate import GateDecision, remember_export_answers, run_gate
+from tuneship.loop.gate import GateDecision, remember_export_answers, run_gate, version_answers
 from tuneship.loop.lease import CYCLE_LEASE, Heartbeat, cycle_lease
 from tuneship.loop.prune import prune_versions
 from tuneship.loop.promotion import fewshot_modelfile, promote_version, restore_previous, smoke_problems
@@ -116,6 +124,21 @@ def preload() -> None:
     import tuneship.export.stage  # noqa: F401
     import tuneship.train.trainer  # noqa: F401
     import llama_cpp  # noqa: F401
+
+
+def warm_gate_answers(loop: Loop) -> int:
+    """Before a cycle is due (`tuneship loop standby`): the champion's answers to what the next gate asks it
+    whatever the new examples are (golden, and the earlier facts of a small knowledge base), into its gate cache,
+    so that gate asks it only about the new ones. A champion that came out of a cycle has most of them from its
+    export; v1 brought into adapter form has none. Returns how many prompts its cache now answers (0 also when
+    the champion is not yet in the form the loop serves)."""
+    champion = loop.store.champion()
+    if champion is None or not champion.gguf or (is_adapter_format(loop.cfg) and not champion.adapter):
+        return 0
+    prompts = prompts_from(gate_examples_known_ahead(loop.store, loop.cfg.loop))
+    if prompts:
+        version_answers(champion, prompts, loop.cfg.eval.max_new_tokens, _answers_folder(loop)(champion))
+    return len(prompts)
 
 
 # fine-tune ------------------------------------------------------------------------------------

@@ -108,6 +108,14 @@ def forgetting_check(store: Store, version: Version) -> list[Example]:
     return picked + [e for e in learned if e.id in replayed][: GATE_REPLAY_LIMIT - len(picked)]
 
 
+def gate_examples_known_ahead(store: Store, settings: LoopSection) -> list[Example]:
+    """What the next fine-tune cycle's gate asks the champion whatever its new examples turn out to be: the golden
+    set and, where the earlier facts are few enough to be replayed whole (`loop.min_replay`), the ones its
+    forgetting check takes (the first GATE_REPLAY_LIMIT: with every fact replayed, none is left to draw from)."""
+    learned = learned_facts(store, set())
+    return golden(store) + (learned[:GATE_REPLAY_LIMIT] if len(learned) <= settings.min_replay else [])
+
+
 def prompts_from(examples: list[Example]) -> list[EvalPrompt]:
     """Examples as eval prompts, their last answer the expected one."""
     prompts = []
