@@ -29,6 +29,7 @@ def test_the_learned_check_counts_an_example_only_when_greedy_decoding_would_giv
     from tuneship.chat.generation import generate_answers
     from tuneship.data.conversation import read_conversations
     from tuneship.models import load_adapted
+    from tuneship.train.batches import PadCollator
     from tuneship.train.callbacks import learned_examples
 
     _, run = tiny_run
@@ -36,7 +37,7 @@ def test_the_learned_check_counts_an_example_only_when_greedy_decoding_would_giv
     conversations = list(read_conversations(run.data_dir / "train.jsonl"))
     rendered = [chat_format.render(c) for c in conversations]
     examples = [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered]
-    flags, loss = learned_examples(model, examples)
+    flags, loss = learned_examples(model, examples, PadCollator(chat_format.spec.pad_token_id))
     prompts = [chat_format.generation_prompt(c) for c in conversations]
     exact = sum(
         a.text == c.messages[-1].content and a.stopped
@@ -54,7 +55,7 @@ def test_the_check_on_the_training_s_packed_batches_finds_what_the_padded_check_
     from tuneship.data.conversation import read_conversations
     from tuneship.models import load_adapted
     from tuneship.train.attention import use_packed_attention
-    from tuneship.train.batches import PackCollator
+    from tuneship.train.batches import PackCollator, PadCollator
     from tuneship.train.callbacks import learned_examples
 
     _, run = tiny_run
@@ -69,9 +70,9 @@ def test_the_check_on_the_training_s_packed_batches_finds_what_the_padded_check_
         with torch.no_grad():
             answer = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
         examples.append({"input_ids": prompt + answer.tolist(), "labels": [-100] * len(prompt) + answer.tolist()})
-    padded = learned_examples(model, examples, margin=0.0)
+    padded = learned_examples(model, examples, PadCollator(chat_format.spec.pad_token_id), margin=0.0)
     use_packed_attention(model)
-    packed = learned_examples(model, examples, margin=0.0, collate=PackCollator(share_prefix=True), batch_size=8)
+    packed = learned_examples(model, examples, PackCollator(share_prefix=True), margin=0.0, batch_size=8)
     assert PackCollator(share_prefix=True)(examples)["shared_prefix_tokens"] > 0
     assert padded[0] == packed[0] == [True, False] * 4
     assert packed[1] == pytest.approx(padded[1], rel=1e-4)
@@ -134,7 +135,7 @@ def test_a_run_trains_its_later_epochs_on_what_the_check_found_unlearned_and_sto
     scripted = [(9, [True] * 7 + [False] * 2), (4, [True, True, True, False]), (4, [True] * 4), (9, [True] * 9)]
     outcomes = iter(scripted)
 
-    def check(model, examples, margin, collate):
+    def check(model, examples, collate, margin):
         count, flags = next(outcomes)
         assert len(examples) == count
         return flags, 0.01

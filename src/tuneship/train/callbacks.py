@@ -167,9 +167,9 @@ class LearnedStop(TrainerCallback):
         examples: list[dict],
         stop_loss: float,
         margin: float,
+        collate,
         focus: FocusSampler | None = None,
         batch: int = 8,
-        collate=None,
     ):
         self.examples = examples
         self.collate = collate
@@ -190,7 +190,7 @@ class LearnedStop(TrainerCallback):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
             if self.focus is not None and self.focus.indices is not None and not self.focused_learned(model, state):
                 return
-            flags, loss = learned_examples(model, self.examples, self.margin, self.collate)
+            flags, loss = learned_examples(model, self.examples, self.collate, self.margin)
         check = self.record(state, flags, loss)
         if all(flags) and loss < self.stop_loss:
             control.should_training_stop = True
@@ -202,7 +202,7 @@ class LearnedStop(TrainerCallback):
         checked); if not, the next epochs focus on those still not learned, without checking the others: they
         were learned at the last check of every example, and one that slipped since is found by the next."""
         indices = self.focus.indices
-        flags, loss = learned_examples(model, [self.examples[i] for i in indices], self.margin, self.collate)
+        flags, loss = learned_examples(model, [self.examples[i] for i in indices], self.collate, self.margin)
         if all(flags):
             return True
         every = [True] * len(self.examples)
@@ -272,12 +272,11 @@ def focus_indices(flags: list[bool], batch: int, generator: torch.Generator | No
     return sorted(unlearned + rehearsed)
 
 
-def learned_examples(model, examples: list[dict], margin: float = 0.0, collate=None, batch_size: int = 16):
+def learned_examples(model, examples: list[dict], collate, margin: float = 0.0, batch_size: int = 16):
     """(per example: whether its every supervised token is the argmax by `margin` (a list of bools), the mean
-    loss over all supervised tokens). `collate` makes the batches: the training's own collator (packed rows, a
-    shared prefix once: train/batches.py) or, by default, right-padded rows (in causal attention no real position
-    sees the padding after it, so no mask is needed). Only the positions that predict a supervised token are
-    projected onto the vocabulary (train/loss.py)."""
+    loss over all supervised tokens). `collate` makes the batches, as in training (train/batches.py: packed rows
+    with a shared prefix once, or padded rows). Only the positions that predict a supervised token are projected
+    onto the vocabulary (train/loss.py)."""
     from tuneship.train.loss import predicting_positions
 
     was_training = model.training
@@ -288,8 +287,7 @@ def learned_examples(model, examples: list[dict], margin: float = 0.0, collate=N
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 features = examples[start : start + batch_size]
-                batched = (collate or right_padded)(features)
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batched.items()}
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(features).items()}
                 labels = batch.pop("labels")
                 positions = predicting_positions(labels)
                 logits = model(**batch, logits_to_keep=positions, use_cache=False).logits.float()
@@ -297,25 +295,13 @@ def learned_examples(model, examples: list[dict], margin: float = 0.0, collate=N
                 supervised = targets != IGNORE_INDEX
                 missed = ~learned_tokens(logits, targets, supervised, margin)
                 owners = example_owners(batch, positions, len(features))
-                misses = torch.zeros(len(features), device=device).index_add_(
-                    0, owners[missed], torch.ones(int(missed.sum()), device=device)
-                )
-                flags += (misses == 0).tolist()
+                flags += (torch.bincount(owners[missed], minlength=len(features)) == 0).tolist()
                 loss = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="sum")
                 total_loss += float(loss)
                 total_tokens += int(supervised.sum())
     finally:
         model.train(was_training)
     return flags, total_loss / max(total_tokens, 1)
-
-
-def right_padded(features: list[dict]) -> dict:
-    """The examples as rows padded on the right (token 0, ignored labels), one row each."""
-    width = max(len(f["input_ids"]) for f in features)
-    return {
-        "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
-        "labels": torch.tensor([f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"])) for f in features]),
-    }
 
 
 def example_owners(batch: dict, positions, examples: int):
@@ -326,7 +312,7 @@ def example_owners(batch: dict, positions, examples: int):
     if bounds is None:
         return torch.arange(examples, device=positions.device)[:, None].expand(examples, positions.numel())
     segments = torch.searchsorted(bounds, (positions + 1).to(bounds.dtype), right=True) - 1
-    return (segments - (1 if batch.get(SHARED_PREFIX) else 0)).unsqueeze(0).long()
+    return (segments - (1 if batch.get(SHARED_PREFIX) else 0)).unsqueeze(0)
 
 
 def learned_tokens(logits, targets, supervised, margin: float):

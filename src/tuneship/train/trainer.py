@@ -232,7 +232,7 @@ def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list, collate)
     focus = FocusSampler(len(dataset), cfg.train.seed) if cfg.train.focus_unlearned and world_size() == 1 else None
     train = cfg.train
     callbacks.append(
-        LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, focus, train.batch_size, collate)
+        LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, collate, focus, train.batch_size)
     )
     return focus
 
