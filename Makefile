@@ -5,10 +5,16 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= train,export,hub,parquet,s3,serve,dev
-# llama-cpp-python is built from source: a portable CPU build (CMAKE_ARGS="-DGGML_CUDA=on" for CUDA), and only the
-# libraries it loads (no multimodal library, no llama.cpp common library: scripts/llama_libraries_only.cmake).
+# llama-cpp-python is built from source: a portable CPU build (CMAKE_ARGS="-DGGML_CUDA=on" for CUDA), only the
+# libraries it loads (no multimodal library, no llama.cpp common library), libllama at -O1: scripts/llama_light_build.cmake.
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF
-export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_libraries_only.cmake
+export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_light_build.cmake
+# It compiles (minutes) in the background while torch and the other extras install; the wheel waits in WHEELS.
+LLAMA_SPEC := $(shell grep -o '"llama-cpp-python[^"]*"' pyproject.toml | tr -d '"')
+WHEELS := $(VENV)/wheels
+comma := ,
+EXTRAS_BUT_EXPORT := $(subst $(eval) ,$(comma),$(filter-out export,$(subst $(comma), ,$(EXTRAS))))
+BUILD_LLAMA := $(if $(filter export,$(subst $(comma), ,$(EXTRAS))),$(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) "$(LLAMA_SPEC)",true)
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Test workers (pytest-xdist): 2 cut the suite by a third on 2 cores (tests wait on processes and servers too).
@@ -38,10 +44,14 @@ tools:
 	    echo "note: PostgreSQL not found; install postgresql to run the loop's store tests on it too"; \
 	  fi; }
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BUILD_LLAMA) >$(VENV)/llama-build.log 2>&1 & build=$$!; \
+	  $(BIN)/python -m pip install -q $(TORCH) && $(BIN)/python -m pip install -q -e ".[$(EXTRAS_BUT_EXPORT)]"; \
+	  rest=$$?; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
+	  wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
+	  exit $$rest
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m tuneship.export.converter
 	touch $@
 
