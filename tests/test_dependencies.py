@@ -29,7 +29,12 @@ def requirement_names(requirements: list[str]) -> set[str]:
 
 def core_closure() -> set[str]:
     """The core dependencies and everything they require (their own extras left out)."""
-    seen, todo = set(), list(requirement_names(PYPROJECT["dependencies"]))
+    return closure(requirement_names(PYPROJECT["dependencies"]))
+
+
+def closure(names: set[str]) -> set[str]:
+    """The installed distributions `names` and everything they require (their own extras left out)."""
+    seen, todo = set(), list(names)
     while todo:
         name = todo.pop()
         if name in seen:

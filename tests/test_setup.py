@@ -4,19 +4,14 @@ second time in the foreground."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import re
 import subprocess
 import sys
 
 from tests.conftest import REPO
+from tests.test_dependencies import closure, requirement_names
 
 SCRIPT = REPO / "scripts" / "requirements.py"
-spec = importlib.util.spec_from_file_location("setup_requirements", SCRIPT)
-setup_requirements = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(setup_requirements)
-requirement_name = setup_requirements.requirement_name
 
 
 def makefile_variable(name: str) -> str:
@@ -29,38 +24,22 @@ def requirements(*args: str) -> list[str]:
     return listed.stdout.splitlines()
 
 
-def installed_requirements(name: str) -> set[str]:
-    """Names of what the installed distribution `name` requires (markers of extras left out)."""
-    requires = importlib.metadata.requires(name) or []
-    return {requirement_name(r) for r in requires if "extra ==" not in r.partition(";")[2]}
-
-
-def needs(name: str, target: str, seen: set[str]) -> bool:
-    """Whether the installed `name` requires `target`, directly or through what it requires."""
-    if name == target:
-        return True
-    if name in seen:
-        return False
-    seen.add(name)
-    try:
-        direct = installed_requirements(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return any(needs(dependency, target, seen) for dependency in direct)
+def needs_llama(requirement: str) -> bool:
+    """Whether the installed distribution of `requirement` requires llama-cpp-python, directly or not."""
+    return "llama-cpp-python" in closure(requirement_names([requirement]))
 
 
 def test_what_setup_installs_while_llama_cpp_python_compiles_does_not_need_it():
-    extras = makefile_variable("EXTRAS")
-    first = requirements(extras, "--without", makefile_variable("NEEDS_LLAMA"))
+    extras, held_back = makefile_variable("EXTRAS"), makefile_variable("NEEDS_LLAMA").split(",")
+    first = requirements(extras, "--without", ",".join(held_back))
     assert first and "torch>=2.4" in first
-    seen: set[str] = set()
-    needing = [r for r in first if needs(requirement_name(r), "llama-cpp-python", seen)]
+    needing = [r for r in first if needs_llama(r)]
     assert not needing, f"{needing} require llama-cpp-python: add them to NEEDS_LLAMA in the Makefile"
-    assert requirements(extras, "--only", "llama-cpp-python") == ["llama-cpp-python>=0.3.16,<0.4"]
     everything = requirements(extras)
-    for name in makefile_variable("NEEDS_LLAMA").split(","):
-        assert name == "llama-cpp-python" or needs(name, "llama-cpp-python", set()), f"{name} does not need it"
-    assert len(everything) == len(first) + 2
+    llama = requirements(extras, "--only", "llama-cpp-python")
+    assert llama == [r for r in everything if requirement_names([r]) == {"llama-cpp-python"}] and len(llama) == 1
+    assert all(needs_llama(name) for name in held_back)
+    assert len(everything) == len(first) + len(held_back)
 
 
 def test_an_unknown_extra_is_refused_with_the_extras_there_are():
