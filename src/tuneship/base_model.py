@@ -13,11 +13,15 @@ chat format and the memory estimate need no weights; the weights when a model is
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 from tuneship.config import EMBEDDED_MODEL
 from tuneship.disk import locked
@@ -128,8 +132,9 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(partial)
@@ -137,3 +142,17 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     partial.replace(target)
     return target
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers parses the GGUF once for the tokenizer, once for the config and once for the weights (about 8 s
+    each for SmolLM2's 49,152-token vocabulary on a 2-core CPU), and builds gguf's tensor-name map again for each
+    of the model's ~400 modules (10 s). While a conversion runs, gguf's reader and name map are made once per
+    argument instead."""
+    import gguf
+
+    with contextlib.ExitStack() as patches:
+        for name in ("GGUFReader", "get_tensor_name_map"):
+            patches.enter_context(mock.patch.object(gguf, name, functools.cache(getattr(gguf, name))))
+        yield

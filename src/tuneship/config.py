@@ -153,8 +153,9 @@ class EvalSection(Section):
     max_new_tokens: int = Field(128, ge=1)
     generate: bool = Field(
         True,
-        description="false: eval answers nothing in PyTorch (only the held-out loss); the exported files answer the "
-        "prompt set in llama.cpp under the same gates (the loop's versions in adapter format)",
+        description="false: nothing answers in PyTorch (eval gives only the held-out loss, export does not ask the "
+        "merged model); the exported files answer the prompt set in llama.cpp under the same gates (the loop's "
+        "cycles, whose training stops once its examples are learned)",
     )
     min_stop_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers ending on the stop token")
     min_non_empty_rate: float = Field(1.0, ge=0.0, le=1.0, description="gate: share of answers with visible text")

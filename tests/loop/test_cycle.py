@@ -26,7 +26,9 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
     from tuneship.loop.registry import open_loop
     from tuneship.loop.cycle import run_cycle
 
-    loop = open_loop(fresh_loop_dir, [f"loop.version_format={version_format}"])
+    merged = version_format == "merged"
+    more_quants = ["export.quants=[Q8_0,Q4_K_M]"] if merged else []  # Q4_K_M: for `loop publish --merged`
+    loop = open_loop(fresh_loop_dir, [f"loop.version_format={version_format}", *more_quants])
     correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
     result = run_cycle(loop, QUIET, "test", "by hand")
 
@@ -39,9 +41,12 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
     )
     config = (run_dir / "config.yaml").read_text()
     assert f"adapter_from: {fresh_loop_dir}" in config
-    if version_format == "merged":
+    if merged:  # the quant that serves and the f16 it is made from, answering in llama.cpp, not in PyTorch
         assert Path(version.gguf) == run_dir / "gguf" / "tiny-v2-Q8_0.gguf" and Path(version.gguf).is_file()
         assert version.adapter is None and (run_dir / "merged").is_dir()
+        assert sorted(p.name for p in (run_dir / "gguf").glob("*.gguf")) == ["tiny-v2-Q8_0.gguf", "tiny-v2-f16.gguf"]
+        report = json.loads((run_dir / "reports" / "eval.json").read_text())
+        assert list(report["models"]) == ["gguf-f16", "gguf-Q8_0"]
     else:  # the LoRA GGUF on the base's quantized GGUF, which v1 now serves from too; no merge, no checkpoints
         assert version.gguf == loop.store.version(1).gguf and Path(version.gguf).name == "base-Q8_0.gguf"
         assert Path(version.adapter).parent == run_dir / "gguf" and Path(version.adapter).is_file()

@@ -5,9 +5,9 @@ the llama.cpp that loads its output, and that third-party repackage installs a t
 module that silently overwrites the real `gguf` package (and an uninstall deletes it). The
 llama-cpp-python source distribution vendors llama.cpp at the exact commit its runtime is built
 from, with `convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, `conversion/` and `gguf-py/`. We take
-those files from the registry once (`python -m tuneship.export.converter`, run by `make setup`), keep
-them under the cache keyed by the installed llama-cpp-python version, and run the converter as a
-subprocess with its own gguf-py first on PYTHONPATH.
+those files once (`python -m tuneship.export.converter [SDIST]`: `make setup` passes the sdist it built the wheel
+from, else it is downloaded from the registry), keep them under the cache keyed by the installed llama-cpp-python
+version, and run the converter as a subprocess with its own gguf-py first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -55,37 +55,40 @@ def ensure_converter() -> Path:
     return folder
 
 
-def fetch_converter() -> Path:
-    """Download the llama-cpp-python sdist of the installed version and keep the converter files. Only that
-    package as source: its build requirements come as wheels (`--no-binary :all:` built every one of them from
-    source too, minutes without pip's cache)."""
+def fetch_converter(sdist: Path | None = None) -> Path:
+    """Keep the converter files of the installed llama-cpp-python version: from `sdist` when it is that version's
+    source distribution (`make setup` downloads it once, builds the wheel from it and passes it here), else
+    downloaded."""
     version = llama_cpp_version()
     target = converter_dir(version)
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
+    if sdist is not None and sdist.name == f"llama_cpp_python-{version}.tar.gz":
+        _extract_into(sdist, target)
+        return target
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                "llama-cpp-python",
-                "-q",
-                f"llama-cpp-python=={version}",
-                "-d",
-                tmp,
-            ],
-            check=True,
-        )
-        [sdist] = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        _extract(sdist, partial)
-        partial.replace(target)
+        _extract_into(download_sdist(version, Path(tmp)), target)
     return target
+
+
+def download_sdist(version: str, folder: Path) -> Path:
+    """The llama-cpp-python sdist of `version`. Only that package as source: its build requirements come as wheels
+    (`--no-binary :all:` built every one of them from source too, minutes without pip's cache)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-q"]
+        + [f"llama-cpp-python=={version}", "-d", str(folder)],
+        check=True,
+    )
+    [sdist] = folder.glob("llama_cpp_python-*.tar.gz")
+    return sdist
+
+
+def _extract_into(sdist: Path, target: Path) -> None:
+    """Extract beside the target, then rename into place: a process stopped halfway leaves no converter."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    _extract(sdist, partial)
+    partial.replace(target)
 
 
 def _extract(sdist: Path, destination: Path) -> None:
@@ -181,4 +184,4 @@ def start_script(script: str, args: list[str]) -> RunningScript:
 
 
 if __name__ == "__main__":
-    print(fetch_converter())
+    print(fetch_converter(Path(sys.argv[1]) if len(sys.argv) > 1 else None))

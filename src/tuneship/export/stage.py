@@ -108,7 +108,8 @@ def _export_merged(context: ExportContext) -> ExportResult:
     outtype = cfg.export.outtype
     started = time.monotonic()
     with gguf.start_conversion(merged_dir, run.gguf(outtype), outtype) as conversion:
-        summaries = {"merged": _check_merged(context)}  # while the converter runs in its own process
+        # while the converter runs in its own process; with eval.generate false nothing answers in PyTorch
+        summaries = {"merged": _check_merged(context)} if cfg.eval.generate else {}
         f16 = conversion.result()
     context.timings["convert"] = round(time.monotonic() - started, 2)  # with the merged model's answers alongside
     files = [(outtype, f16)]

@@ -248,8 +248,11 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, data: Cyc
     cfg.eval.train_prompts = max(cfg.eval.train_prompts, data.gate_asked, 1)  # the gate's, answered at export
     cfg.deploy.target = "none"
     cfg.train.stop_when_learned = True  # the epochs are the budget: a cycle stops once its examples are learned
-    if is_adapter_format(base):  # the LoRA GGUF, checked on the base quant in llama.cpp (not in PyTorch first)
-        cfg.export.merge = cfg.eval.generate = False
+    cfg.eval.generate = False  # that check was PyTorch's answers; what serves answers at export, in llama.cpp
+    if is_adapter_format(base):  # the LoRA GGUF, checked on the base quant
+        cfg.export.merge = False
+    else:  # the merged quant that serves (`tuneship loop publish --merged` makes them all)
+        cfg.export.quants = [quant for quant in cfg.export.quants if quant == Run.of(cfg).deployed_quant]
     return cfg
 
 

@@ -63,7 +63,8 @@ def publish_version(loop: Loop, version_id: int | None, merged: bool, console: C
         raise RegistryError(f"no version {version_id}; see `tuneship loop versions`")
     require_servable(version)
     cfg = publish_config(loop, version)
-    if merged:
+    if merged:  # the quants the loop's config asks for (a cycle made only the one that serves)
+        cfg.export = loop.cfg.export.model_copy(update={"merge": True})
         version = _merged_export(cfg, version, console)
     spec, template, run = version_spec(cfg, version)
     require_contract(check_contract(trained_chat_format(run), run.adapter_dir, template, embedded_template_gguf(spec)))
@@ -88,7 +89,6 @@ def _merged_export(cfg, version: Version, console: Console) -> Version:
     from tuneship.export.stage import run_export
     from tuneship.run import Run
 
-    cfg.export.merge = True
     run = Run.of(cfg, Path(version.run_dir))
     run_export(cfg, run, console)
     return Version(
