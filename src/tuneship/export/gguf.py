@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -57,7 +58,9 @@ class GGUFInfo:
 
 
 def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
-    return start_conversion(merged_dir, out_path, outtype).result()
+    """llama.cpp's converter, with nothing to do alongside it (`start_conversion` runs it in the background)."""
+    arguments = _conversion_arguments(merged_dir, out_path, outtype)
+    return _require_output(_run_here("convert_hf_to_gguf.py", arguments), "converter", merged_dir, out_path)
 
 
 @dataclass
@@ -77,27 +80,35 @@ class PendingConversion:
             self.script.wait()
 
     def result(self) -> Path:
-        finished = self.script.wait()
-        if finished.returncode != 0 or not self.out_path.is_file():
-            raise ExportError(f"llama.cpp's converter failed on {self.merged_dir}:\n{finished.stderr[-2000:]}")
-        return self.out_path
+        return _require_output(self.script.wait(), "converter", self.merged_dir, self.out_path)
 
 
 def start_conversion(merged_dir: Path, out_path: Path, outtype: str) -> PendingConversion:
-    size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
-    require_disk_for_file(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
-    arguments = [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype]
+    arguments = _conversion_arguments(merged_dir, out_path, outtype)
     return PendingConversion(merged_dir, out_path, start_script("convert_hf_to_gguf.py", arguments))
 
 
+def _conversion_arguments(merged_dir: Path, out_path: Path, outtype: str) -> list[str]:
+    """The HF converter's arguments, once the disk has room for its output."""
+    size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    require_disk_for_file(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
+    return [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype]
+
+
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:
-    """llama.cpp's LoRA converter: in this process when it has torch imported already (a training process: the
-    import is most of the converter's time), else in its own."""
     arguments = [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path), "--outtype", "f16"]
-    run = run_script_here if "torch" in sys.modules else run_script
-    result = run("convert_lora_to_gguf.py", arguments)
-    if result.returncode != 0 or not out_path.is_file():
-        raise ExportError(f"llama.cpp's LoRA converter failed on {adapter_dir}:\n{result.stderr[-2000:]}")
+    return _require_output(_run_here("convert_lora_to_gguf.py", arguments), "LoRA converter", adapter_dir, out_path)
+
+
+def _run_here(script: str, arguments: list[str]) -> subprocess.CompletedProcess:
+    """A converter script run to its end: in this process when it has torch imported already (a training or
+    export process: the import is about half of a small model's conversion), else in its own."""
+    return (run_script_here if "torch" in sys.modules else run_script)(script, arguments)
+
+
+def _require_output(finished: subprocess.CompletedProcess, converter: str, source: Path, out_path: Path) -> Path:
+    if finished.returncode != 0 or not out_path.is_file():
+        raise ExportError(f"llama.cpp's {converter} failed on {source}:\n{finished.stderr[-2000:]}")
     return out_path
 
 

@@ -183,8 +183,7 @@ def finetune_cycle(
         return conclude(loop, heartbeat, version, decision, actor, live_url)
     version = store.update_version(version.id, status="candidate", **_served_files(cfg, Path(version.run_dir)))
     heartbeat.stage("gate", version.id)
-    if version.adapter:
-        remember_export_answers(version, cfg, loop.cycle_dir(version.id))
+    remember_export_answers(version, cfg, loop.cycle_dir(version.id))
     decision = run_gate(champion, version, gate_sets(store, version), loop.cfg, _answers_folder(loop))
     return conclude(loop, heartbeat, version, decision, actor, live_url)
 

@@ -96,12 +96,12 @@ def served_files(version: Version) -> str:
 
 
 def remember_export_answers(version: Version, cfg: Config, cache: Path) -> None:
-    """The export of an adapter-format version checked it as it serves (its base quant with its LoRA, in
-    llama.cpp, greedy, eval.max_new_tokens) on its prompt set: those are its gate answers to the same prompts
-    (write_cycle_data puts the gate's first), kept in its `cache`."""
+    """The export of a trained version checked it as it serves (in llama.cpp, greedy, eval.max_new_tokens: its
+    quant, or in adapter format the base quant with its LoRA) on its prompt set: those are its gate answers to the
+    same prompts (write_cycle_data puts the gate's first), kept in its `cache`."""
     run = Run.of(cfg, Path(version.run_dir))
     report = json.loads(run.eval_report.read_text(encoding="utf-8")) if run.eval_report.is_file() else {}
-    served = report.get("models", {}).get(f"gguf-lora-{run.deployed_quant}")
+    served = report.get("models", {}).get(f"gguf-{'lora-' if version.adapter else ''}{run.deployed_quant}")
     prompts = build_prompt_set(run.data_dir, cfg.eval)
     if served is None or [p.id for p in prompts] != [p["id"] for p in report["prompts"]]:
         return
