@@ -60,7 +60,7 @@ class GGUFInfo:
 def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
     """llama.cpp's converter, with nothing to do alongside it (`start_conversion` runs it in the background)."""
     arguments = _conversion_arguments(merged_dir, out_path, outtype)
-    return _require_output(_run_here("convert_hf_to_gguf.py", arguments), "converter", merged_dir, out_path)
+    return _require_output(_run_converter("convert_hf_to_gguf.py", arguments), "converter", merged_dir, out_path)
 
 
 @dataclass
@@ -97,10 +97,11 @@ def _conversion_arguments(merged_dir: Path, out_path: Path, outtype: str) -> lis
 
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:
     arguments = [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path), "--outtype", "f16"]
-    return _require_output(_run_here("convert_lora_to_gguf.py", arguments), "LoRA converter", adapter_dir, out_path)
+    finished = _run_converter("convert_lora_to_gguf.py", arguments)
+    return _require_output(finished, "LoRA converter", adapter_dir, out_path)
 
 
-def _run_here(script: str, arguments: list[str]) -> subprocess.CompletedProcess:
+def _run_converter(script: str, arguments: list[str]) -> subprocess.CompletedProcess:
     """A converter script run to its end: in this process when it has torch imported already (a training or
     export process: the import is about half of a small model's conversion), else in its own."""
     return (run_script_here if "torch" in sys.modules else run_script)(script, arguments)
