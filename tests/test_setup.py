@@ -38,7 +38,7 @@ def test_what_setup_installs_while_llama_cpp_python_compiles_does_not_need_it():
     assert not needing, f"{needing} require llama-cpp-python: add them to NEEDS_LLAMA in the Makefile"
     everything = requirements(extras)
     built = requirements(extras, "--only", llama)
-    assert built == [r for r in everything if requirement_names([r]) == {"llama-cpp-python"}] and len(built) == 1
+    assert built == [r for r in everything if requirement_names([r]) == {llama}] and len(built) == 1
     assert all(needs_llama(name) for name in held_back)
     assert len(everything) == len(first) + len(held_back)
 

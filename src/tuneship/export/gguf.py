@@ -58,9 +58,7 @@ class GGUFInfo:
 
 
 def convert_to_gguf(merged_dir: Path, out_path: Path, outtype: str) -> Path:
-    """llama.cpp's converter, with nothing to do alongside it (`start_conversion` runs it in the background)."""
-    arguments = _conversion_arguments(merged_dir, out_path, outtype)
-    return _require_output(_run_converter("convert_hf_to_gguf.py", arguments), "converter", merged_dir, out_path)
+    return start_conversion(merged_dir, out_path, outtype).result()
 
 
 @dataclass
@@ -84,27 +82,20 @@ class PendingConversion:
 
 
 def start_conversion(merged_dir: Path, out_path: Path, outtype: str) -> PendingConversion:
-    arguments = _conversion_arguments(merged_dir, out_path, outtype)
+    """The whole model's conversion, always in its own process: the memory it takes goes back when it ends, even
+    in a long-lived server or standby process."""
+    size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    require_disk_for_file(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
+    arguments = [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype]
     return PendingConversion(merged_dir, out_path, start_script("convert_hf_to_gguf.py", arguments))
 
 
-def _conversion_arguments(merged_dir: Path, out_path: Path, outtype: str) -> list[str]:
-    """The HF converter's arguments, once the disk has room for its output."""
-    size = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
-    require_disk_for_file(out_path.parent, size // (2 if outtype != "f32" else 1), f"the {outtype} GGUF")
-    return [str(merged_dir), "--outfile", str(out_path), "--outtype", outtype]
-
-
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: str, out_path: Path) -> Path:
+    """llama.cpp's LoRA converter: in this process when it has torch imported already (a training process: the
+    import is most of the converter's time), else in its own."""
     arguments = [str(adapter_dir), "--base", base_dir, "--outfile", str(out_path), "--outtype", "f16"]
-    finished = _run_converter("convert_lora_to_gguf.py", arguments)
-    return _require_output(finished, "LoRA converter", adapter_dir, out_path)
-
-
-def _run_converter(script: str, arguments: list[str]) -> subprocess.CompletedProcess:
-    """A converter script run to its end: in this process when it has torch imported already (a training or
-    export process: the import is about half of a small model's conversion), else in its own."""
-    return (run_script_here if "torch" in sys.modules else run_script)(script, arguments)
+    run = run_script_here if "torch" in sys.modules else run_script
+    return _require_output(run("convert_lora_to_gguf.py", arguments), "LoRA converter", adapter_dir, out_path)
 
 
 def _require_output(finished: subprocess.CompletedProcess, converter: str, source: Path, out_path: Path) -> Path:

@@ -106,15 +106,12 @@ def _export_merged(context: ExportContext) -> ExportResult:
     cfg, run, chat_format = context.cfg, context.run, context.chat_format
     merged_dir = context.timed("merge", lambda: merge_adapter(run, was_qlora=cfg.lora.qlora, console=context.console))
     outtype = cfg.export.outtype
-    if cfg.eval.generate:  # the merged model answers in PyTorch while the converter runs in its own process
-        started = time.monotonic()
-        with gguf.start_conversion(merged_dir, run.gguf(outtype), outtype) as conversion:
-            summaries = {"merged": _check_merged(context)}
-            f16 = conversion.result()
-        context.timings["convert"] = round(time.monotonic() - started, 2)  # with the merged model's answers
-    else:  # nothing answers in PyTorch: the converter runs in this process, which has torch imported
-        summaries = {}
-        f16 = context.timed("convert", lambda: gguf.convert_to_gguf(merged_dir, run.gguf(outtype), outtype))
+    started = time.monotonic()
+    with gguf.start_conversion(merged_dir, run.gguf(outtype), outtype) as conversion:
+        # while the converter runs in its own process; with eval.generate false nothing answers in PyTorch
+        summaries = {"merged": _check_merged(context)} if cfg.eval.generate else {}
+        f16 = conversion.result()
+    context.timings["convert"] = round(time.monotonic() - started, 2)  # with the merged model's answers alongside
     files = [(outtype, f16)]
     for quant in cfg.export.quants:
         quantized = context.timed(f"quantize {quant}", lambda q=quant: gguf.quantize(f16, run.gguf(q), q))
