@@ -64,7 +64,8 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(
 
     monkeypatch.setattr(gate, "gguf_answers", no_model)  # its export's answers, as it serves, are its gate answers
     asked = [prompt for prompts in gate_sets(loop.store, version).values() for prompt in prompts]
-    assert len(gate.version_answers(version, asked, loop.cfg.eval.max_new_tokens, loop.cycle_dir(2))) == len(asked)
+    answers = gate.version_answers(version, asked, loop.cfg.eval.max_new_tokens, loop.cycle_dir(version.id))
+    assert len(answers) == len(asked)
 
     trained = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").read_text().splitlines()]
     answers = [c["messages"][-1]["content"] for c in trained]

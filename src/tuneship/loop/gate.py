@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tuneship.chat.generation import Answer
 from tuneship.config import Config, LoopSection
+from tuneship.deploy.stage import deployed_column
 from tuneship.evaluate.backends import gguf_answers
 from tuneship.evaluate.checks import AnswerCheck, check_answer, is_short, summarize
 from tuneship.evaluate.prompts import EvalPrompt, build_prompt_set
@@ -101,7 +102,7 @@ def remember_export_answers(version: Version, cfg: Config, cache: Path) -> None:
     same prompts (write_cycle_data puts the gate's first), kept in its `cache`."""
     run = Run.of(cfg, Path(version.run_dir))
     report = json.loads(run.eval_report.read_text(encoding="utf-8")) if run.eval_report.is_file() else {}
-    served = report.get("models", {}).get(f"gguf-{'lora-' if version.adapter else ''}{run.deployed_quant}")
+    served = report.get("models", {}).get(deployed_column(cfg, run))
     prompts = build_prompt_set(run.data_dir, cfg.eval)
     if served is None or [p.id for p in prompts] != [p["id"] for p in report["prompts"]]:
         return
