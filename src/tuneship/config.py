@@ -131,7 +131,15 @@ class TrainSection(Section):
     focus_unlearned: bool = Field(
         True,
         description="train.stop_when_learned: after a learned check, the next epochs train the examples not learned "
-        "yet and as many learned ones (one process only)",
+        "yet and as many learned ones, those learned by the smallest margin (one process only)",
+    )
+    train_layers: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="share of the model's layers, from the top, whose LoRA weights train; below them the adapter "
+        "stays as loaded (model.adapter_from), the backward pass stops early, and each example's output of those "
+        "layers is computed once and kept (packed batches, no LoRA dropout) (loop.train_layers in cycles)",
     )
     sample_every: int = Field(0, ge=0, description="generate sample answers every N steps (0: off)")
     sample_prompts: list[str] = Field(default_factory=list)
@@ -333,6 +341,13 @@ class LoopSection(Section):
     fast_path_budget: int = Field(1024, ge=1, description="most tokens the few-shot turns may take in a prompt")
     min_golden: int = Field(
         5, ge=0, description="fewer accepted golden examples than this: a warning in loop status, serve and Loop page"
+    )
+    train_layers: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="train.train_layers in a cycle: it trains the LoRA of the top half of the layers on from the "
+        "champion's adapter, the rest stays the champion's (steps and checks run the top half only); 1.0: all",
     )
     version_format: Literal["adapter", "merged"] = Field(
         "adapter",

@@ -37,13 +37,14 @@ def test_the_learned_check_counts_an_example_only_when_greedy_decoding_would_giv
     conversations = list(read_conversations(run.data_dir / "train.jsonl"))
     rendered = [chat_format.render(c) for c in conversations]
     examples = [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered]
-    flags, loss = learned_examples(model, examples, PadCollator(chat_format.spec.pad_token_id))
+    check = learned_examples(model, examples, PadCollator(chat_format.spec.pad_token_id))
     prompts = [chat_format.generation_prompt(c) for c in conversations]
     exact = sum(
         a.text == c.messages[-1].content and a.stopped
         for a, c in zip(generate_answers(model, chat_format, prompts, 16), conversations)
     )
-    assert sum(flags) == exact and len(flags) == len(examples) and loss > 0
+    assert sum(check.flags) == exact and len(check.flags) == len(examples) and check.loss > 0
+    assert check.flags == [margin >= 0.0 for margin in check.margins]
 
 
 def test_the_check_on_the_training_s_packed_batches_finds_what_the_padded_check_finds(tiny_run):
@@ -74,39 +75,40 @@ def test_the_check_on_the_training_s_packed_batches_finds_what_the_padded_check_
     use_packed_attention(model)
     packed = learned_examples(model, examples, PackCollator(share_prefix=True), margin=0.0, batch_size=8)
     assert PackCollator(share_prefix=True)(examples)["shared_prefix_tokens"] > 0
-    assert padded[0] == packed[0] == [True, False] * 4
-    assert packed[1] == pytest.approx(padded[1], rel=1e-4)
+    assert padded.flags == packed.flags == [True, False] * 4
+    assert packed.loss == pytest.approx(padded.loss, rel=1e-4)
+    assert packed.margins == pytest.approx(padded.margins, rel=1e-3, abs=1e-3)
 
 
 def test_an_answer_token_chosen_by_less_than_the_margin_is_not_learned():
     """Seen on SmolLM2: a correction's first token won by 0.125 in PyTorch and lost on the quantized base."""
     import torch
 
-    from tuneship.chat.format import IGNORE_INDEX
-    from tuneship.train.callbacks import learned_tokens
+    from tuneship.train.callbacks import token_margins
 
     logits = torch.zeros(3, 2, 4)
     logits[:, 0, 1] = 5.0  # position 0: token 1 by 5
     logits[0, 1, 2], logits[0, 1, 3] = 2.0, 1.875  # row 0, position 1: token 2 by 0.125
     logits[1, 1, 2] = 2.0  # row 1: token 2 by 2
-    targets = torch.tensor([[1, 2], [1, 2], [1, IGNORE_INDEX]])  # row 2's second position is not supervised
-    supervised = targets != IGNORE_INDEX
-    assert learned_tokens(logits, targets, supervised, 0.0).tolist() == [[True, True], [True, True], [True, True]]
-    assert learned_tokens(logits, targets, supervised, 1.0).tolist() == [[True, False], [True, True], [True, True]]
-    assert learned_tokens(logits, targets, supervised, 6.0).tolist() == [[False, False], [False, False], [False, True]]
+    targets = torch.tensor([[1, 2], [1, 2], [1, 3]])  # row 2, position 1: token 3 loses to token 1 by 0
+    assert token_margins(logits, targets).tolist() == [[5.0, 0.125], [5.0, 2.0], [5.0, 0.0]]
+    logits[2, 1, 1] = 1.5
+    assert token_margins(logits, targets)[2].tolist() == [5.0, -1.5]
 
 
 def test_after_a_check_the_next_epochs_train_the_unlearned_and_as_many_learned_examples():
+    """The learned examples rehearsed are those learned by the smallest margin: the first to slip."""
     from tuneship.train.callbacks import focus_indices
 
     flags = [True] * 38 + [False] * 2
-    focus = focus_indices(flags, batch=8)
-    assert {38, 39} <= set(focus) and len(focus) == 8  # 2 unlearned + 6 learned: one full batch
-    focus = focus_indices([True] * 10 + [False] * 12, batch=8)
+    margins = [3.0] * 30 + [1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 5.0, 5.0] + [0.5, -2.0]
+    focus = focus_indices(flags, 8, margins)
+    assert focus == list(range(30, 36)) + [38, 39]  # 2 unlearned + the 6 learned by the least: one full batch
+    focus = focus_indices([True] * 10 + [False] * 12, 8, [2.0] * 22)
     assert set(range(10, 22)) <= set(focus) and len(focus) == 22  # 12 unlearned + the 10 learned (fewer than 12)
-    focus = focus_indices([True] * 30 + [False] * 10, batch=8)
-    assert set(range(30, 40)) <= set(focus) and len(focus) == 20
-    assert focus_indices([True] * 5, batch=8) is None and focus_indices([False] * 5, batch=8) is None
+    margins = [float(40 - i) for i in range(30)] + [0.0] * 10
+    assert focus_indices([True] * 30 + [False] * 10, 8, margins) == list(range(20, 40))
+    assert focus_indices([True] * 5, 8, [2.0] * 5) is None and focus_indices([False] * 5, 8, [0.0] * 5) is None
 
 
 def test_the_focus_sampler_shuffles_every_example_until_it_is_told_which():
@@ -132,13 +134,15 @@ def test_a_run_trains_its_later_epochs_on_what_the_check_found_unlearned_and_sto
     in seconds); what a check computes is tested above, and on SmolLM2 in the loop's end-to-end test."""
     import tuneship.train.callbacks as callbacks
 
+    from tuneship.train.callbacks import Check
+
     scripted = [(9, [True] * 7 + [False] * 2), (4, [True, True, True, False]), (4, [True] * 4), (9, [True] * 9)]
     outcomes = iter(scripted)
 
-    def check(model, examples, collate, margin):
+    def check(model, examples, collate, margin, cache=None):
         count, flags = next(outcomes)
         assert len(examples) == count
-        return flags, 0.01
+        return Check(flags, [2.0 if flag else 0.0 for flag in flags], 0.01)
 
     monkeypatch.setattr(callbacks, "learned_examples", check)
     overrides = {"max_steps": -1, "epochs": 5, "stop_when_learned": True, "stop_loss": 100.0}

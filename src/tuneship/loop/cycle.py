@@ -247,6 +247,7 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, data: Cyc
     cfg.eval.train_prompts = max(cfg.eval.train_prompts, data.gate_asked, 1)  # the gate's, answered at export
     cfg.deploy.target = "none"
     cfg.train.stop_when_learned = True  # the epochs are the budget: a cycle stops once its examples are learned
+    cfg.train.train_layers = base.loop.train_layers
     cfg.eval.generate = False  # that check was PyTorch's answers; what serves answers at export, in llama.cpp
     if is_adapter_format(base):  # the LoRA GGUF, checked on the base quant
         cfg.export.merge = False

@@ -13,6 +13,7 @@ from tuneship.chat.format import IGNORE_INDEX, Rendered
 from tuneship.chat.generation import shared_start
 
 SHARED_PREFIX = "shared_prefix_tokens"  # the batch key, passed on to the attention function
+EXAMPLE_INDICES = "example_indices"  # the batch key: which examples of the dataset it packs (not a model input)
 
 
 @dataclass
@@ -25,7 +26,7 @@ class TokenCounter:
 
 class ExampleDataset:
     def __init__(self, rendered: list[Rendered]):
-        self.examples = [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered]
+        self.examples = [{"input_ids": r.input_ids, "labels": r.labels, "index": i} for i, r in enumerate(rendered)]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -81,7 +82,8 @@ class PackCollator:
             "max_length_q": longest,
             "max_length_k": longest,
         }
-        return batch | ({SHARED_PREFIX: shared} if shared else {})
+        indices = {EXAMPLE_INDICES: [f["index"] for f in features]} if "index" in features[0] else {}
+        return batch | ({SHARED_PREFIX: shared} if shared else {}) | indices
 
 
 def shared_prefix_length(features: list[dict]) -> int:

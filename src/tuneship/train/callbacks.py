@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,8 +160,9 @@ class LearnedStop(TrainerCallback):
     over the answers is below `stop_loss`. One forward pass over the examples (in the training's precision), no
     generation, and only once the epoch's training loss is below `stop_loss`. The epochs (or max_steps) stay the
     budget. With a `focus` sampler (train.focus_unlearned), the epochs after a check train the examples not learned
-    yet and a share of the learned ones (`focus_indices`); after such an epoch the check looks at those first, and
-    at every example once they are all learned: training stops only on a check of every example."""
+    yet and as many of those learned by the smallest margin (`focus_indices`); after such an epoch the check looks
+    at those first, and at every example once they are all learned: training stops only on a check of every
+    example."""
 
     def __init__(
         self,
@@ -170,6 +172,7 @@ class LearnedStop(TrainerCallback):
         collate,
         focus: FocusSampler | None = None,
         batch: int = 8,
+        cache=None,
     ):
         self.examples = examples
         self.collate = collate
@@ -178,6 +181,8 @@ class LearnedStop(TrainerCallback):
         self.focus = focus
         self.batch = batch
         self.epoch_losses: list[float] = []
+        self.last: Check | None = None  # the last check of every example, updated by focused checks
+        self.cache = cache  # train/frozen_layers.py
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -190,37 +195,38 @@ class LearnedStop(TrainerCallback):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16 and args.use_cpu)):
             if self.focus is not None and self.focus.indices is not None and not self.focused_learned(model, state):
                 return
-            flags, loss = learned_examples(model, self.examples, self.collate, self.margin)
-        check = self.record(state, flags, loss)
-        if all(flags) and loss < self.stop_loss:
+            check = learned_examples(model, self.examples, self.collate, self.margin, cache=self.cache)
+        record = self.record(state, check)
+        if check.is_passed(self.stop_loss):
             control.should_training_stop = True
         elif self.focus is not None:
-            self.refocus(flags, check)
+            self.refocus(check, record)
 
     def focused_learned(self, model, state) -> bool:
         """After a focused epoch, whether the examples it trained are all learned now (then every example is
         checked); if not, the next epochs focus on those still not learned, without checking the others: they
         were learned at the last check of every example, and one that slipped since is found by the next."""
         indices = self.focus.indices
-        flags, loss = learned_examples(model, [self.examples[i] for i in indices], self.collate, self.margin)
-        if all(flags):
+        focused = [self.examples[i] for i in indices]
+        check = learned_examples(model, focused, self.collate, self.margin, cache=self.cache)
+        if all(check.flags):
             return True
-        every = [True] * len(self.examples)
-        for index, learned in zip(indices, flags):
-            every[index] = learned
-        self.refocus(every, self.record(state, flags, loss, focused=True))
+        self.refocus(self.last.updated(indices, check), self.record(state, check, focused=True))
         return False
 
-    def refocus(self, flags: list[bool], check: dict) -> None:
-        self.focus.indices = focus_indices(flags, self.batch, self.focus.generator())
-        check["next_epoch"] = self.focus.epoch_size
+    def refocus(self, check: Check, record: dict) -> None:
+        """The next epochs' examples after `check` (of every example): see focus_indices."""
+        self.last = check
+        self.focus.indices = focus_indices(check.flags, self.batch, check.margins)
+        record["next_epoch"] = self.focus.epoch_size
 
-    def record(self, state, flags: list[bool], loss: float, focused: bool = False) -> dict:
+    def record(self, state, check: Check, focused: bool = False) -> dict:
         """The check in the run's log history (experiment.json): on `focused` examples only, or on all of them."""
-        check = {"epoch": round(state.epoch or 0.0, 2), "learned": sum(flags), "of": len(flags), "loss": loss}
-        check |= ({"focused": True} if focused else {}) | {"step": state.global_step}
-        state.log_history.append(check)  # refocus adds next_epoch to this dict
-        return check
+        flags = check.flags
+        record = {"epoch": round(state.epoch or 0.0, 2), "learned": sum(flags), "of": len(flags), "loss": check.loss}
+        record |= ({"focused": True} if focused else {}) | {"step": state.global_step}
+        state.log_history.append(record)  # refocus adds next_epoch to this dict
+        return record
 
 
 class FocusSampler(torch.utils.data.Sampler):
@@ -259,29 +265,54 @@ class FocusSampler(torch.utils.data.Sampler):
         return iter([chosen[i] for i in order])
 
 
-def focus_indices(flags: list[bool], batch: int, generator: torch.Generator | None = None) -> list[int] | None:
-    """The next epochs' examples after a learned check (`flags`: learned or not): those not learned yet, and as many
-    learned ones drawn at random (at least enough to fill a `batch`), rehearsed so they are kept; None (all of
-    them) when every example or none is learned."""
+def focus_indices(flags: list[bool], batch: int, margins: list[float]) -> list[int] | None:
+    """The next epochs' examples after a learned check (`flags`: learned or not; `margins`: by how much each
+    example's least sure answer token won): those not learned yet, and as many learned ones (at least enough to
+    fill a `batch`), rehearsed so they are kept: those learned by the smallest margin, the first to slip below it
+    while the others train. None (all of them) when every example or none is learned."""
     unlearned = [i for i, learned in enumerate(flags) if not learned]
     learned = [i for i, learned in enumerate(flags) if learned]
     if not unlearned or not learned:
         return None
     share = min(len(learned), max(len(unlearned), batch - len(unlearned)))
-    rehearsed = [learned[i] for i in torch.randperm(len(learned), generator=generator)[:share].tolist()]
+    rehearsed = sorted(learned, key=lambda i: margins[i])[:share]
     return sorted(unlearned + rehearsed)
 
 
-def learned_examples(model, examples: list[dict], collate, margin: float = 0.0, batch_size: int = 16):
-    """(per example: whether its every supervised token is the argmax by `margin` (a list of bools), the mean
-    loss over all supervised tokens). `collate` makes the batches, as in training (train/batches.py: packed rows
-    with a shared prefix once, or padded rows). Only the positions that predict a supervised token are projected
-    onto the vocabulary (train/loss.py)."""
+@dataclass
+class Check:
+    """A learned check: per example, whether it is learned (every supervised token the argmax by the margin) and
+    its margin (by how much its least sure supervised token won; negative: lost), and the mean loss over all
+    supervised tokens."""
+
+    flags: list[bool]
+    margins: list[float]
+    loss: float
+
+    def is_passed(self, stop_loss: float) -> bool:
+        return all(self.flags) and self.loss < stop_loss
+
+    def updated(self, indices: list[int], focused: Check) -> Check:
+        """This check of every example, with what a later check of those at `indices` found."""
+        flags, margins = list(self.flags), list(self.margins)
+        for index, flag, margin in zip(indices, focused.flags, focused.margins):
+            flags[index], margins[index] = flag, margin
+        return Check(flags, margins, self.loss)
+
+
+def learned_examples(
+    model, examples: list[dict], collate, margin: float = 0.0, batch_size: int = 16, cache=None
+) -> Check:
+    """Each of `examples` checked: learned by `margin` or not (see Check). `collate` makes the batches, as in
+    training (train/batches.py: packed rows with a shared prefix once, or padded rows), and `cache` gives the
+    frozen layers' output (train/frozen_layers.py). Only the positions that predict a supervised token are
+    projected onto the vocabulary (train/loss.py)."""
+    from tuneship.train.frozen_layers import serving
     from tuneship.train.loss import predicting_positions
 
     was_training = model.training
     model.eval()
-    flags, total_loss, total_tokens = [], 0.0, 0
+    margins, total_loss, total_tokens = [], 0.0, 0
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
@@ -290,18 +321,20 @@ def learned_examples(model, examples: list[dict], collate, margin: float = 0.0, 
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(features).items()}
                 labels = batch.pop("labels")
                 positions = predicting_positions(labels)
-                logits = model(**batch, logits_to_keep=positions, use_cache=False).logits.float()
+                with serving(cache, batch):
+                    logits = model(**batch, logits_to_keep=positions, use_cache=False).logits.float()
                 targets = labels[:, positions + 1]
                 supervised = targets != IGNORE_INDEX
-                missed = ~learned_tokens(logits, targets, supervised, margin)
-                owners = example_owners(batch, positions, len(features))
-                flags += (torch.bincount(owners[missed], minlength=len(features)) == 0).tolist()
+                owners = example_owners(batch, positions, len(features)).expand_as(targets)
+                least = token_margins(logits, targets).masked_fill(~supervised, math.inf)
+                per_example = torch.full((len(features),), math.inf, device=least.device)
+                margins += per_example.scatter_reduce_(0, owners.flatten(), least.flatten(), "amin").tolist()
                 loss = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="sum")
                 total_loss += float(loss)
                 total_tokens += int(supervised.sum())
     finally:
         model.train(was_training)
-    return flags, total_loss / max(total_tokens, 1)
+    return Check([m >= margin for m in margins], margins, total_loss / max(total_tokens, 1))
 
 
 def example_owners(batch: dict, positions, examples: int):
@@ -315,10 +348,10 @@ def example_owners(batch: dict, positions, examples: int):
     return (segments - (1 if batch.get(SHARED_PREFIX) else 0)).unsqueeze(0)
 
 
-def learned_tokens(logits, targets, supervised, margin: float):
-    """Per (row, position) of logits (batch, positions, vocab): whether the target beats every other token by at
-    least `margin` (0: is the argmax, ties aside); True where nothing is supervised."""
+def token_margins(logits, targets):
+    """Per (row, position) of logits (batch, positions, vocab): by how much the target's logit beats every other
+    token's (negative: another token wins)."""
     index = targets.clamp(min=0).unsqueeze(-1)
     right = logits.gather(-1, index).squeeze(-1)
     best_other = logits.scatter(-1, index, float("-inf")).max(-1).values
-    return (right - best_other >= margin) | ~supervised
+    return right - best_other

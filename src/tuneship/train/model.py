@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tuneship.errors import ModelError, TuneshipError
@@ -12,6 +13,7 @@ class QLoraUnavailable(TuneshipError):
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")  # a decoder layer's parameters, in every supported architecture
 
 
 def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from: str | None = None):
@@ -42,6 +44,18 @@ def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from
     if device.kind != "cpu" and not lora_cfg.qlora:
         model.to(device.kind)
     return model
+
+
+def freeze_lower_layers(model, train_layers: float) -> int:
+    """train.train_layers: the LoRA weights of the layers below the top `train_layers` share stay as loaded; no
+    gradient flows below the lowest trained layer, so the backward pass ends there. Returns the layers frozen."""
+    layers = model.get_base_model().config.get_text_config().num_hidden_layers
+    frozen = layers - max(1, round(layers * train_layers))
+    for name, parameter in model.named_parameters():
+        layer = LAYER_INDEX.search(name)
+        if parameter.requires_grad and layer and int(layer.group(1)) < frozen:
+            parameter.requires_grad_(False)
+    return frozen
 
 
 def resolve_adapter(path: str) -> str:

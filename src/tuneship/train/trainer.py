@@ -22,6 +22,7 @@ from tuneship.train.device import (
     reset_peak_memory,
 )
 from tuneship.train.distributed import world_size
+from tuneship.train.frozen_layers import frozen_layers_cache, serving
 
 if TYPE_CHECKING:
     from tuneship.config import Config
@@ -76,6 +77,7 @@ class TrainingSetup:
     args: Any
     resume: Path | None
     model: Any
+    frozen_layers: int  # train.train_layers: the lowest layers, whose LoRA stays as loaded
     counter: TokenCounter
     progress: Any
     disk_guard: Any
@@ -102,7 +104,7 @@ def setup_training(
     from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
     from tuneship.train.distributed import is_main_process
-    from tuneship.train.model import load_for_training, trainable_bytes
+    from tuneship.train.model import freeze_lower_layers, load_for_training, trainable_bytes
     from tuneship.train.precision import set_compute_threads
 
     device = detect_device(cfg.train.device, cfg.train.precision)
@@ -118,6 +120,7 @@ def setup_training(
         resume = _prepare_checkpoints(checkpoints, inputs_hash, fresh, is_writer=is_main_process())
     set_seed(cfg.train.seed)  # LoRA's initial weights: the same run twice, or on N processes, starts the same
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
+    frozen_layers = freeze_lower_layers(model, cfg.train.train_layers)
     model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
@@ -136,7 +139,7 @@ def setup_training(
             )
         )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.reports_dir / "tensorboard")
-    return TrainingSetup(device, estimate, args, resume, model, counter, progress, disk_guard, callbacks)
+    return TrainingSetup(device, estimate, args, resume, model, frozen_layers, counter, progress, disk_guard, callbacks)
 
 
 def guarded(trainer_class):
@@ -191,9 +194,10 @@ def train_adapter(
 
     class GuardedTrainer(guarded(Trainer)):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not is_supervised_logits or return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
+            with serving(cache, inputs):
+                if not is_supervised_logits or return_outputs:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return _supervised_mean_loss(self, model, inputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
             return focus or super()._get_train_sampler(train_dataset)
@@ -202,7 +206,10 @@ def train_adapter(
     attends_per_example = cfg.train.packing and setup.model.config._attn_implementation == "sdpa"
     if attends_per_example:
         use_packed_attention(setup.model)
-    focus = learned_stop(cfg, dataset, setup.callbacks, batch_collator(cfg, chat_format, attends_per_example))
+    tokens = sum(len(example["input_ids"]) for example in dataset.examples)
+    cache = frozen_layers_cache(setup.model, setup.frozen_layers, tokens, cfg.lora.dropout, cfg.train.packing)
+    collate = batch_collator(cfg, chat_format, attends_per_example)
+    focus = learned_stop(cfg, dataset, setup.callbacks, collate, cache)
     trainer = GuardedTrainer(
         model=setup.model,
         args=setup.args,
@@ -221,10 +228,11 @@ def batch_collator(cfg: Config, chat_format, attends_per_example: bool, counter:
     return PadCollator(chat_format.spec.pad_token_id, counter)
 
 
-def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list, collate):
+def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list, collate, cache=None):
     """With train.stop_when_learned, the LearnedStop callback over `dataset` added to `callbacks` (its checks
-    batch the examples with `collate`, as the training does); returns the sampler it focuses
-    (train.focus_unlearned, one process: several would each have to cut their epochs alike), else None."""
+    batch the examples with `collate`, as the training does, and take the frozen layers' output from `cache`);
+    returns the sampler it focuses (train.focus_unlearned, one process: several would each have to cut their
+    epochs alike), else None."""
     from tuneship.train.callbacks import FocusSampler, LearnedStop
 
     if not cfg.train.stop_when_learned:
@@ -232,7 +240,7 @@ def learned_stop(cfg: Config, dataset: ExampleDataset, callbacks: list, collate)
     focus = FocusSampler(len(dataset), cfg.train.seed) if cfg.train.focus_unlearned and world_size() == 1 else None
     train = cfg.train
     callbacks.append(
-        LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, collate, focus, train.batch_size)
+        LearnedStop(dataset.examples, train.stop_loss, train.stop_margin, collate, focus, train.batch_size, cache)
     )
     return focus
 
