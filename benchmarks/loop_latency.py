@@ -51,6 +51,7 @@ class Latency:
     kept: int = 0
     taught_before: int = 0
     version: int | None = None
+    missed: dict[str, str] = field(default_factory=dict)  # a correction not learned -> the answer given
 
 
 def facts(path: Path) -> dict[str, str]:
@@ -125,7 +126,9 @@ def measure(
             result.total = live["at"] - last_correction
             result.version = live["version"]
             result.stages = stage_times(url, copy.parent, live, last_correction)
-            result.learned = len(exact(client, model, corrections))
+            answers = {question: ask(client, model, question)[1] for question in corrections}
+            result.missed = {q: answers[q] for q, correction in corrections.items() if answers[q] != correction}
+            result.learned = len(corrections) - len(result.missed)
             result.taught_before, result.kept = len(before), len(before & exact(client, model, taught))
         finally:
             server.terminate()
@@ -194,6 +197,9 @@ def print_table(results: list[Latency]) -> None:
     print(f"{'total':<10}" + "".join(f"{r.total:>11.1f}s" for r in results))
     print(f"{'learned':<10}" + "".join(f"{f'{r.learned}/{r.corrections}':>12}" for r in results))
     print(f"{'kept':<10}" + "".join(f"{f'{r.kept}/{r.taught_before}':>12}" for r in results))
+    for result in results:
+        for question, answer in result.missed.items():
+            print(f"not learned ({result.version_format}): {question!r} -> {answer!r}")
 
 
 def require_exported(run: Path) -> None:

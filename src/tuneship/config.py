@@ -342,12 +342,14 @@ class LoopSection(Section):
     min_golden: int = Field(
         5, ge=0, description="fewer accepted golden examples than this: a warning in loop status, serve and Loop page"
     )
-    train_layers: float = Field(
-        0.5,
+    train_layers: float | None = Field(
+        None,
         gt=0.0,
         le=1.0,
-        description="train.train_layers in a cycle: it trains the LoRA of the top half of the layers on from the "
-        "champion's adapter, the rest stays the champion's (steps and checks run the top half only); 1.0: all",
+        description="train.train_layers in a fine-tune cycle; null: 0.5 in adapter format (the LoRA of the top half "
+        "of the layers trains on from the champion's adapter, the rest stays the champion's, and steps and checks "
+        "run the top half only), 1.0 in merged format (half the layers' delta, merged and quantized, flipped a "
+        "learned answer on the quant)",
     )
     version_format: Literal["adapter", "merged"] = Field(
         "adapter",

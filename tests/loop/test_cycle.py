@@ -47,6 +47,7 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(
     )
     config = (run_dir / "config.yaml").read_text()
     assert f"adapter_from: {fresh_loop_dir}" in config
+    assert f"train_layers: {1.0 if merged else 0.5}" in config  # loop.train_layers unset: by the format
     if merged:  # the quant that serves and the f16 it is made from, answering in llama.cpp, not in PyTorch
         assert Path(version.gguf) == run_dir / "gguf" / "tiny-v2-Q8_0.gguf" and Path(version.gguf).is_file()
         assert version.adapter is None and (run_dir / "merged").is_dir()

@@ -1,5 +1,6 @@
-"""train.train_layers (loop.train_layers in cycles, 0.5 by default): only the LoRA weights of the top share of
-the layers train, warm-started from model.adapter_from; those below keep the loaded adapter's values exactly."""
+"""train.train_layers (loop.train_layers in cycles: 0.5 in adapter format by default): only the LoRA weights of
+the top share of the layers train, warm-started from model.adapter_from; those below keep the loaded adapter's
+values exactly."""
 
 import json
 from contextlib import nullcontext

@@ -247,13 +247,22 @@ def challenger_config(base: Config, run_name: str, champion_run: Path, data: Cyc
     cfg.eval.train_prompts = max(cfg.eval.train_prompts, data.gate_asked, 1)  # the gate's, answered at export
     cfg.deploy.target = "none"
     cfg.train.stop_when_learned = True  # the epochs are the budget: a cycle stops once its examples are learned
-    cfg.train.train_layers = base.loop.train_layers
+    cfg.train.train_layers = cycle_train_layers(base)
     cfg.eval.generate = False  # that check was PyTorch's answers; what serves answers at export, in llama.cpp
     if is_adapter_format(base):  # the LoRA GGUF, checked on the base quant
         cfg.export.merge = False
     else:  # the merged quant that serves (`tuneship loop publish --merged` makes them all)
         cfg.export.quants = [quant for quant in cfg.export.quants if quant == Run.of(cfg).deployed_quant]
     return cfg
+
+
+def cycle_train_layers(cfg: Config) -> float:
+    """loop.train_layers, or by the version format: in adapter format the top half of the layers train (the LoRA
+    stays f16 on the champion's base quant); merged, all of them (a delta concentrated in half the layers, merged and
+    quantized with their weights, lost a learned correction on the quant in 2 of 2 runs on SmolLM2)."""
+    if cfg.loop.train_layers is not None:
+        return cfg.loop.train_layers
+    return 0.5 if is_adapter_format(cfg) else 1.0
 
 
 def failed_stage(cfg: Config) -> str:

@@ -1,8 +1,8 @@
 """train.train_layers below 1: the layers below the lowest trained one compute the same thing for an example at
 every step (their weights and LoRA do not train, and LoRA dropout is off), so their output is kept per example the
 first time it is computed and given back afterwards instead of computing those layers again: every later training
-step and learned check of that example runs only the layers that train. A loop cycle (loop.train_layers 0.5) so
-skips half the forward pass of every step after its first epoch and of every check.
+step and learned check of that example runs only the layers that train. A loop cycle in adapter format
+(train_layers 0.5) so skips half the forward pass of every step after its first epoch and of every check.
 
 Packed batches only (train/batches.py): an example's states are the rows of its tokens in the packed row, the
 shared prefix's included, so a batch is put back together from them exactly as the collator packs it."""
