@@ -138,8 +138,8 @@ class TrainSection(Section):
         gt=0.0,
         le=1.0,
         description="share of the model's layers, from the top, whose LoRA weights train; below them the adapter "
-        "stays as loaded (model.adapter_from), the backward pass stops early, and each example's output of those "
-        "layers is computed once and kept (packed batches, no LoRA dropout) (loop.train_layers in cycles)",
+        "stays as loaded (model.adapter_from) with no LoRA dropout, the backward pass stops early, and each "
+        "example's output of those layers is computed once and kept (packed batches) (loop.train_layers in cycles)",
     )
     sample_every: int = Field(0, ge=0, description="generate sample answers every N steps (0: off)")
     sample_prompts: list[str] = Field(default_factory=list)

@@ -46,10 +46,16 @@ def test_the_share_of_layers_that_train_rounds_to_whole_layers_and_never_to_none
 
     def trained_layers(share: float) -> set[str]:
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
         frozen = freeze_lower_layers(model, share)
         names = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
         assert frozen == 2 - len(names)
+        lora = [
+            (n, type(m.lora_dropout["default"]).__name__)
+            for n, m in model.named_modules()
+            if hasattr(m, "lora_dropout")
+        ]
+        assert lora and all((kind == "Dropout") == (n.split(".layers.")[1].split(".")[0] in names) for n, kind in lora)
         return names
 
     assert trained_layers(1.0) == {"0", "1"}
@@ -80,7 +86,7 @@ def test_the_frozen_layers_output_kept_per_example_gives_the_same_logits_in_any_
     run_data(cfg, run, quiet_console())
     examples = ExampleDataset([chat_format.render(c) for c in read_conversations(run.data_dir / "train.jsonl")])
     examples = examples.examples
-    cache = frozen_layers_cache(model, freeze_lower_layers(model, 0.5), 10_000, 0.0, packed=True)
+    cache = frozen_layers_cache(model, freeze_lower_layers(model, 0.5), 10_000, packed=True)
     collate = PackCollator(share_prefix=True)
 
     def logits(features, use_cache: bool):
@@ -100,7 +106,11 @@ def test_a_run_with_the_frozen_layers_kept_trains_as_one_that_computes_them_ever
     tmp_path, tiny_model_dir, tiny_run, monkeypatch
 ):
     import tuneship.train.trainer as trainer
+    from tuneship.train.frozen_layers import FrozenLayersCache
 
+    served = []
+    replaced = FrozenLayersCache._replaced
+    monkeypatch.setattr(FrozenLayersCache, "_replaced", lambda self, output: served.append(1) or replaced(self, output))
     _, champion_run = tiny_run
     losses = {}
     for kept in (True, False):
@@ -114,4 +124,5 @@ def test_a_run_with_the_frozen_layers_kept_trains_as_one_that_computes_them_ever
         metrics = json.loads((run.reports_dir / "experiment.json").read_text())["metrics"]
         losses[kept] = [m["loss"] for m in metrics if "loss" in m and "step" in m and "train_runtime" not in m]
     assert len(losses[True]) == 8  # 3 epochs of 3 steps: the later ones from the kept states
+    assert len(served) == 5  # steps 4 to 8 took the kept states instead of computing layer 0
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

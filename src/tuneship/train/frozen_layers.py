@@ -1,8 +1,9 @@
 """train.train_layers below 1: the layers below the lowest trained one compute the same thing for an example at
-every step (their weights and LoRA do not train, and LoRA dropout is off), so their output is kept per example the
-first time it is computed and given back afterwards instead of computing those layers again: every later training
-step and learned check of that example runs only the layers that train. A loop cycle in adapter format
-(train_layers 0.5) so skips half the forward pass of every step after its first epoch and of every check.
+every step (their weights and LoRA do not train, and their LoRA dropout is off: train/model.py), so their output
+is kept per example the first time it is computed and given back afterwards instead of computing those layers
+again: every later training step and learned check of that example runs only the layers that train. A loop cycle
+in adapter format (train_layers 0.5) so skips half the forward pass of every step after its first epoch and of
+every check.
 
 Packed batches only (train/batches.py): an example's states are the rows of its tokens in the packed row, the
 shared prefix's included, so a batch is put back together from them exactly as the collator packs it."""
@@ -42,9 +43,9 @@ class FrozenLayersCache:
 
     def _keep(self, indices: list[int], bounds, shared: int, output) -> None:
         row = (output[0] if isinstance(output, tuple) else output)[0].detach()
-        segments = bounds.tolist()[1:] if shared else bounds.tolist()  # segment 0 is the shared prefix
+        segments = bounds.tolist()[1 if shared else 0 :]  # with a shared prefix, segment 0 is that prefix
         for index, start, end in zip(indices, segments, segments[1:]):
-            self.states[index] = row[start:end] if not shared else _cat(row[:shared], row[start:end])
+            self.states[index] = _cat(row[:shared], row[start:end])
 
     def _packed(self, indices: list[int], shared: int):
         """The last frozen layer's output for the batch, as the collator packs it: the shared prefix once."""
@@ -71,10 +72,10 @@ def _cat(*tensors):
     return torch.cat(tensors)
 
 
-def frozen_layers_cache(model, frozen: int, dataset_tokens: int, lora_dropout: float, packed: bool):
-    """A FrozenLayersCache over the `frozen` lowest layers, where it applies: some frozen, no LoRA dropout (its
-    noise would differ each step), packed batches, and the states of every token within MAX_CACHE_BYTES."""
-    if not frozen or lora_dropout or not packed:
+def frozen_layers_cache(model, frozen: int, dataset_tokens: int, packed: bool):
+    """A FrozenLayersCache over the `frozen` lowest layers, where it applies: some frozen, packed batches, and the
+    states of every token within MAX_CACHE_BYTES."""
+    if not frozen or not packed:
         return None
     config = model.get_base_model().config.get_text_config()
     if dataset_tokens * config.hidden_size * 4 > MAX_CACHE_BYTES:  # fp32 states at most

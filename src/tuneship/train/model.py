@@ -48,13 +48,21 @@ def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from
 
 def freeze_lower_layers(model, train_layers: float) -> int:
     """train.train_layers: the LoRA weights of the layers below the top `train_layers` share stay as loaded; no
-    gradient flows below the lowest trained layer, so the backward pass ends there. Returns the layers frozen."""
+    gradient flows below the lowest trained layer, so the backward pass ends there. Their LoRA dropout is off too:
+    it regularizes the weights it feeds, and these do not train, so it would only be noise, and without it their
+    output for an example is the same at every step (train/frozen_layers.py keeps it). Returns the layers frozen."""
+    import torch
+
     layers = model.get_base_model().config.get_text_config().num_hidden_layers
     frozen = layers - max(1, round(layers * train_layers))
-    for name, parameter in model.named_parameters():
-        layer = LAYER_INDEX.search(name)
-        if parameter.requires_grad and layer and int(layer.group(1)) < frozen:
+    for name, module in model.named_modules():
+        layer = LAYER_INDEX.search(name + ".")
+        if not layer or int(layer.group(1)) >= frozen:
+            continue
+        for parameter in module.parameters(recurse=False):
             parameter.requires_grad_(False)
+        for adapter in getattr(module, "lora_dropout", {}):
+            module.lora_dropout[adapter] = torch.nn.Identity()
     return frozen
 
 

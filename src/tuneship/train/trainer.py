@@ -207,7 +207,7 @@ def train_adapter(
     if attends_per_example:
         use_packed_attention(setup.model)
     tokens = sum(len(example["input_ids"]) for example in dataset.examples)
-    cache = frozen_layers_cache(setup.model, setup.frozen_layers, tokens, cfg.lora.dropout, cfg.train.packing)
+    cache = frozen_layers_cache(setup.model, setup.frozen_layers, tokens, cfg.train.packing)
     collate = batch_collator(cfg, chat_format, attends_per_example)
     focus = learned_stop(cfg, dataset, setup.callbacks, collate, cache)
     trainer = GuardedTrainer(
