@@ -6,7 +6,7 @@ import pytest
 
 from tuneship.chat.format import IGNORE_INDEX
 from tuneship.data.conversation import Conversation, Message, SourceRef
-from tuneship.train.batches import SHARED_PREFIX, PackCollator, PadCollator, shared_prefix_length
+from tuneship.train.batches import SHARED_PREFIX, PackCollator, PadCollator, predicting_end, shared_prefix_length
 from tuneship.train.loss import supervised_loss_sum
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour of the sky on a clear day, please.", "Hi"]
@@ -49,6 +49,13 @@ def test_supervised_logits_loss_equals_the_models_own_loss(tiny_model_and_exampl
     assert _mean(model, batch) == pytest.approx(float(model(**batch).loss), rel=1e-6)
 
 
+def test_the_models_own_loss_reads_a_packed_rows_shifted_targets(tiny_model_and_examples):
+    """train.supervised_logits=false: transformers' loss takes the row's `shift_labels` as they are."""
+    model, _, features = tiny_model_and_examples
+    batch = PackCollator()(features)
+    assert float(model(**batch).loss) == pytest.approx(_mean(model, batch), rel=1e-6)
+
+
 def test_packed_loss_equals_padded_loss_and_each_example_alone(tiny_model_and_examples):
     model, chat_format, features = tiny_model_and_examples
     padded = _mean(model, PadCollator(chat_format.spec.pad_token_id)(features))
@@ -71,14 +78,21 @@ def test_packing_changes_the_loss_if_examples_could_attend_to_each_other(tiny_mo
     assert float(supervised_loss_sum(model, batch)[0]) != pytest.approx(alone, rel=1e-5)
 
 
-def test_pack_collator_ignores_each_examples_first_token_and_restarts_positions(tiny_model_and_examples):
-    _, _, features = tiny_model_and_examples
+def test_pack_collator_restarts_positions_and_leaves_out_what_predicts_nothing(tiny_model_and_examples):
+    """Each example's segment ends at its last supervised prediction: the stop token (an input whose next token
+    is not supervised) and the template's newline after it are not computed; the shifted targets keep every
+    supervised token, the stop token last."""
+    _, chat_format, features = tiny_model_and_examples
     batch = PackCollator()(features)
-    starts = [0, len(features[0]["input_ids"]), len(features[0]["input_ids"]) + len(features[1]["input_ids"])]
+    ends = [predicting_end(f["labels"]) for f in features]
+    assert [len(f["input_ids"]) - end for f, end in zip(features, ends)] == [2, 2, 2]  # <|im_end|> and "\n"
+    starts = [0, ends[0], ends[0] + ends[1]]
+    assert batch["cu_seq_lens_q"].tolist() == [*starts, sum(ends)]
     assert all(int(batch["position_ids"][0, s]) == 0 for s in starts)
-    assert all(int(batch["labels"][0, s]) == IGNORE_INDEX for s in starts)
-    supervised = sum(1 for f in features for label in f["labels"] if label != IGNORE_INDEX)
-    assert int((batch["labels"] != IGNORE_INDEX).sum()) == supervised
+    targets = batch["shift_labels"][0]
+    assert [int(targets[s - 1]) for s in starts[1:] + [sum(ends)]] == [chat_format.spec.stop_token_ids[0]] * 3
+    supervised = [label for f in features for label in f["labels"] if label != IGNORE_INDEX]
+    assert targets[targets != IGNORE_INDEX].tolist() == supervised
 
 
 def test_auto_precision_is_measured_once_and_cached(tmp_path, monkeypatch):
@@ -215,7 +229,7 @@ def test_a_shared_prefix_computed_once_gives_the_padded_loss_and_gradients(
     batch = PackCollator(share_prefix=True)(features)
     shared = batch[SHARED_PREFIX]
     assert shared > 10  # SmolLM2's template writes its default system prompt into every example
-    assert batch["input_ids"].shape[1] == sum(len(f["input_ids"]) for f in features) - 2 * shared
+    assert batch["input_ids"].shape[1] == sum(predicting_end(f["labels"]) for f in features) - 2 * shared
     shared_loss, shared_grads = _loss_and_grads(model, batch)
     assert shared_loss == pytest.approx(padded_loss, rel=1e-5)
     _assert_same_gradients(shared_grads, padded_grads)
@@ -253,10 +267,10 @@ def test_a_shared_prefix_row_keeps_labels_positions_and_bounds():
     ]
     batch = PackCollator(share_prefix=True)(features)
     assert batch[SHARED_PREFIX] == 3
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX] * 4 + [5, IGNORE_INDEX, 7, 8]]
-    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 8]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 6, 7]]  # each example's last token predicts nothing
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 3, 4]]
+    assert batch["shift_labels"].tolist() == [[IGNORE_INDEX] * 3 + [5, 7, 8]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 6]
     assert SHARED_PREFIX not in PackCollator()(features)
 
 

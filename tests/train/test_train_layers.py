@@ -74,6 +74,7 @@ def test_the_frozen_layers_output_kept_per_example_gives_the_same_logits_in_any_
     from tuneship.train.batches import ExampleDataset, PackCollator
     from tuneship.train.device import detect_device
     from tuneship.train.frozen_layers import frozen_layers_cache
+    from tuneship.train.loss import model_inputs
     from tuneship.train.model import freeze_lower_layers, load_for_training
 
     overrides = ["chat.system_prompt=Answer from the facts.", "data.eval_ratio=0"]
@@ -93,7 +94,7 @@ def test_the_frozen_layers_output_kept_per_example_gives_the_same_logits_in_any_
         batch = collate(features)
         assert batch.get("shared_prefix_tokens", 0) > 0 or len(features) == 1
         with torch.no_grad(), cache.serving(batch) if use_cache else nullcontext(batch.pop("example_indices")):
-            return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+            return model(**model_inputs(batch), use_cache=False).logits
 
     for start in range(0, 12, 4):  # kept in batches of 4
         logits(examples[start : start + 4], use_cache=True)

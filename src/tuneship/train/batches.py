@@ -42,9 +42,10 @@ def _count(counter: TokenCounter, features: list[dict]) -> None:
 
 
 class PackCollator:
-    """All examples of a batch in one row, no pad tokens; the first token of each example predicts nothing
-    from the example before it (its label is ignored, and position ids restart there). The examples' bounds
-    go along as flash-attention's varlen arguments (`cu_seq_lens_q`...), which train/attention.py reads too.
+    """All examples of a batch in one row, no pad tokens, position ids restarting at each example. The examples'
+    bounds go along as flash-attention's varlen arguments (`cu_seq_lens_q`...), which train/attention.py reads
+    too. Each example's tokens after its last supervised prediction are left out (`predicting_end`), so the
+    targets go along already shifted, as `shift_labels`: each position's next token in its own example.
 
     With `share_prefix` (only where train/attention.py's function attends, see there), the start every example
     of the batch shares (a system prompt, the template's header) is in the row once, as segment 0, and each
@@ -59,23 +60,26 @@ class PackCollator:
         import torch
 
         shared = shared_prefix_length(features) if self.share_prefix else 0
-        input_ids, labels, positions, bounds = [], [], [], [0]
+        input_ids, targets, positions, bounds = [], [], [], [0]
         if shared:
             input_ids += features[0]["input_ids"][:shared]
-            labels += [IGNORE_INDEX] * shared
+            targets += [IGNORE_INDEX] * shared  # the prefix predicts no supervised token (shared_prefix_length)
             positions += range(shared)
             bounds.append(shared)
         for feature in features:
-            input_ids += feature["input_ids"][shared:]
-            labels += [IGNORE_INDEX] + feature["labels"][shared + 1 :]
-            positions += range(shared, len(feature["input_ids"]))
+            end = predicting_end(feature["labels"])
+            input_ids += feature["input_ids"][shared:end]
+            targets += (feature["labels"] + [IGNORE_INDEX])[shared + 1 : end + 1]
+            positions += range(shared, end)
             bounds.append(len(input_ids))
         _count(self.counter, features)
         cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
         longest = int(cu_seq_lens.diff().max())
+        next_tokens = torch.tensor([targets])
         batch = {
             "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
+            "labels": next_tokens,  # read by nobody: HF's loss takes shift_labels when given (it needs labels set)
+            "shift_labels": next_tokens,
             "position_ids": torch.tensor([positions]),
             "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens,
@@ -92,6 +96,14 @@ def shared_prefix_length(features: list[dict]) -> int:
     between them, so that token must be unsupervised everywhere), and never a whole example. 0 for one example."""
     common = shared_start([feature["input_ids"] for feature in features])
     return max(min(common, *(_first_supervised(f["labels"]) - 1 for f in features)), 0)
+
+
+def predicting_end(labels: list[int]) -> int:
+    """How many leading tokens of an example (with `labels` aligned to its tokens) a packed row needs: up to the
+    last one that predicts a supervised token. What follows (the stop token as an input, the template's newline
+    after it) predicts nothing supervised and nothing attends to it; all tokens if none is supervised."""
+    last = next((i for i in range(len(labels) - 1, 0, -1) if labels[i] != IGNORE_INDEX), None)
+    return len(labels) if last is None else last
 
 
 def _first_supervised(labels: list[int]) -> int:

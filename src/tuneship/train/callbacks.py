@@ -308,7 +308,7 @@ def learned_examples(
     frozen layers' output (train/frozen_layers.py). Only the positions that predict a supervised token are
     projected onto the vocabulary (train/loss.py)."""
     from tuneship.train.frozen_layers import serving
-    from tuneship.train.loss import predicting_positions
+    from tuneship.train.loss import model_inputs, next_token_targets
 
     was_training = model.training
     model.eval()
@@ -319,11 +319,10 @@ def learned_examples(
             for start in range(0, len(examples), batch_size):
                 features = examples[start : start + batch_size]
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(features).items()}
-                labels = batch.pop("labels")
-                positions = predicting_positions(labels)
+                positions, targets = next_token_targets(batch)
+                batch = model_inputs(batch)
                 with serving(cache, batch):
                     logits = model(**batch, logits_to_keep=positions, use_cache=False).logits.float()
-                targets = labels[:, positions + 1]
                 supervised = targets != IGNORE_INDEX
                 owners = example_owners(batch, positions, len(features)).expand_as(targets)
                 least = token_margins(logits, targets).masked_fill(~supervised, math.inf)
@@ -339,12 +338,12 @@ def learned_examples(
 
 def example_owners(batch: dict, positions, examples: int):
     """(rows, positions): which example of the batch each kept position predicts a token of: a padded batch's
-    row, or, in a packed row (train/batches.py), the example whose span holds the predicted token (after the
-    shared prefix, segment 0, when there is one)."""
+    row, or, in a packed row (train/batches.py), the example whose span holds the position (after the shared
+    prefix, segment 0, when there is one)."""
     bounds = batch.get("cu_seq_lens_q")
     if bounds is None:
         return torch.arange(examples, device=positions.device)[:, None].expand(examples, positions.numel())
-    segments = torch.searchsorted(bounds, (positions + 1).to(bounds.dtype), right=True) - 1
+    segments = torch.searchsorted(bounds, positions.to(bounds.dtype), right=True) - 1
     return (segments - (1 if batch.get(SHARED_PREFIX) else 0)).unsqueeze(0)
 
 

@@ -15,13 +15,21 @@ from tuneship.chat.format import IGNORE_INDEX
 LOSS_CHUNK_TOKENS = 2048
 
 
-def predicting_positions(labels):
-    """Positions (1-D) whose next label is supervised in some row of the batch: the logits the loss needs.
+TARGET_KEYS = ("labels", "shift_labels")  # batch keys that are not model inputs here
 
-    A packed batch is one row, so these are exactly its supervised predictions; a padded batch keeps the
-    union over its rows, and the ignored labels there add nothing to the loss.
-    """
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+
+def next_token_targets(batch: dict):
+    """(positions, targets): the positions (1-D) whose next token is supervised in some row of the batch, and
+    those next tokens (batch, positions). A packed batch gives them shifted (`shift_labels`, train/batches.py), a
+    padded one as `labels` aligned to its tokens. A padded batch keeps the union over its rows: the ignored
+    labels there add nothing to the loss."""
+    following = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]
+    positions = (following != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    return positions, following[:, positions]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {name: value for name, value in batch.items() if name not in TARGET_KEYS}
 
 
 def supervised_loss_sum(model, batch: dict):
@@ -29,11 +37,8 @@ def supervised_loss_sum(model, batch: dict):
     import torch
     import torch.nn.functional as F
 
-    labels = batch["labels"]
-    positions = predicting_positions(labels)
-    inputs = {name: value for name, value in batch.items() if name != "labels"}
-    logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits  # (batch, positions, vocab)
-    targets = labels[:, positions + 1]
+    positions, targets = next_token_targets(batch)
+    logits = model(**model_inputs(batch), logits_to_keep=positions, use_cache=False).logits  # (batch, positions, vocab)
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, positions.numel(), LOSS_CHUNK_TOKENS):
         chunk = slice(start, start + LOSS_CHUNK_TOKENS)
