@@ -1,15 +1,18 @@
 """Training throughput: tuneship's trainer vs a plain TRL SFTTrainer, same model, data and steps, with an
 ablation of each speed-up and the machine's own limit.
 
-Usage: python benchmarks/train_throughput.py [--steps 20] [--rows all|main]
-Each trainer runs in its own subprocess (so peak RSS is its own). TRL runs with its defaults, except
-bf16=False / use_cpu on a CPU-only machine (its default bf16 fails there) and the same batch size, learning
-rate, LoRA and step count as ours. The limit: the bf16 matmul peak this script measures (a 2048^3 product)
-divided by the model's FLOPs per trained token (4 x its linear-layer parameters: forward, and backward to the
-activations; LoRA's own weights are negligible). Printed per row: non-pad tokens/s (the examples' tokens: the
-work done for the user, the ratio's measure), computed tokens/s (what the model ran: pad tokens included, a
-shared prefix once) and its % of that limit, peak RSS, final loss; then the line
-`ratio ours/TRL: non-pad tokens/s X.XX`.
+Usage: python benchmarks/train_throughput.py [--steps 20] [--rows all|main] [--repeat 3]
+Each trainer runs in its own subprocess (so peak RSS is its own). TRL and tuneship's defaults, the ratio's two
+terms, run `--repeat` times each, alternating (TRL, ours, TRL, ours, ...): a shared host's speed drifts by
+10-20 % over tens of seconds, which one run of each turns into a ratio off by as much; each is printed, and the
+ratio is that of the two medians (with each round's own ratio beside it). The ablation rows run once.
+TRL runs with its defaults, except bf16=False / use_cpu on a CPU-only machine (its default bf16 fails there) and
+the same batch size, learning rate, LoRA and step count as ours. The limit: the matmul peak this script
+measures (a 2048^3 product) in the precision the row ran in, divided by the model's FLOPs per trained token
+(4 x its linear-layer parameters: forward, and backward to the activations; LoRA's own weights are negligible).
+Printed per row: non-pad tokens/s (the examples' tokens: the work done for the user, the ratio's measure),
+computed tokens/s (what the model ran: pad tokens included, a shared prefix once) and its % of that limit, peak
+RSS, final loss; then the line `ratio ours/TRL: non-pad tokens/s X.XX`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ ROWS: dict[str, list[str]] = {
 # Packing without per-example attention: one SDPA over the packed row with transformers' block-diagonal mask
 # (a shared prefix needs per-example attention, so that row has none either).
 WHOLE_ROW_ATTENTION = {"ours: all but per-example attention"}
-MAIN_ROWS = ["ours: all (defaults)"]
+DEFAULTS = "ours: all (defaults)"
 
 
 def train_clock():
@@ -205,10 +208,44 @@ def probe_shape_text() -> str:
     return "x".join(map(str, PROBE_SHAPE))
 
 
+def measurement_order(rows: str, repeat: int) -> list[str]:
+    """TRL and ours alternating `repeat` times, then (--rows all) each ablation row once."""
+    ablations = [name for name in ROWS if name != DEFAULTS] if rows == "all" else []
+    return ["TRL", DEFAULTS] * repeat + ablations
+
+
+def tokens_per_second(result: dict) -> float:
+    return result["tokens"] / result["seconds"]
+
+
+def print_row(label: str, r: dict, limit: float, cores: int) -> None:
+    """`limit`: the machine's tokens/s in the precision the row ran in."""
+    computed = r["computed"] / r["seconds"]
+    print(
+        f"{label:<38}{r['precision']:>6}{r['seconds']:>9.1f}{tokens_per_second(r):>8.0f}"
+        f"{computed:>10.0f}{100 * computed / limit:>8.0f}%"
+        f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
+        f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
+        flush=True,
+    )
+
+
+def print_ratio(trl: list[dict], ours: list[dict]) -> None:
+    """The ratio of the medians of non-pad tokens/s (and of wall times), with each round's own ratio."""
+    from statistics import median
+
+    rate = median(map(tokens_per_second, ours)) / median(map(tokens_per_second, trl))
+    wall = median(o["seconds"] for o in ours) / median(t["seconds"] for t in trl)
+    each = ", ".join(f"{tokens_per_second(o) / tokens_per_second(t):.2f}" for t, o in zip(trl, ours))
+    rounds = f" (medians of {len(trl)} rounds; each round: {each})" if len(trl) > 1 else ""
+    print(f"ratio ours/TRL: non-pad tokens/s {rate:.2f}, wall time {wall:.2f}{rounds}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", choices=["all", "main"], default="all", help="main: TRL and ours only")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of TRL and ours (defaults), alternating")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
@@ -240,28 +277,18 @@ def main() -> None:
         f"{'tok/core-s':>12}"
     )
     print(header + f"{'peak RSS MB':>13}{'final loss':>12}", flush=True)
-    results = {}
-    for name in ["TRL", *(MAIN_ROWS if args.rows == "main" else ROWS)]:
+    rounds: dict[str, list[dict]] = {}
+    for name in measurement_order(args.rows, args.repeat):
         if is_bf16_slow and "train.precision=bf16" in ROWS.get(name, []):
             print(
                 f"{name:<38} skipped: this CPU computes bf16 no faster than fp32 (emulated), so it would only be slow"
             )
             continue
-        r = results[name] = measure(name, args.steps)
-        rate, computed = r["tokens"] / r["seconds"], r["computed"] / r["seconds"]
-        print(
-            f"{name:<38}{r['precision']:>6}{r['seconds']:>9.1f}{rate:>8.0f}"
-            f"{computed:>10.0f}{100 * computed / limits[r['precision']]:>8.0f}%"
-            f"{r['supervised'] / r['seconds']:>11.0f}{r['tokens'] / r['cpu_seconds'] * cores:>12.0f}"
-            f"{r['peak_rss_mb']:>13.0f}{r['final_loss'] or float('nan'):>12.4f}",
-            flush=True,
-        )
+        rounds.setdefault(name, []).append(r := measure(name, args.steps))
+        label = name if args.repeat == 1 or name not in ("TRL", DEFAULTS) else f"{name} #{len(rounds[name])}"
+        print_row(label, r, limits[r["precision"]], cores)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    ours, trl = results["ours: all (defaults)"], results["TRL"]
-    print(
-        f"ratio ours/TRL: non-pad tokens/s {ours['tokens'] / ours['seconds'] / (trl['tokens'] / trl['seconds']):.2f}, "
-        f"wall time {ours['seconds'] / trl['seconds']:.2f}"
-    )
+    print_ratio(rounds["TRL"], rounds[DEFAULTS])
     print(
         "note: TRL's defaults put loss on every token (prompt and system prompt too), so its final loss is not "
         "comparable; tuneship supervises only answers + stop token. Threads: one per physical core in every row. "

@@ -104,6 +104,7 @@ def setup_training(
     from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
     from tuneship.train.distributed import is_main_process
+    from tuneship.train.lora_linear import use_fused_lora
     from tuneship.train.model import freeze_lower_layers, load_for_training, trainable_bytes
     from tuneship.train.precision import set_compute_threads
 
@@ -121,6 +122,7 @@ def setup_training(
     set_seed(cfg.train.seed)  # LoRA's initial weights: the same run twice, or on N processes, starts the same
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
     frozen_layers = freeze_lower_layers(model, cfg.train.train_layers)
+    use_fused_lora(model)
     model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
