@@ -79,9 +79,11 @@ def test_the_fused_layers_train_as_peft_s(tiny_model_dir, dropout, train_layers)
 
 
 def test_peft_s_own_forward_runs_where_the_fused_one_does_not_apply(tiny_model_dir):
-    """Adapters disabled (a preference trainer's reference model), merged into the base, or autocast: the fused
-    forward would add the LoRA term, add it twice, or compute in fp32, so each equals PEFT's output exactly."""
+    """Adapters disabled (a preference trainer's reference model), merged into the base, another adapter active
+    (a reference adapter added after the fused forward was given), or autocast: the fused forward would add the
+    LoRA term, add it twice, add the wrong adapter's, or compute in fp32, so each equals PEFT's output exactly."""
     import torch
+    from peft import LoraConfig
 
     model = lora_model(tiny_model_dir).eval()
     input_ids = a_batch()["input_ids"]
@@ -89,7 +91,9 @@ def test_peft_s_own_forward_runs_where_the_fused_one_does_not_apply(tiny_model_d
         "disabled": model.disable_adapter,
         "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
         "merged": lambda: merged(model),
+        "another adapter": lambda: active(model, "reference"),
     }
+    model.add_adapter("reference", LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
     for case, context in cases.items():
         use_fused_lora(model)
         with torch.no_grad(), context():
@@ -107,6 +111,15 @@ def merged(model):
         yield
     finally:
         model.unmerge_adapter()
+
+
+@contextmanager
+def active(model, adapter: str):
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
 
 
 def test_only_plain_lora_on_full_precision_linears_is_fused(tiny_model_dir):
