@@ -95,7 +95,7 @@ def kill_mid_training(loop, loop_dir: Path, args: list[str]) -> None:
 def assert_resumed_without_loss(loop) -> None:
     assert [v.id for v in loop.store.versions()] == [1, 2]
     experiment = json.loads((Path(loop.store.version(2).run_dir) / "reports" / "experiment.json").read_text())
-    assert experiment["resumed_from"] and experiment["steps"] == 24
+    assert experiment["resumed_from"] and experiment["steps"] == 24, experiment["status"]
     new = [e for e in loop.store.examples() if e.kind == "sft" and e.provenance.get("generation")]
     assert sorted(e.conversation["messages"][-1]["content"] for e in new) == ["Answer number 98.", "Answer number 99."]
     # the tiny random model learns nothing: v2 is rejected and its examples wait for the next cycle (used only when
