@@ -34,14 +34,24 @@ BATCH, LEARNING_RATE, LORA_R, LORA_ALPHA = 8, 1e-3, 16, 32
 PEAK_SHAPE = (2048, 2048, 2048)
 
 # Each speed-up alone (over a baseline with all of them off) and all together (tuneship's defaults).
-ALL_OFF = ["train.precision=fp32", "train.packing=false", "train.supervised_logits=false"]
+ALL_OFF = ["train.precision=fp32", "train.packing=false", "train.supervised_logits=false", "train.fused_lora=false"]
+
+
+def only(setting: str) -> list[str]:
+    """The baseline with one speed-up on: `setting` in place of its "off" value."""
+    key = setting.split("=")[0]
+    return [setting if off.startswith(key + "=") else off for off in ALL_OFF]
+
+
 ROWS: dict[str, list[str]] = {
     "ours: none": ALL_OFF,
-    "ours: bf16 autocast only": ["train.precision=bf16", "train.packing=false", "train.supervised_logits=false"],
-    "ours: supervised logits only": ["train.precision=fp32", "train.packing=false"],
-    "ours: packing only": ["train.precision=fp32", "train.supervised_logits=false"],
+    "ours: bf16 autocast only": only("train.precision=bf16"),
+    "ours: supervised logits only": only("train.supervised_logits=true"),
+    "ours: packing only": only("train.packing=true"),
+    "ours: fused LoRA layers only": only("train.fused_lora=true"),
     "ours: all but per-example attention": ["train.shared_prefix=false"],
     "ours: all but the shared prefix": ["train.shared_prefix=false"],
+    "ours: all but fused LoRA layers": ["train.fused_lora=false"],
     "ours: all (defaults)": [],
 }
 # Packing without per-example attention: one SDPA over the packed row with transformers' block-diagonal mask

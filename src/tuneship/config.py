@@ -114,6 +114,11 @@ class TrainSection(Section):
         True, description="packed batches compute the start all their examples share (system prompt) once; exact"
     )
     supervised_logits: bool = Field(True, description="logits and loss only where a supervised token is predicted")
+    fused_lora: bool = Field(
+        True,
+        description="training without autocast (fp32): each LoRA layer's forward and backward in one autograd "
+        "function (gradients equal to PEFT's to rounding)",
+    )
     kernels: Literal["torch", "liger"] = Field("torch", description="liger: Liger's Triton kernels (CUDA only)")
     min_free_disk_gb: float = Field(1.0, ge=0.0, description="disk guard: stop before a save would leave less")
     stop_when_learned: bool = Field(

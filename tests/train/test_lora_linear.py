@@ -128,11 +128,17 @@ def test_only_plain_lora_on_full_precision_linears_is_fused(tiny_model_dir):
     assert use_fused_lora(lora_model(tiny_model_dir, lora_bias=True)) == 0
 
 
-def test_a_training_run_takes_the_fused_layers(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_training_run_takes_the_fused_layers_unless_told_not_to(tmp_path, tiny_model_dir, monkeypatch, fused):
     applied = []
     function = lora_linear.fused_lora_linear
     monkeypatch.setattr(lora_linear, "fused_lora_linear", lambda: applied.append(1) or function())
-    cfg = load_config(tiny_config_file(tmp_path, tiny_model_dir, max_steps=2), ["data.eval_ratio=0"])
+    cfg = load_config(
+        tiny_config_file(tmp_path, tiny_model_dir, max_steps=2), ["data.eval_ratio=0", f"train.fused_lora={fused}"]
+    )
     run = Run.create(cfg)
     run_train(cfg, run, quiet_console(), data=run_data(cfg, run, quiet_console()))
-    assert len(applied) >= 2 * LAYERS * LINEARS_PER_LAYER  # every LoRA layer, in each step's forward
+    if fused:
+        assert len(applied) >= 2 * LAYERS * LINEARS_PER_LAYER  # every LoRA layer, in each step's forward
+    else:
+        assert applied == []

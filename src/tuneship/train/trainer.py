@@ -122,7 +122,8 @@ def setup_training(
     set_seed(cfg.train.seed)  # LoRA's initial weights: the same run twice, or on N processes, starts the same
     model = load_for_training(base_dir, chat_format, cfg.lora, device, cfg.model.adapter_from)
     frozen_layers = freeze_lower_layers(model, cfg.train.train_layers)
-    use_fused_lora(model)
+    if cfg.train.fused_lora:
+        use_fused_lora(model)
     model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
