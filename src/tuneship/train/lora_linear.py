@@ -37,12 +37,12 @@ def use_fused_lora(model) -> int:
 
 
 def _qualifies(module, adapter: str, torch) -> bool:
-    if type(module.base_layer) is not torch.nn.Linear or module.fan_in_fan_out or adapter in module.lora_variant:
+    base = module.base_layer
+    if type(base) is not torch.nn.Linear or module.fan_in_fan_out or adapter in module.lora_variant:
         return False
     if adapter not in module.lora_A:
         return False
     lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    base = module.base_layer
     return (
         type(lora_a) is torch.nn.Linear
         and type(lora_b) is torch.nn.Linear
@@ -54,19 +54,7 @@ def _qualifies(module, adapter: str, torch) -> bool:
 
 
 def _fused_forward(self, x, *args, adapter: str, **kwargs):
-    import torch
-
-    if (
-        args
-        or kwargs
-        or self.disable_adapters
-        or self.merged
-        or self.active_adapters != [adapter]
-        or torch.is_autocast_enabled(x.device.type)
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-    if x.dtype != lora_a.weight.dtype or x.dtype != self.base_layer.weight.dtype:
+    if args or kwargs or not _applies(self, x, adapter):
         return type(self).forward(self, x, *args, **kwargs)
     dropped = self.lora_dropout[adapter](x)
     return fused_lora_linear().apply(
@@ -74,9 +62,23 @@ def _fused_forward(self, x, *args, adapter: str, **kwargs):
         None if dropped is x else dropped,
         self.base_layer.weight,
         self.base_layer.bias,
-        lora_a.weight,
-        lora_b.weight,
+        self.lora_A[adapter].weight,
+        self.lora_B[adapter].weight,
         self.scaling[adapter],
+    )
+
+
+def _applies(self, x, adapter: str) -> bool:
+    """Whether this call is one the fused function computes as PEFT would: `adapter` alone active, unmerged, no
+    autocast, everything in x's dtype."""
+    import torch
+
+    return (
+        not self.disable_adapters
+        and not self.merged
+        and self.active_adapters == [adapter]
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == self.lora_A[adapter].weight.dtype == self.base_layer.weight.dtype
     )
 
 
