@@ -309,3 +309,39 @@ def test_shared_prefix_attention_is_each_examples_own_causal_attention(monkeypat
         )
     assert output.shape == (1, row, 4, 8)
     assert torch.allclose(output, torch.cat(expected, dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("collator", ["packed", "padded"])
+def test_the_last_mlp_runs_at_the_supervised_positions_only_and_changes_no_gradient(
+    tiny_model_and_examples, monkeypatch, collator
+):
+    from tuneship.train import loss
+
+    model, chat_format, features = tiny_model_and_examples
+    batch = PackCollator()(features) if collator == "packed" else PadCollator(chat_format.spec.pad_token_id)(features)
+    rows_seen = []
+    model.model.layers[-1].mlp.down_proj.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[1]))
+    kept_loss, kept_grads = _loss_and_grads(model, batch)
+    positions, _ = loss.next_token_targets(batch)
+    assert rows_seen == [positions.numel()] < [batch["input_ids"].shape[1]]
+    assert "forward" not in vars(model.model.layers[-1].mlp)  # the model's own MLP again afterwards
+    monkeypatch.setattr(loss, "last_mlp", lambda model: None)
+    full_loss, full_grads = _loss_and_grads(model, batch)
+    assert rows_seen[-1] == batch["input_ids"].shape[1]
+    assert kept_loss == pytest.approx(full_loss, rel=1e-6)
+    _assert_same_gradients(kept_grads, full_grads)
+
+
+def test_a_mixture_of_experts_keeps_its_last_mlp_on_every_position(tiny_model_dir):
+    """Its routing (and the load-balancing loss) sees every token: nothing is cut there."""
+    from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
+
+    from tuneship.train.loss import last_mlp
+
+    dense = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    assert last_mlp(dense) is dense.model.layers[-1].mlp
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+    )
+    assert last_mlp(AutoModelForCausalLM.from_config(config)) is None

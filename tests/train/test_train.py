@@ -167,22 +167,34 @@ def test_seeded_tiny_training_reproduces_its_loss_values(tmp_path, tiny_model_di
     ("bad", "message"),
     [(None, None), (float("nan"), r"non-finite gradient in 1\.weight at step 8"), (3e38, "gradient norm overflowed")],
 )
-def test_the_gradient_guard_names_the_non_finite_gradient(bad, message):
+def test_the_gradient_guard_names_the_non_finite_gradient_before_clipping(tmp_path, bad, message):
     import torch
-    from transformers import TrainerState
+    from transformers import Trainer, TrainingArguments
 
-    from tuneship.errors import TrainingStopped
-    from tuneship.train.callbacks import NonFiniteGuard
+    from tuneship.train.trainer import guarded
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].bias.requires_grad_(False)  # a frozen parameter: not in the optimizer, so not in the norm
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_grad_norm=1.0, report_to=[])
+    trainer = guarded(Trainer)(model=model, args=args)
+    trainer.create_optimizer()
+    trainer.state.global_step = 7
     for parameter in model.parameters():
-        parameter.grad = torch.ones_like(parameter)
+        parameter.grad = torch.full_like(parameter, 2.0)
     if bad is not None:
         model[1].weight.grad[0, 0] = bad
-    state = TrainerState()
-    state.global_step = 7
-    if message is None:
-        NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model)
-    else:
+    expected = [parameter.grad.clone() for parameter in model.parameters()]
+    if message is not None:
         with pytest.raises(TrainingStopped, match=message):
-            NonFiniteGuard().on_pre_optimizer_step(None, state, None, model=model)
+            trainer._clip_grad_norm(model)
+        for parameter, gradient in zip(model.parameters(), expected):  # left as they were: nothing clipped
+            assert torch.allclose(parameter.grad, gradient, equal_nan=True)
+        return
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters() if p.requires_grad]
+    for copy, parameter in zip(reference, (p for p in model.parameters() if p.requires_grad)):
+        copy.grad = parameter.grad.clone()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)  # what the HF Trainer computes, trained ones
+    assert torch.equal(trainer._clip_grad_norm(model), expected_norm)
+    for copy, parameter in zip(reference, (p for p in model.parameters() if p.requires_grad)):
+        assert torch.equal(parameter.grad, copy.grad)
+    assert torch.equal(model[0].bias.grad, expected[1])  # the frozen parameter's gradient is not clipped

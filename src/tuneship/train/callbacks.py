@@ -26,18 +26,15 @@ NAN_ADVICE = (
 )
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Stops at the first non-finite gradient, before the optimizer applies it."""
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        if not gradients or torch.isfinite(torch.nn.utils.get_total_norm(gradients.values())):
-            return  # one norm over all gradients, one sync: a NaN or inf anywhere makes it non-finite
-        step = state.global_step + 1
-        for name, gradient in gradients.items():
-            if not torch.isfinite(gradient).all():
-                raise TrainingStopped(f"non-finite gradient in {name} at step {step}; {NAN_ADVICE}")
-        raise TrainingStopped(f"the gradient norm overflowed at step {step}; {NAN_ADVICE}")
+def stop_on_non_finite(norm, model, step: int) -> None:
+    """Stops the training when `norm`, the gradients' total norm, is not finite, naming the first non-finite
+    gradient; called before the optimizer applies them (a NaN or inf anywhere makes the norm non-finite)."""
+    if norm is None or math.isfinite(float(norm)):
+        return
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None and not torch.isfinite(parameter.grad).all():
+            raise TrainingStopped(f"non-finite gradient in {name} at step {step}; {NAN_ADVICE}")
+    raise TrainingStopped(f"the gradient norm overflowed at step {step}; {NAN_ADVICE}")
 
 
 def check_loss(loss, step: int) -> None:
@@ -308,7 +305,7 @@ def learned_examples(
     frozen layers' output (train/frozen_layers.py). Only the positions that predict a supervised token are
     projected onto the vocabulary (train/loss.py)."""
     from tuneship.train.frozen_layers import serving
-    from tuneship.train.loss import model_inputs, next_token_targets
+    from tuneship.train.loss import kept_logits, model_inputs, next_token_targets
 
     was_training = model.training
     model.eval()
@@ -322,7 +319,7 @@ def learned_examples(
                 positions, targets = next_token_targets(batch)
                 batch = model_inputs(batch)
                 with serving(cache, batch):
-                    logits = model(**batch, logits_to_keep=positions, use_cache=False).logits.float()
+                    logits = kept_logits(model, batch, positions).float()
                 supervised = targets != IGNORE_INDEX
                 owners = example_owners(batch, positions, len(features)).expand_as(targets)
                 least = token_margins(logits, targets).masked_fill(~supervised, math.inf)
