@@ -341,7 +341,13 @@ def test_a_mixture_of_experts_keeps_its_last_mlp_on_every_position(tiny_model_di
     dense = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
     assert last_mlp(dense) is dense.model.layers[-1].mlp
     config = MixtralConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
     )
     assert last_mlp(AutoModelForCausalLM.from_config(config)) is None

@@ -21,6 +21,8 @@ prefix's gradient is the sum over the examples, by autograd), at the cost of com
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from tuneship.train.batches import SHARED_PREFIX
 
 PACKED_SDPA = "tuneship_packed_sdpa"
@@ -135,19 +137,33 @@ def causal_attention(query, key, value, scaling: float | None, dropout: float):
     short sequences on a CPU this is several times faster than SDPA's flash kernel, whose backward is slow at
     small sizes in bf16. Grouped-query attention without copying keys and values for each query head: the
     queries of a key head's group are one matrix (heads sharing a key head, then tokens), a quarter less time
-    for SmolLM2's 3 query heads per key head than repeating the keys."""
+    for SmolLM2's 3 query heads per key head than repeating the keys. The scale and the mask are one `baddbmm`
+    onto a kept additive mask: no scaling, mask or masking pass, forward or backward (1444 -> 1390 ms a
+    SmolLM2-135M step, 2-core AVX2 CPU, fp32)."""
     import torch
 
     batch, heads, tokens, dim = query.shape
     key_heads = key.shape[1]
     group = heads // key_heads
     scale = scaling if scaling is not None else dim**-0.5
-    grouped = query.reshape(batch, key_heads, group * tokens, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scale
-    future = _future(tokens, key.shape[2] - tokens, query.device).repeat(group, 1)
-    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32)
+    grouped = query.reshape(batch * key_heads, group * tokens, dim)
+    keys = key.reshape(batch * key_heads, -1, dim)
+    mask = causal_bias(tokens, keys.shape[1] - tokens, group, query.dtype, query.device)
+    scores = torch.baddbmm(mask, grouped, keys.transpose(1, 2), alpha=scale)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
     weights = torch.nn.functional.dropout(weights.to(value.dtype), p=dropout, training=dropout > 0)
-    return torch.matmul(weights, value).reshape(batch, heads, tokens, dim).transpose(1, 2)
+    output = torch.bmm(weights, value.reshape(batch * key_heads, -1, dim))
+    return output.reshape(batch, heads, tokens, dim).transpose(1, 2)
+
+
+@lru_cache(maxsize=256)
+def causal_bias(tokens: int, shared: int, group: int, dtype, device):
+    """(group x tokens, shared + tokens): 0 where a query (of each of a key head's `group` query heads) may see a
+    key, -inf where not (`_future`). Never written to: every call with these sizes shares it."""
+    import torch
+
+    future = _future(tokens, shared, device)
+    return torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, float("-inf")).repeat(group, 1)
 
 
 def _future(tokens: int, shared: int, device):
