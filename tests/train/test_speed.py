@@ -162,10 +162,12 @@ def test_packed_attention_gives_the_padded_loss_and_gradients(tiny_model_and_exa
     monkeypatch.setattr(attention, "EXPLICIT_ATTENTION_MAX_TOKENS", explicit_up_to)
     padded_loss, padded_grads = _loss_and_grads(model, PadCollator(chat_format.spec.pad_token_id)(features))
     attention.use_packed_attention(model)
-    calls, segment_slots = [], attention.segment_slots
+    calls, layouts, segment_slots, example_layout = [], [], attention.segment_slots, attention.example_layout
     monkeypatch.setattr(attention, "segment_slots", lambda bounds: calls.append(bounds) or segment_slots(bounds))
+    monkeypatch.setattr(attention, "example_layout", lambda *args: layouts.append(args) or example_layout(*args))
     packed_loss, packed_grads = _loss_and_grads(model, PackCollator()(features))
-    assert len(calls) == model.config.num_hidden_layers  # every layer took the per-example path
+    assert len(layouts) == model.config.num_hidden_layers  # every layer took the per-example path
+    assert len(calls) == 1  # the row's layout worked out once for all of them
     assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
     _assert_same_gradients(packed_grads, padded_grads)
 

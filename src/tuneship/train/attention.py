@@ -21,6 +21,7 @@ prefix's gradient is the sum over the examples, by autograd), at the cost of com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 from tuneship.train.batches import SHARED_PREFIX
@@ -81,24 +82,81 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q
 
 
 def _per_example(module, query, key, value, bounds, shared: int, kwargs):
-    """(real tokens, heads, dim): each example's queries against the shared prefix's keys and its own."""
+    """(real tokens, heads, dim): each example's queries against the shared prefix's keys and its own. Queries,
+    keys and values are gathered straight into the batched layout the products read (one `index_select` each,
+    no copy after it), and the output is gathered back into the row's token order the same way."""
+    heads, row, dim = query.shape[1:]
+    key_heads = key.shape[1]
+    layout = example_layout(bounds, shared, heads, key_heads, row)
+    examples, slots, keys = layout.examples, layout.slots, layout.keys
+    queries = _rows(query).index_select(0, layout.query_rows)  # (example, key head, group member, slot)
+    example_keys = _rows(key).index_select(0, layout.key_rows).view(examples * key_heads, keys, dim)
+    example_values = _rows(value).index_select(0, layout.key_rows).view(examples * key_heads, keys, dim)
+    if keys <= EXPLICIT_ATTENTION_MAX_TOKENS:
+        grouped = queries.view(examples * key_heads, heads // key_heads * slots, dim)
+        scale = kwargs["scaling"] if kwargs.get("scaling") is not None else dim**-0.5
+        output = grouped_causal_attention(
+            grouped, example_keys, example_values, slots, scale, kwargs.get("dropout", 0.0)
+        )
+    else:
+        output = _attend(
+            module,
+            queries.view(examples, heads, slots, dim),
+            example_keys.view(examples, key_heads, keys, dim),
+            example_values.view(examples, key_heads, keys, dim),
+            shared,
+            kwargs,
+        ).transpose(1, 2)  # (examples, heads, slots, dim) as the rows below count
+    return output.reshape(-1, dim).index_select(0, layout.output_rows).view(-1, heads, dim)
+
+
+def _rows(states):
+    """(1, heads, row, dim) -> (heads x row, dim): a head's positions one after another."""
+    return states[0].reshape(-1, states.shape[-1])
+
+
+@dataclass(frozen=True)
+class ExampleLayout:
+    """Where each example's queries, keys and outputs are in a packed row's (heads x row, dim) states."""
+
+    examples: int
+    slots: int  # the longest example's tokens (each example padded at its end to it)
+    keys: int  # shared prefix + slots
+    query_rows: object  # (examples, key heads, group, slots): query head (key head x group + member)'s row
+    key_rows: object  # (examples, key heads, keys): the prefix's keys, then the example's own
+    output_rows: object  # (real tokens, heads): each token's row in the (examples, heads, slots) output
+
+
+_last_layout: list = [None, None]  # (bounds tensor, its layout): every layer of a forward pass reads the same
+
+
+def example_layout(bounds, shared: int, heads: int, key_heads: int, row: int) -> ExampleLayout:
+    """The layout of one packed row (`bounds` after any shared prefix), worked out once per forward pass."""
     import torch
 
+    cached_bounds, layout = _last_layout
+    key = (shared, heads, key_heads, row)
+    if cached_bounds is bounds and layout[0] == key:
+        return layout[1]
     index, is_real = segment_slots(bounds)
     examples, slots = index.shape
     key_index = index
     if shared:
         prefix = torch.arange(shared, device=index.device).expand(examples, shared)
         key_index = torch.cat([prefix, index], dim=1)
-
-    def by_example(states, rows):  # (1, heads, row, dim) -> (examples, heads, slots, dim)
-        gathered = states[0].index_select(1, rows.flatten())
-        return gathered.unflatten(1, rows.shape).transpose(0, 1)
-
-    output = _attend(
-        module, by_example(query, index), by_example(key, key_index), by_example(value, key_index), shared, kwargs
+    head = torch.arange(heads, device=index.device)
+    key_head = torch.arange(key_heads, device=index.device)
+    example, slot = is_real.nonzero(as_tuple=True)  # the row's tokens in order (examples lie end to end)
+    computed = ExampleLayout(
+        examples=examples,
+        slots=slots,
+        keys=key_index.shape[1],
+        query_rows=(head[None, :, None] * row + index[:, None, :]).flatten(),
+        key_rows=(key_head[None, :, None] * row + key_index[:, None, :]).flatten(),
+        output_rows=((example[:, None] * heads + head) * slots + slot[:, None]).flatten(),
     )
-    return output[is_real]
+    _last_layout[:] = [bounds, (key, computed)]
+    return computed
 
 
 def _attend(module, query, key, value, shared: int, kwargs):
@@ -132,28 +190,38 @@ def shared_prefix_row_mask(bounds, shared: int, window: int | None):
 
 
 def causal_attention(query, key, value, scaling: float | None, dropout: float):
-    """softmax(q k^T) v under a causal mask, softmax in fp32 (as transformers' eager attention), returned as
-    (batch, tokens, heads, dim). Keys beyond the queries' count lead (a shared prefix every query sees). For
-    short sequences on a CPU this is several times faster than SDPA's flash kernel, whose backward is slow at
-    small sizes in bf16. Grouped-query attention without copying keys and values for each query head: the
-    queries of a key head's group are one matrix (heads sharing a key head, then tokens), a quarter less time
-    for SmolLM2's 3 query heads per key head than repeating the keys. The scale and the mask are one `baddbmm`
-    onto a kept additive mask: no scaling, mask or masking pass, forward or backward (1444 -> 1390 ms a
-    SmolLM2-135M step, 2-core AVX2 CPU, fp32)."""
-    import torch
-
+    """softmax(q k^T) v under a causal mask, softmax in fp32 (as transformers' eager attention), for (batch,
+    heads, tokens, dim) states, returned as (batch, tokens, heads, dim). Keys beyond the queries' count lead (a
+    shared prefix every query sees). For short sequences on a CPU this is several times faster than SDPA's flash
+    kernel, whose backward is slow at small sizes in bf16."""
     batch, heads, tokens, dim = query.shape
     key_heads = key.shape[1]
-    group = heads // key_heads
-    scale = scaling if scaling is not None else dim**-0.5
-    grouped = query.reshape(batch * key_heads, group * tokens, dim)
-    keys = key.reshape(batch * key_heads, -1, dim)
-    mask = causal_bias(tokens, keys.shape[1] - tokens, group, query.dtype, query.device)
+    output = grouped_causal_attention(
+        query.reshape(batch * key_heads, heads // key_heads * tokens, dim),
+        key.reshape(batch * key_heads, -1, dim),
+        value.reshape(batch * key_heads, -1, dim),
+        tokens,
+        scaling if scaling is not None else dim**-0.5,
+        dropout,
+    )
+    return output.view(batch, heads, tokens, dim).transpose(1, 2)
+
+
+def grouped_causal_attention(grouped, keys, values, tokens: int, scale: float, dropout: float):
+    """causal_attention on (batch x key heads, group x tokens, dim) queries: grouped-query attention without
+    copying keys and values for each query head, the queries of a key head's group one matrix (heads sharing a
+    key head, then tokens), a quarter less time for SmolLM2's 3 query heads per key head than repeating the
+    keys. The scale and the mask are one `baddbmm` onto a kept additive mask: no scaling, mask or masking pass,
+    forward or backward (1444 -> 1390 ms a SmolLM2-135M step, 2-core AVX2 CPU, fp32). Returns (batch x key
+    heads, group x tokens, dim)."""
+    import torch
+
+    group = grouped.shape[1] // tokens
+    mask = causal_bias(tokens, keys.shape[1] - tokens, group, grouped.dtype, grouped.device)
     scores = torch.baddbmm(mask, grouped, keys.transpose(1, 2), alpha=scale)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    weights = torch.nn.functional.dropout(weights.to(value.dtype), p=dropout, training=dropout > 0)
-    output = torch.bmm(weights, value.reshape(batch * key_heads, -1, dim))
-    return output.reshape(batch, heads, tokens, dim).transpose(1, 2)
+    weights = torch.nn.functional.dropout(weights.to(values.dtype), p=dropout, training=dropout > 0)
+    return torch.bmm(weights, values)
 
 
 @lru_cache(maxsize=256)
