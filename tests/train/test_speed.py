@@ -232,7 +232,10 @@ def test_a_shared_prefix_computed_once_gives_the_padded_loss_and_gradients(
     shared = batch[SHARED_PREFIX]
     assert shared > 10  # SmolLM2's template writes its default system prompt into every example
     assert batch["input_ids"].shape[1] == sum(predicting_end(f["labels"]) for f in features) - 2 * shared
+    calls, segment_slots = [], attention.segment_slots
+    monkeypatch.setattr(attention, "segment_slots", lambda bounds: calls.append(bounds) or segment_slots(bounds))
     shared_loss, shared_grads = _loss_and_grads(model, batch)
+    assert len(calls) == 1  # the examples' layout worked out once for every layer
     assert shared_loss == pytest.approx(padded_loss, rel=1e-5)
     _assert_same_gradients(shared_grads, padded_grads)
 

@@ -77,14 +77,15 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, cu_seq_lens_q
         return _per_example(module, query, key, value, bounds, 0, kwargs).unsqueeze(0), None
     prefix = slice(0, shared)
     prefix_output = _attend(module, query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], 0, kwargs)
-    examples_output = _per_example(module, query, key, value, bounds[1:], shared, kwargs)
+    examples_output = _per_example(module, query, key, value, bounds, shared, kwargs)
     return torch.cat([prefix_output[0], examples_output]).unsqueeze(0), None
 
 
 def _per_example(module, query, key, value, bounds, shared: int, kwargs):
-    """(real tokens, heads, dim): each example's queries against the shared prefix's keys and its own. Queries,
-    keys and values are gathered straight into the batched layout the products read (one `index_select` each,
-    no copy after it), and the output is gathered back into the row's token order the same way."""
+    """(real tokens, heads, dim): each example's queries against the shared prefix's keys and its own (`bounds`:
+    the row's, the shared prefix's segment first when there is one). Queries, keys and values are gathered
+    straight into the batched layout the products read (one `index_select` each, no copy after it), and the
+    output is gathered back into the row's token order the same way."""
     heads, row, dim = query.shape[1:]
     key_heads = key.shape[1]
     layout = example_layout(bounds, shared, heads, key_heads, row)
@@ -131,14 +132,15 @@ _last_layout: list = [None, None]  # (bounds tensor, its layout): every layer of
 
 
 def example_layout(bounds, shared: int, heads: int, key_heads: int, row: int) -> ExampleLayout:
-    """The layout of one packed row (`bounds` after any shared prefix), worked out once per forward pass."""
+    """The layout of one packed row's examples (`bounds`: the row's, the shared prefix's segment first when there
+    is one), worked out once per forward pass: every layer is given the same `bounds` tensor."""
     import torch
 
     cached_bounds, layout = _last_layout
     key = (shared, heads, key_heads, row)
     if cached_bounds is bounds and layout[0] == key:
         return layout[1]
-    index, is_real = segment_slots(bounds)
+    index, is_real = segment_slots(bounds[1:] if shared else bounds)
     examples, slots = index.shape
     key_index = index
     if shared:
