@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneship.errors import TuneshipError
+from tuneship.train.allocator import kept_heap
 from tuneship.train.attention import use_packed_attention
 from tuneship.train.batches import ExampleDataset, PackCollator, PadCollator, TokenCounter
 from tuneship.train.device import (
@@ -282,7 +283,8 @@ def fit(trainer, setup: TrainingSetup, run: Run, cfg: Config, chat_format, conso
     try:
         if resume and is_main_process():
             console.print(f"resuming from {resume} (use --fresh to start over)")
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with kept_heap():  # a step's memory is the next step's, not page-faulted in again (train/allocator.py)
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         counter.tokens, counter.supervised = global_sum(counter.tokens), global_sum(counter.supervised)
         adapter_dir = run.adapter_dir
         if is_main_process():
