@@ -134,7 +134,8 @@ def test_a_training_run_takes_the_fused_layers_unless_told_not_to(tmp_path, tiny
     function = lora_linear.fused_lora_linear
     monkeypatch.setattr(lora_linear, "fused_lora_linear", lambda: applied.append(1) or function())
     cfg = load_config(
-        tiny_config_file(tmp_path, tiny_model_dir, max_steps=2), ["data.eval_ratio=0", f"train.fused_lora={fused}"]
+        tiny_config_file(tmp_path, tiny_model_dir, max_steps=2),
+        ["data.eval_ratio=0", f"train.fused_lora={fused}", "train.precision=fp32"],  # auto: bf16 on avx512_bf16
     )
     run = Run.create(cfg)
     run_train(cfg, run, quiet_console(), data=run_data(cfg, run, quiet_console()))

@@ -110,7 +110,7 @@ def fused_lora_linear():
             grad_x = grad_dropped = None
             shape = (*grad_out.shape[:-1], weight.shape[1])
             if ctx.shared and ctx.needs_input_grad[0]:
-                grad_x = torch.addmm(grad_rows @ weight, grad_low_rank, lora_a).view(shape)
+                grad_x = (grad_rows @ weight).addmm_(grad_low_rank, lora_a).view(shape)
             else:
                 if ctx.needs_input_grad[0]:
                     grad_x = (grad_rows @ weight).view(shape)

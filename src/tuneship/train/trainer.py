@@ -24,6 +24,7 @@ from tuneship.train.device import (
 )
 from tuneship.train.distributed import world_size
 from tuneship.train.frozen_layers import frozen_layers_cache, serving
+from tuneship.train.walks import flat_walks
 
 if TYPE_CHECKING:
     from tuneship.config import Config
@@ -283,7 +284,9 @@ def fit(trainer, setup: TrainingSetup, run: Run, cfg: Config, chat_format, conso
     try:
         if resume and is_main_process():
             console.print(f"resuming from {resume} (use --fresh to start over)")
-        with kept_heap():  # a step's memory is the next step's, not page-faulted in again (train/allocator.py)
+        # a step's memory is the next step's, not page-faulted in again (train/allocator.py); the HF Trainer's
+        # per-step walks over every module from flat lists (train/walks.py)
+        with kept_heap(), flat_walks(model):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         counter.tokens, counter.supervised = global_sum(counter.tokens), global_sum(counter.supervised)
         adapter_dir = run.adapter_dir
