@@ -285,7 +285,7 @@ def fit(trainer, setup: TrainingSetup, run: Run, cfg: Config, chat_format, conso
         if resume and is_main_process():
             console.print(f"resuming from {resume} (use --fresh to start over)")
         # a step's memory is the next step's, not page-faulted in again (train/allocator.py); the HF Trainer's
-        # per-step walks over every module from flat lists (train/walks.py)
+        # per-step walks over every module cut short when there is nothing to change (train/walks.py)
         with kept_heap(), flat_walks(model):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         counter.tokens, counter.supervised = global_sum(counter.tokens), global_sum(counter.supervised)

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 
 def _plain_train_only(modules) -> bool:
-    """Whether every module's `train` does only what it must when its mode does not change: torch's own, or
-    transformers' (which also sets the model's kernels mode from the same flag)."""
+    """Whether every module's `train` does nothing more when its mode does not change: torch's own, or
+    transformers' (which also sets the model's hub-kernels mode from the same flag)."""
     import torch
     from transformers import PreTrainedModel
 
