@@ -109,6 +109,21 @@ def test_changed_settings_refuse_to_resume_old_checkpoints(tmp_path, tiny_model_
     assert cli("train", config, "--set", "train.learning_rate=5e-4", "--fresh").code == 0
 
 
+def test_learned_stop_settings_are_training_inputs_only_with_the_learned_stop(tmp_path, tiny_model_dir):
+    from tuneship.config import load_config
+    from tuneship.run import Run
+    from tuneship.train.stage import train_inputs
+
+    def inputs(*overrides):
+        cfg = load_config(tiny_config(tmp_path, tiny_model_dir), list(overrides))
+        return train_inputs(cfg, Run.create(cfg))
+
+    assert inputs() == inputs("train.stop_margin=0.5", "train.stop_loss=0.2", "train.focus_unlearned=false")
+    learned = "train.stop_when_learned=true"
+    assert inputs(learned) != inputs(learned, "train.stop_margin=0.5") != inputs(learned, "train.stop_loss=0.2")
+    assert inputs() != inputs("train.learning_rate=5e-4")
+
+
 def test_dry_run_prints_the_rendered_sample_and_trains_nothing(tmp_path, tiny_model_dir, cli):
     result = cli("train", tiny_config(tmp_path, tiny_model_dir), "--dry-run")
     out = result.out

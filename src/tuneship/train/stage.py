@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 # Settings that change what is logged, not what is learned.
 NOT_INPUTS = {"sample_every", "sample_prompts", "report_to"}
+# Settings read only with train.stop_when_learned: without it they change nothing (a new default of one of them
+# must not make a finished run's checkpoints "made from other settings").
+LEARNED_STOP_ONLY = {"stop_loss", "stop_margin", "focus_unlearned"}
 
 
 @dataclass
@@ -38,7 +41,7 @@ def train_inputs(cfg: Config, run: Run) -> str:
         cfg.model.model_dump(),
         cfg.chat.model_dump(),
         cfg.lora.model_dump(),
-        cfg.train.model_dump(exclude=NOT_INPUTS),
+        cfg.train.model_dump(exclude=NOT_INPUTS if cfg.train.stop_when_learned else NOT_INPUTS | LEARNED_STOP_ONLY),
         file_fingerprint(run.data_dir / "train.jsonl"),
     )
 
