@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -110,7 +111,7 @@ def _converted(gguf: Path, name: str) -> Path:
     target = cache_dir() / "models" / name
     with locked(target.with_name(f".{name}.lock")):
         if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
-            _convert_gguf(gguf, target)
+            dequantize_gguf(gguf, target)
         _write_license(gguf, target)
     return target
 
@@ -126,22 +127,49 @@ def _write_license(gguf: Path, target: Path) -> None:
         (target / "LICENSE").write_text(str(license_text) + "\n", encoding="utf-8")
 
 
-def _convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantize a GGUF into an HF folder, written beside the target and renamed into place."""
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
+
+
+def dequantize_gguf(gguf: Path, target: Path, files_from: Path | None = None) -> Path:
+    """Dequantize a GGUF into an HF folder, written beside the target and renamed into place. Config and tokenizer
+    come from the GGUF, or, with `files_from`, are that folder's own files (everything but its weights), and the
+    weights are stored in its dtype (a 7B model's in bf16: 14 GB, not 28), so the folder differs from that model in
+    its weights' values only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    with _gguf_read_once():
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.replace(target)
+    dtype = _stored_dtype(files_from) if files_from else "float32"
+    try:
+        with _gguf_read_once():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+            tokenizer = None if files_from else AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        else:
+            _copy_model_files(Path(files_from), partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.replace(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _stored_dtype(model_dir: Path) -> str:
+    """The dtype a model folder's config says its weights are stored in (float32 when it does not say)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+
+
+def _copy_model_files(source: Path, target: Path) -> None:
+    """The files of a model folder other than its weights (config, tokenizer, chat template, license)."""
+    for path in source.iterdir():
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
+            shutil.copyfile(path, target / path.name)
 
 
 @contextlib.contextmanager

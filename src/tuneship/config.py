@@ -128,11 +128,11 @@ class TrainSection(Section):
     )
     stop_loss: float = Field(0.05, gt=0.0, description="train.stop_when_learned: the mean answer loss to reach")
     stop_margin: float = Field(
-        2.0,
+        1.0,
         ge=0.0,
         description="train.stop_when_learned: by how much (in logits) every answer token must beat the next most "
-        "likely one: an answer learned by a hair flips on a quantized base or in another runtime (1.0 and 1.5 were "
-        "each seen to flip a replayed answer on SmolLM2's Q4_K_M base)",
+        "likely one: an answer learned by a hair flips in another runtime (llama.cpp's 8-bit activations) or on "
+        "other weights (the loop's cycles in adapter format train on the base quant they serve on)",
     )
     focus_unlearned: bool = Field(
         True,

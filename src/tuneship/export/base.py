@@ -6,24 +6,39 @@ same file for every version, so a server loads it once and switches adapters. Th
 (`<cache>/base-gguf/<key>/`), keyed by the base folder and its weights' sizes and times, beside the base model
 itself (the cache already holds it when the base came from a GGUF). Several processes may ask at once (a cycle
 and the server): one builds under a file lock, each file is written under a temporary name and renamed.
+
+What trains a version in adapter format is the base as it serves (`served_base_dir`): the quantized GGUF's weights
+dequantized into an HF folder beside it (`hf-<kind>/`, with the base's own config and tokenizer files), so that the
+check that stops training when the examples are learned measures the weights llama.cpp answers with. On SmolLM2
+the Q4_K_M's weights differ from the base's by 4-6 % (mean, relative) in the attention projections, enough to flip
+a fact learned by a 1-logit margin on the base. Such a folder names its base (SERVED_MARK), so an adapter trained on
+it finds the same shared GGUFs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from tuneship.disk import locked, written_atomically
+from tuneship.errors import TuneshipError
 from tuneship.paths import cache_dir
 
 REFERENCE_KIND = "f16"
+UNQUANTIZED = {"f16", "bf16", "f32"}
+SERVED_MARK = "served-base.json"
+
+
+class ServedBaseUnavailable(TuneshipError):
+    """transformers cannot dequantize this base's quantized GGUF (its architecture or quant type)."""
 
 
 def base_gguf(base_dir: str | Path, kind: str) -> Path:
     """The base model in `base_dir` as `<kind>` GGUF (f16, or a quant made from the f16), built when missing."""
     from tuneship.export import gguf
 
-    folder = cache_dir() / "base-gguf" / base_key(Path(base_dir))
+    folder = _gguf_folder(Path(base_dir))
     path = folder / f"base-{kind}.gguf"
     if path.is_file():
         return path
@@ -37,6 +52,39 @@ def base_gguf(base_dir: str | Path, kind: str) -> Path:
             with written_atomically(path) as partial:
                 gguf.quantize(reference, partial, kind)
     return path
+
+
+def served_base_dir(base_dir: str | Path, kind: str) -> Path:
+    """The base model in `base_dir` as llama.cpp serves it as `<kind>`: an HF folder of that GGUF's weights,
+    dequantized, built when missing (7 s for SmolLM2 on 2 cores). An unquantized kind is the base itself."""
+    from tuneship.base_model import dequantize_gguf
+
+    base_dir = Path(base_dir)
+    if (base_dir / SERVED_MARK).is_file():  # already a served base: the same one, or its base's other quant
+        mark = json.loads((base_dir / SERVED_MARK).read_text())
+        if mark["kind"] == kind:
+            return base_dir
+        base_dir = Path(mark["base"])
+    if kind in UNQUANTIZED:
+        return base_dir
+    quantized = base_gguf(base_dir, kind)
+    target = quantized.parent / f"hf-{kind}"
+    with locked(quantized.parent / ".hf.lock"):
+        if not (target / SERVED_MARK).is_file():
+            try:
+                dequantize_gguf(quantized, target, files_from=base_dir)
+            except (ValueError, NotImplementedError, KeyError) as exc:
+                raise ServedBaseUnavailable(f"transformers cannot dequantize {quantized}: {exc}") from None
+            mark = {"base": str(base_dir.resolve()), "kind": kind}
+            (target / SERVED_MARK).write_text(json.dumps(mark) + "\n")
+    return target
+
+
+def _gguf_folder(base_dir: Path) -> Path:
+    """Where the base's GGUFs are: a served base's are its base's (the folder it lies in)."""
+    if (base_dir / SERVED_MARK).is_file():
+        return base_dir.parent
+    return cache_dir() / "base-gguf" / base_key(base_dir)
 
 
 def base_key(base_dir: Path) -> str:

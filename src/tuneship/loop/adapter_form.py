@@ -6,6 +6,10 @@ A cycle in this format does no merge, no f16 conversion of the model and no quan
 converts its adapter (seconds) and checks it on the base quant. The champion the loop started from (v1, the base
 run, exported merged) is brought into the same form when the loop first needs it (`in_adapter_form`): its adapter
 is converted once, so the server loads one base for every version and a promotion only switches adapters.
+
+A challenger in this format trains on the base as it serves (`served_base`: the base quant's weights, dequantized),
+so that its learned check sees what llama.cpp will answer with; its adapter then names that folder as its base,
+which leads to the same shared GGUFs (export/base.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ from tuneship.run import Run
 
 def is_adapter_format(cfg: Config) -> bool:
     return cfg.loop.version_format == "adapter"
+
+
+def served_base(cfg: Config) -> str:
+    """The folder a challenger in adapter format trains on: the base model's deployed quant, dequantized (built
+    once per base and quant; export/base.py raises ServedBaseUnavailable where transformers cannot read it)."""
+    from tuneship.base_model import resolve_base_model
+    from tuneship.export.base import served_base_dir
+
+    return str(served_base_dir(resolve_base_model(cfg.model.base), Run.of(cfg).deployed_quant))
 
 
 def adapter_files(cfg: Config, run_dir: Path) -> tuple[Path, Path]:

@@ -132,20 +132,27 @@ def standby(
     live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test the promotion on this running server"),
 ) -> None:
     """The next cycle's process, started ahead by `tuneship serve` (serve.standby_cycle): it imports what a
-    cycle needs and makes the champion's answers the next gate asks whatever the new examples (`warm_gate_answers`),
-    then waits for one line on stdin, {"actor", "reason", "kind"} as JSON, and runs that cycle as
+    cycle needs, makes the champion's answers the next gate asks whatever the new examples (`warm_gate_answers`) and
+    the base a challenger trains on in adapter format (`served_base`), then waits for one line on stdin, {"actor", "reason", "kind"} as JSON, and runs that cycle as
     `loop cycle` does. It ends without a cycle when stdin closes (the server stopped)."""
     import json
     import sys
 
+    from tuneship.loop.adapter_form import is_adapter_format, served_base
     from tuneship.loop.cycle import preload, warm_gate_answers
 
     preload()
+    loop = _open(target, overrides)
     try:
-        warmed = warm_gate_answers(_open(target, overrides))
+        warmed = warm_gate_answers(loop)
         console.print(f"the champion's answers to {warmed} prompts the next gate asks are ready")
     except Exception as exc:  # noqa: BLE001 (the cycle still runs: its gate asks the champion then)
         console.print(f"the champion's gate answers were not made ahead: {escape(str(exc))}")
+    try:
+        if is_adapter_format(loop.cfg):
+            console.print(f"challengers train on {served_base(loop.cfg)}")
+    except Exception as exc:  # noqa: BLE001 (the cycle tries again, and says why it trains on the base as it is)
+        console.print(f"the base as it serves was not made ahead: {escape(str(exc))}")
     line = sys.stdin.readline()
     if line.strip():
         order = json.loads(line)
