@@ -42,6 +42,12 @@ class ModelSection(Section):
         description="local HF folder, hub id, .gguf file, or the embedded smollm2-135m-instruct",
     )
     adapter_from: str | None = Field(None, description="a previous run's adapter/ folder to continue from")
+    train_on_quant: Quant | OutType | None = Field(
+        None,
+        description="train on the base as this GGUF quant serves it (its weights dequantized, made once in the "
+        "cache), for an adapter that serves on the base's quant (export.merge: false); the loop's cycles in adapter "
+        "format set it to the quant they serve on",
+    )
 
 
 class S3Section(Section):

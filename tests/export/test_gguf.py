@@ -91,7 +91,7 @@ def test_truncated_file_is_not_a_readable_gguf(tiny_run, tmp_path):
 
 
 def test_no_merge_exports_a_lora_gguf_checked_on_the_quantized_base_that_the_template_check_never_takes(run_copy, cli):
-    from tuneship.export.base import base_gguf
+    from tuneship.base_gguf import base_gguf
     from tuneship.models import adapter_base_dir
 
     _, run = run_copy

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from tests.loop_fixtures import fresh_loop_dir, served, tiny_base_run  # noqa: F401
@@ -48,7 +49,9 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(
     config = (run_dir / "config.yaml").read_text()
     assert f"adapter_from: {fresh_loop_dir}" in config
     assert f"train_layers: {1.0 if merged else 0.5}" in config  # loop.train_layers unset: by the format
+    train_on_quant = yaml.safe_load(config)["model"]["train_on_quant"]
     if merged:  # the quant that serves and the f16 it is made from, answering in llama.cpp, not in PyTorch
+        assert train_on_quant is None  # its delta is merged into the base's own weights
         assert Path(version.gguf) == run_dir / "gguf" / "tiny-v2-Q8_0.gguf" and Path(version.gguf).is_file()
         assert version.adapter is None and (run_dir / "merged").is_dir()
         assert sorted(p.name for p in (run_dir / "gguf").glob("*.gguf")) == ["tiny-v2-Q8_0.gguf", "tiny-v2-f16.gguf"]
@@ -56,6 +59,11 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(
         assert list(report["models"]) == ["gguf-f16", "gguf-Q8_0"]
     else:  # the LoRA GGUF on the base's quantized GGUF, which v1 now serves from too; no merge, no checkpoints
         assert version.gguf == loop.store.version(1).gguf and Path(version.gguf).name == "base-Q8_0.gguf"
+        # trained on the base as it serves: that quant's weights, which its adapter names as its base
+        assert train_on_quant == "Q8_0"
+        adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+        trained_on = Path(adapter_config["base_model_name_or_path"])
+        assert trained_on == Path(version.gguf).parent / "hf-Q8_0" and (trained_on / "served-base.json").is_file()
         assert Path(version.adapter).parent == run_dir / "gguf" and Path(version.adapter).is_file()
         assert not (run_dir / "merged").exists() and not (run_dir / "checkpoints").exists()
         assert [p.name for p in (run_dir / "gguf").glob("*.gguf")] == [Path(version.adapter).name]

@@ -213,3 +213,21 @@ def test_the_gradient_guard_names_the_non_finite_gradient_before_clipping(tmp_pa
     for copy, parameter in zip(reference, (p for p in model.parameters() if p.requires_grad)):
         assert torch.equal(parameter.grad, copy.grad)
     assert torch.equal(model[0].bias.grad, expected[1])  # the frozen parameter's gradient is not clipped
+
+
+def test_an_adapter_trained_on_the_served_quant_names_it_and_finds_the_base_s_ggufs(tmp_path, tiny_model_dir, cli):
+    """model.train_on_quant (the loop's adapter-format cycles set it): the adapter trains on the base quant's weights,
+    dequantized, and names that folder as its base, which leads to the base's own GGUFs (export.merge: false)."""
+    from tuneship.config import load_config
+    from tuneship.base_gguf import SERVED_MARK, base_gguf
+    from tuneship.models import adapter_base_dir
+    from tuneship.run import Run
+    from tuneship.train.stage import train_inputs
+
+    config = tiny_config(tmp_path, tiny_model_dir, max_steps=2)
+    assert cli("train", config, "--set", "model.train_on_quant=Q8_0").code == 0
+    cfg = load_config(config, ["model.train_on_quant=Q8_0"])
+    trained_on = Path(adapter_base_dir(Run.of(cfg)))
+    assert (trained_on / SERVED_MARK).is_file() and trained_on.name == "hf-Q8_0"
+    assert base_gguf(trained_on, "Q8_0") == base_gguf(tiny_model_dir, "Q8_0") == trained_on.parent / "base-Q8_0.gguf"
+    assert train_inputs(cfg, Run.of(cfg)) != train_inputs(load_config(config), Run.of(cfg))

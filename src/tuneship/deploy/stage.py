@@ -89,7 +89,7 @@ def lora_files(cfg: Config, run: Run) -> dict[str, Path]:
     (FROM and ADAPTER); else {} (the run's deployed GGUF alone)."""
     if cfg.export.merge:
         return {}
-    from tuneship.export.base import base_gguf
+    from tuneship.base_gguf import base_gguf
     from tuneship.models import adapter_base_dir
 
     return {"gguf": base_gguf(adapter_base_dir(run), run.deployed_quant), "adapter": run.lora_gguf}

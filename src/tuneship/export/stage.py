@@ -163,9 +163,9 @@ def _export_lora(context: ExportContext) -> ExportResult:
     """export.merge false: the adapter as a LoRA GGUF, checked in llama.cpp as it serves, on the base's quantized
     GGUF (the deployed quant), and measured (KL, top-1 agreement) against the same LoRA on the base's f16 GGUF,
     which scores the served answers (faithfulness.measure_on_served_answers). The base GGUFs are built once per
-    base model (export/base.py)."""
+    base model (base_gguf.py)."""
     from tuneship.export import gguf
-    from tuneship.export.base import REFERENCE_KIND, base_gguf
+    from tuneship.base_gguf import REFERENCE_KIND, base_gguf
     from tuneship.models import adapter_base_dir
 
     run, quant = context.run, context.run.deployed_quant

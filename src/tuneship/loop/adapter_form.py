@@ -1,5 +1,5 @@
 """Versions in adapter format (`loop.version_format: adapter`, the default): a version is its LoRA GGUF, applied
-at run time on the base model's quantized GGUF, which every such version shares (export/base.py builds it once).
+at run time on the base model's quantized GGUF, which every such version shares (base_gguf.py builds it once).
 Its registry row names both: `gguf` the base's quantized GGUF (what llama.cpp loads), `adapter` the LoRA GGUF.
 
 A cycle in this format does no merge, no f16 conversion of the model and no quantization: the challenger's export
@@ -9,7 +9,7 @@ is converted once, so the server loads one base for every version and a promotio
 
 A challenger in this format trains on the base as it serves (`served_base`: the base quant's weights, dequantized),
 so that its learned check sees what llama.cpp will answer with; its adapter then names that folder as its base,
-which leads to the same shared GGUFs (export/base.py).
+which leads to the same shared GGUFs (base_gguf.py).
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ def is_adapter_format(cfg: Config) -> bool:
 
 def served_base(cfg: Config) -> str:
     """The folder a challenger in adapter format trains on: the base model's deployed quant, dequantized (built
-    once per base and quant; export/base.py raises ServedBaseUnavailable where transformers cannot read it)."""
+    once per base and quant; base_gguf.py raises ServedBaseUnavailable where transformers cannot read it)."""
     from tuneship.base_model import resolve_base_model
-    from tuneship.export.base import served_base_dir
+    from tuneship.base_gguf import served_base_dir
 
     return str(served_base_dir(resolve_base_model(cfg.model.base), Run.of(cfg).deployed_quant))
 
 
 def adapter_files(cfg: Config, run_dir: Path) -> tuple[Path, Path]:
     """(the base's quantized GGUF, the run's LoRA GGUF) of a trained run, each made when missing."""
-    from tuneship.export.base import base_gguf
+    from tuneship.base_gguf import base_gguf
     from tuneship.export.gguf import convert_lora_to_gguf
     from tuneship.models import adapter_base_dir
 

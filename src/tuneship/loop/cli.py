@@ -132,9 +132,10 @@ def standby(
     live_url: Optional[str] = typer.Option(None, "--live-url", help="smoke-test the promotion on this running server"),
 ) -> None:
     """The next cycle's process, started ahead by `tuneship serve` (serve.standby_cycle): it imports what a
-    cycle needs, makes the champion's answers the next gate asks whatever the new examples (`warm_gate_answers`) and
-    the base a challenger trains on in adapter format (`served_base`), then waits for one line on stdin, {"actor", "reason", "kind"} as JSON, and runs that cycle as
-    `loop cycle` does. It ends without a cycle when stdin closes (the server stopped)."""
+    cycle needs, makes the champion's answers the next gate asks whatever the new examples (`warm_gate_answers`)
+    and the base a challenger trains on in adapter format (`served_base`), then waits for one line on stdin,
+    {"actor", "reason", "kind"} as JSON, and runs that cycle as `loop cycle` does. It ends without a cycle when
+    stdin closes (the server stopped)."""
     import json
     import sys
 

@@ -32,7 +32,7 @@ from rich.console import Console
 
 from tuneship.config import Config
 from tuneship.errors import ContractBroken, GateFailed, TuneshipError
-from tuneship.export.base import ServedBaseUnavailable
+from tuneship.base_gguf import ServedBaseUnavailable
 from tuneship.loop.artifacts import publish_artifacts
 from tuneship.loop.adapter_form import (
     adapter_files,
@@ -175,7 +175,7 @@ def finetune_cycle(
         version.id,
     )
     data = write_cycle_data(store, version, loop.cycle_dir(version.id))
-    cfg = challenger_config(loop.cfg, version.name, Path(champion.run_dir), data, _trained_base(loop, version))
+    cfg = challenger_config(loop.cfg, version.name, Path(champion.run_dir), data, _train_on_quant(loop, version))
     try:
         if train_processes.several:
             train_run_in_processes(cfg, train_processes)
@@ -240,33 +240,30 @@ def _served_files(cfg: Config, run_dir: Path) -> dict[str, str | None]:
     return {"gguf": str(version_gguf(cfg, run_dir)), "adapter": None}
 
 
-def _trained_base(loop: Loop, version: Version) -> str | None:
-    """In adapter format, the base as it serves (`served_base`); None (the run's model.base) in merged format, or
-    where transformers cannot dequantize the base's quant: an event says so, and the challenger trains on the
-    base's own weights (the learned check then measures other weights than llama.cpp's)."""
+def _train_on_quant(loop: Loop, version: Version) -> str | None:
+    """In adapter format, the quant the challenger serves on, which it trains on (`model.train_on_quant`; the
+    standby process made that base ahead, else it is made here); None in merged format, or where transformers
+    cannot dequantize that quant: an event says so, and the challenger trains on the base's own weights (its learned
+    check then measures other weights than llama.cpp's)."""
     if not is_adapter_format(loop.cfg):
         return None
     try:
-        return served_base(loop.cfg)
+        served_base(loop.cfg)
     except ServedBaseUnavailable as exc:
-        loop.store.add_event(
-            "base_as_is",
-            "tuneship",
-            f"v{version.id} trains on the base's own weights, not as it serves: {exc}",
-            {},
-            version.id,
-        )
+        message = f"v{version.id} trains on the base's own weights, not as it serves: {exc}"
+        loop.store.add_event("base_as_is", "tuneship", message, {}, version.id)
         return None
+    return Run.of(loop.cfg).deployed_quant
 
 
 def challenger_config(
-    base: Config, run_name: str, champion_run: Path, data: CycleData, trained_base: str | None = None
+    base: Config, run_name: str, champion_run: Path, data: CycleData, train_on_quant: str | None = None
 ) -> Config:
-    """The challenger's run: the new and replayed examples, warm-started from the champion's adapter, on
-    `trained_base` when given (the base as it serves, in adapter format)."""
+    """The challenger's run: the new and replayed examples, warm-started from the champion's adapter, on the base
+    as `train_on_quant` serves it when given (in adapter format)."""
     cfg = base.model_copy(deep=True)
     cfg.run.name = run_name
-    cfg.model.base = trained_base or cfg.model.base
+    cfg.model.train_on_quant = train_on_quant
     cfg.model.adapter_from = str(champion_run)
     cfg.train.objective = base.loop.objective
     cfg.data.sources = [str(data.train)]

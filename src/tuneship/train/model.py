@@ -30,8 +30,9 @@ def load_for_training(base_dir: str, chat_format, lora_cfg, device, adapter_from
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    if adapter_from:
+    if adapter_from:  # the adapter it saves names the base it trained on, not the one `adapter_from` trained on
         model = PeftModel.from_pretrained(model, resolve_adapter(adapter_from), is_trainable=True)
+        model.peft_config[model.active_adapter].base_model_name_or_path = base_dir
     else:
         config = LoraConfig(
             r=lora_cfg.r,

@@ -38,7 +38,7 @@ class PreparedTraining:
 def train_inputs(cfg: Config, run: Run) -> str:
     """What the adapter depends on: model, chat format, LoRA and training settings, the training split."""
     return fingerprint(
-        cfg.model.model_dump(),
+        cfg.model.model_dump(exclude=set() if cfg.model.train_on_quant else {"train_on_quant"}),
         cfg.chat.model_dump(),
         cfg.lora.model_dump(),
         cfg.train.model_dump(exclude=NOT_INPUTS if cfg.train.stop_when_learned else NOT_INPUTS | LEARNED_STOP_ONLY),

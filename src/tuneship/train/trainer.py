@@ -105,6 +105,7 @@ def setup_training(
     from transformers import set_seed
 
     from tuneship.base_model import fetch_weights
+    from tuneship.base_gguf import served_base_dir
     from tuneship.train import callbacks as cb
     from tuneship.train.distributed import is_main_process
     from tuneship.train.lora_linear import use_fused_lora
@@ -118,6 +119,8 @@ def setup_training(
     estimate = estimate_for_run(base_dir, cfg, device)
     check_memory(estimate, console)
     fetch_weights(base_dir)
+    if cfg.model.train_on_quant:
+        base_dir = str(served_base_dir(base_dir, cfg.model.train_on_quant))
     checkpoints = run.checkpoints_dir
     args = _training_arguments(arguments_class, cfg, device, checkpoints, **extra_arguments)
     with args.main_process_first(desc="checkpoints"):  # rank 0 clears (--fresh) before the others look

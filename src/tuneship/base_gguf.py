@@ -74,7 +74,10 @@ def served_base_dir(base_dir: str | Path, kind: str) -> Path:
             try:
                 dequantize_gguf(quantized, target, files_from=base_dir)
             except (ValueError, NotImplementedError, KeyError) as exc:
-                raise ServedBaseUnavailable(f"transformers cannot dequantize {quantized}: {exc}") from None
+                raise ServedBaseUnavailable(
+                    f"model.train_on_quant={kind}: transformers cannot dequantize {quantized} ({exc}); "
+                    "without model.train_on_quant the adapter trains on the base's own weights"
+                ) from None
             mark = {"base": str(base_dir.resolve()), "kind": kind}
             (target / SERVED_MARK).write_text(json.dumps(mark) + "\n")
     return target

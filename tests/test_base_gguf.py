@@ -1,4 +1,4 @@
-"""The base as it serves (export/base.py `served_base_dir`): what a challenger in adapter format trains on, so that
+"""The base as it serves (base_gguf.py `served_base_dir`): what a challenger in adapter format trains on, so that
 its learned check measures the weights llama.cpp answers with."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ QUANT = "Q4_K_M"
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir) -> Path:
-    from tuneship.export.base import served_base_dir
+    from tuneship.base_gguf import served_base_dir
 
     return served_base_dir(tiny_model_dir, QUANT)
 
@@ -31,7 +31,7 @@ def test_it_has_the_quant_s_weights_and_the_base_s_own_files(tiny_model_dir, ser
     from gguf import GGMLQuantizationType
     from safetensors.numpy import load_file
 
-    from tuneship.export.base import base_gguf
+    from tuneship.base_gguf import base_gguf
 
     base = Path(tiny_model_dir)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -53,7 +53,7 @@ def test_its_logits_are_llama_cpp_s_on_the_quant_as_the_base_s_are_not(tiny_mode
 
     from tuneship.evaluate.backends import LOADER_CONTEXT, load_gguf
     from tuneship.evaluate.llama_parallel import position_logits
-    from tuneship.export.base import base_gguf
+    from tuneship.base_gguf import base_gguf
 
     tokens = AutoTokenizer.from_pretrained(tiny_model_dir)("What is the capital of France? Paris, of course.")
     tokens = tokens["input_ids"]
@@ -76,7 +76,7 @@ def test_its_logits_are_llama_cpp_s_on_the_quant_as_the_base_s_are_not(tiny_mode
 
 def test_it_leads_back_to_its_base_s_ggufs(tiny_model_dir, served):
     """An adapter trained on it names it as its base: its GGUFs must be the base's, the files every version shares."""
-    from tuneship.export.base import base_gguf, served_base_dir
+    from tuneship.base_gguf import base_gguf, served_base_dir
 
     base = Path(tiny_model_dir)
     assert served.parent == base_gguf(base, QUANT).parent and served.name == f"hf-{QUANT}"
@@ -90,7 +90,7 @@ def test_a_quant_transformers_cannot_read_is_said_and_leaves_no_folder(tiny_mode
     import gguf
     import numpy as np
 
-    from tuneship.export.base import ServedBaseUnavailable, base_gguf, served_base_dir
+    from tuneship.base_gguf import ServedBaseUnavailable, base_gguf, served_base_dir
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -113,7 +113,7 @@ def test_a_base_stored_in_bf16_is_served_in_bf16(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tuneship.export.base import served_base_dir
+    from tuneship.base_gguf import served_base_dir
 
     base = tmp_path / "base"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
