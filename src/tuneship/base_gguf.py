@@ -7,9 +7,10 @@ same file for every version, so a server loads it once and switches adapters. Th
 itself (the cache already holds it when the base came from a GGUF). Several processes may ask at once (a cycle
 and the server): one builds under a file lock, each file is written under a temporary name and renamed.
 
-What trains a version in adapter format is the base as it serves (`served_base_dir`): the quantized GGUF's weights
-dequantized into an HF folder beside it (`hf-<kind>/`, with the base's own config and tokenizer files), so that the
-check that stops training when the examples are learned measures the weights llama.cpp answers with. On SmolLM2
+An adapter that serves on the base's quant can train on the base as it serves (`model.train_on_quant`, which the
+loop's cycles in adapter format set; `served_base_dir`): the quantized GGUF's weights dequantized into an HF folder
+beside it (`hf-<kind>/`, with the base's own config and tokenizer files), so that the check that stops training
+when the examples are learned measures the weights llama.cpp answers with. On SmolLM2
 the Q4_K_M's weights differ from the base's by 4-6 % (mean, relative) in the attention projections, enough to flip
 a fact learned by a 1-logit margin on the base. Such a folder names its base (SERVED_MARK), so an adapter trained on
 it finds the same shared GGUFs.

@@ -30,9 +30,9 @@ from typing import Literal
 
 from rich.console import Console
 
+from tuneship.base_gguf import ServedBaseUnavailable
 from tuneship.config import Config
 from tuneship.errors import ContractBroken, GateFailed, TuneshipError
-from tuneship.base_gguf import ServedBaseUnavailable
 from tuneship.loop.artifacts import publish_artifacts
 from tuneship.loop.adapter_form import (
     adapter_files,
