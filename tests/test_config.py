@@ -36,6 +36,13 @@ def test_learning_rate_outside_usual_range_is_a_warning():
     assert config_warnings(load_config(overrides=["train.learning_rate=2e-4"])) == []
 
 
+def test_training_on_the_served_quant_warns_when_the_adapter_is_merged_all_the_same():
+    on_quant = "model.train_on_quant=Q4_K_M"
+    [warning] = config_warnings(load_config(overrides=[on_quant]))
+    assert "model.train_on_quant=Q4_K_M" in warning and "export.merge: false" in warning
+    assert config_warnings(load_config(overrides=[on_quant, "export.merge=false"])) == []
+
+
 def test_unknown_key_is_an_error_not_ignored():
     with pytest.raises(ConfigError, match="train.learnig_rate: unknown key"):
         load_config(overrides=["train.learnig_rate=1e-4"])

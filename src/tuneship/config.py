@@ -432,6 +432,11 @@ def config_warnings(cfg: Config) -> list[str]:
         )
     if cfg.lora.alpha < cfg.lora.r:
         warnings.append(f"lora.alpha={cfg.lora.alpha} is below lora.r={cfg.lora.r}: the adapter is scaled down")
+    if cfg.model.train_on_quant and cfg.export.merge:
+        warnings.append(
+            f"model.train_on_quant={cfg.model.train_on_quant} with export.merge: true: the adapter is merged into "
+            "the quant's dequantized weights and quantized again; set export.merge: false to serve it on the base quant"
+        )
     return warnings
 
 
