@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,17 +87,23 @@ def measure_matmul_rates(
 
 def cpu_matmul_rates() -> MatmulRates:
     """This machine's rates at the probe shape, measured on first use and cached per CPU, torch and threads."""
+    return MatmulRates(**measured_once("cpu_precision.json", lambda: asdict(measure_matmul_rates())))
+
+
+def measured_once(file_name: str, measure: Callable[[], dict]) -> dict:
+    """`measure()` on first use on this machine, then its result from `<cache>/<file_name>`, kept per CPU model,
+    torch version and thread count (what a measured speed depends on)."""
     import torch
 
     key = f"{_cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-    path = cache_dir() / "cpu_precision.json"
+    path = cache_dir() / file_name
     cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if key not in cached:
-        cached[key] = asdict(measure_matmul_rates())
+        cached[key] = measure()
         path.parent.mkdir(parents=True, exist_ok=True)
         with written_atomically(path) as partial:  # other processes may read it meanwhile
             partial.write_text(json.dumps(cached, indent=2), encoding="utf-8")
-    return MatmulRates(**cached[key])
+    return cached[key]
 
 
 def cpu_auto_precision() -> tuple[str, str]:

@@ -110,6 +110,7 @@ def setup_training(
     from tuneship.train.distributed import is_main_process
     from tuneship.train.lora_linear import use_fused_lora
     from tuneship.train.model import freeze_lower_layers, load_for_training, trainable_bytes
+    from tuneship.train.vocab_projection import use_onednn_projection
     from tuneship.train.precision import set_compute_threads
 
     device = detect_device(cfg.train.device, cfg.train.precision)
@@ -130,6 +131,7 @@ def setup_training(
     frozen_layers = freeze_lower_layers(model, cfg.train.train_layers)
     if cfg.train.fused_lora:
         use_fused_lora(model)
+    use_onednn_projection(model)
     model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
