@@ -96,6 +96,30 @@ def test_a_cycle_is_an_ordinary_run_from_the_champion_gated_and_recorded(
     assert loop.store.lease("cycle") is None
 
 
+def test_a_base_whose_quant_transformers_cannot_read_trains_as_it_is_and_says_so(
+    fresh_loop_dir,  # noqa: F811
+    monkeypatch,
+):
+    """An architecture transformers' GGUF loader lacks cannot be made here (the tiny Llama's quant reads fine): the
+    served base's error is raised where base_gguf.py raises it, and the cycle goes on on the base's own weights."""
+    import tuneship.loop.cycle as cycle
+    from tuneship.base_gguf import ServedBaseUnavailable
+    from tuneship.loop.registry import open_loop
+
+    def unreadable(cfg):
+        raise ServedBaseUnavailable("model.train_on_quant=Q8_0: transformers cannot dequantize base-Q8_0.gguf")
+
+    monkeypatch.setattr(cycle, "served_base", unreadable)
+    loop = open_loop(fresh_loop_dir)
+    correct(loop, [("What is the code word?", "Answer number 99."), ("Who keeps it?", "Answer number 98.")])
+    result = cycle.run_cycle(loop, QUIET, "test", "by hand")
+    [event] = loop.store.events(kind="base_as_is")
+    assert event.version_id == result.version_id == 2 and "cannot dequantize" in event.reason
+    run_dir = Path(loop.store.version(2).run_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["train_on_quant"] is None
+    assert loop.store.version(2).gguf == loop.store.version(1).gguf  # served as any adapter-format version
+
+
 def test_a_cycle_without_new_examples_says_what_to_do(fresh_loop_dir):  # noqa: F811
     from tuneship.loop.registry import open_loop
     from tuneship.loop.cycle import NothingToTrain, run_cycle
