@@ -11,7 +11,7 @@ An adapter that serves on the base's quant can train on the base as it serves (`
 loop's cycles in adapter format set; `served_base_dir`): the quantized GGUF's weights dequantized into an HF folder
 beside it (`hf-<kind>/`, with the base's own config and tokenizer files), so that the check that stops training
 when the examples are learned measures the weights llama.cpp answers with. On SmolLM2
-the Q4_K_M's weights differ from the base's by 4-6 % (mean, relative) in the attention projections, enough to flip
+the Q4_K_M's weights differ from the base's by 4-6 % (mean, relative) in most projections, enough to flip
 a fact learned by a 1-logit margin on the base. Such a folder names its base (SERVED_MARK), so an adapter trained on
 it finds the same shared GGUFs.
 """
