@@ -70,6 +70,8 @@ def served_base_dir(base_dir: str | Path, kind: str) -> Path:
         return base_dir
     quantized = base_gguf(base_dir, kind)
     target = quantized.parent / f"hf-{kind}"
+    if (target / SERVED_MARK).is_file():  # made before: no lock to wait for (a cycle asks at each training)
+        return target
     with locked(quantized.parent / ".hf.lock"):
         if not (target / SERVED_MARK).is_file():
             try:

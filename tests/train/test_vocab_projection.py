@@ -67,3 +67,23 @@ def test_the_verdict_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert verdict == (entry["onednn_speedup"] >= 1.0)
     written = (tmp_path / "cpu_gemm.json").stat().st_mtime_ns
     assert onednn_is_faster() == verdict and (tmp_path / "cpu_gemm.json").stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_run_takes_it_in_fp32_only(tmp_path, tiny_model_dir, monkeypatch, onednn_chosen, precision):
+    """bf16 autocast computes the projection its own way (oneDNN's bf16 product already)."""
+    from tests.conftest import quiet_console, tiny_config_file
+    from tuneship.config import load_config
+    from tuneship.data.stage import run_data
+    from tuneship.run import Run
+    from tuneship.train.stage import run_train
+
+    applied = []
+    function = vocab_projection._onednn_projection
+    monkeypatch.setattr(vocab_projection, "_onednn_projection", lambda: applied.append(1) or function())
+    cfg = load_config(
+        tiny_config_file(tmp_path, tiny_model_dir, max_steps=2), ["data.eval_ratio=0", f"train.precision={precision}"]
+    )
+    run = Run.create(cfg)
+    run_train(cfg, run, quiet_console(), data=run_data(cfg, run, quiet_console()))
+    assert bool(applied) == (onednn_chosen and precision == "fp32")

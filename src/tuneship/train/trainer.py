@@ -104,14 +104,14 @@ def setup_training(
     `extra_arguments`)."""
     from transformers import set_seed
 
-    from tuneship.base_model import fetch_weights
     from tuneship.base_gguf import served_base_dir
+    from tuneship.base_model import fetch_weights
     from tuneship.train import callbacks as cb
     from tuneship.train.distributed import is_main_process
     from tuneship.train.lora_linear import use_fused_lora
     from tuneship.train.model import freeze_lower_layers, load_for_training, trainable_bytes
-    from tuneship.train.vocab_projection import use_onednn_projection
     from tuneship.train.precision import set_compute_threads
+    from tuneship.train.vocab_projection import use_onednn_projection
 
     device = detect_device(cfg.train.device, cfg.train.precision)
     if device.kind == "cpu":
@@ -131,7 +131,8 @@ def setup_training(
     frozen_layers = freeze_lower_layers(model, cfg.train.train_layers)
     if cfg.train.fused_lora:
         use_fused_lora(model)
-    use_onednn_projection(model)
+    if device.kind == "cpu" and device.precision == "fp32":  # autocast's bf16 projection is oneDNN's already
+        use_onednn_projection(model)
     model.config.use_cache = False  # a cache in a training forward hides packed sequences from the mask
     counter = TokenCounter()
     progress = cb.ProgressDisplay(console, counter, is_shown=is_main_process())
