@@ -284,6 +284,13 @@ class ServeSection(Section):
     db_timeout: float = Field(
         5.0, gt=0, description="seconds a request waits for the loop's database (lock, connection); then 503"
     )
+    keep_alive_seconds: float = Field(
+        75.0,
+        gt=0,
+        description="seconds an idle HTTP connection stays open: above a load balancer's or proxy's idle timeout "
+        "(AWS ALB and nginx: 60 s), so the balancer closes idle connections first and never sends a request on one "
+        "this server just closed (a 502)",
+    )
     max_concurrent: int = Field(
         1, ge=1, description="generations at once per model (llama.cpp in-process runs one at a time per model)"
     )

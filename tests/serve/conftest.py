@@ -12,15 +12,17 @@ from tests.loop_fixtures import fresh_loop_dir, tiny_base_run  # noqa: F401
 
 
 class LiveServer:
-    """uvicorn in a thread on a free loopback port."""
+    """uvicorn in a thread on a free loopback port, with `tuneship serve`'s settings."""
 
     def __init__(self, app):
         import uvicorn
 
+        from tuneship.serve.cli import server_config
+
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

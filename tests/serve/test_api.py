@@ -1,10 +1,15 @@
 """The API through the real OpenAI client and plain HTTP, against uvicorn on loopback, llama.cpp answering."""
 
+import http.client
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from tests.serve.conftest import serve_loop
 
 AUTH = {"Authorization": "Bearer s3cret"}
 
@@ -163,6 +168,32 @@ def test_openapi_documents_every_endpoint(served):
         "/v1/versions/{version_id}/promote",
         "/v1/rollback",
     } <= paths
+
+
+def test_an_idle_connection_stays_open_past_uvicorns_own_5_s(served):
+    """A load balancer or proxy reuses an idle connection for up to its idle timeout (60 s for AWS ALB and nginx);
+    a server that closes it sooner makes the balancer's next request on it fail (a 502)."""
+    connection = http.client.HTTPConnection("127.0.0.1", served[1].port, timeout=60)
+    first = None
+    for pause in (0, 6):
+        time.sleep(pause)
+        connection.request("GET", "/v1/models", headers=AUTH)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200 and response.getheader("connection") != "close"
+        first = first or connection.sock
+    assert connection.sock is first  # the same connection answered both
+    connection.close()
+
+
+def test_serve_keep_alive_seconds_closes_idle_connections_at_its_time(fresh_loop_dir):
+    loop, server = serve_loop(fresh_loop_dir, ["serve.keep_alive_seconds=0.5"])
+    with server, socket.create_connection(("127.0.0.1", server.port), timeout=3) as connection:
+        connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert connection.recv(65536) == b""  # closed by the server, not by the 3 s timeout
+        assert time.monotonic() - started < 2
 
 
 def test_the_window_forgets_feedback_older_than_a_minute():

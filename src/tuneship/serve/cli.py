@@ -55,4 +55,13 @@ def serve(
     if not is_loopback(host):
         names = ", ".join(loop.cfg.serve.allowed_hosts)
         typer.echo(f"answering Host names {names} and this machine's addresses; add others to serve.allowed_hosts")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app, host, port)).run()
+
+
+def server_config(app, host: str, port: int):
+    """uvicorn's settings for the app (`create_app`'s): its loop's keep-alive instead of uvicorn's 5 s, which
+    behind a balancer that keeps idle connections for 60 s gives intermittent 502s."""
+    import uvicorn
+
+    keep_alive = app.state.loop.cfg.serve.keep_alive_seconds
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=keep_alive)
