@@ -107,6 +107,24 @@ def test_a_quant_transformers_cannot_read_is_said_and_leaves_no_folder(tiny_mode
     assert not list(quantized.parent.glob(f"hf-{QUANT}.partial-*"))
 
 
+def test_no_room_for_it_is_said_before_any_of_it_is_written(tiny_model_dir, tmp_path, monkeypatch):
+    """The disk's free space as the OS reports it is made small (a disk cannot be filled here); the loop's cycle
+    then trains on the base as it is and records why (tests/loop/test_cycle.py)."""
+    import tuneship.base_gguf
+    from tuneship.base_gguf import ServedBaseUnavailable, base_gguf, served_base_dir
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    quantized = base_gguf(base, QUANT)
+    monkeypatch.setattr(tuneship.base_gguf, "free_disk_bytes", lambda path: 1000)
+    with pytest.raises(ServedBaseUnavailable, match=r"needs 0\.\d\d GB \(the base's weights\) and 0\.00 GB are free"):
+        served_base_dir(base, QUANT)
+    assert not quantized.with_name(f"hf-{QUANT}").exists()
+    assert not list(quantized.parent.glob(f"hf-{QUANT}.partial-*"))
+    monkeypatch.undo()
+    assert (served_base_dir(base, QUANT) / "model.safetensors").is_file()  # with room, made
+
+
 def test_a_base_stored_in_bf16_is_served_in_bf16(tiny_model_dir, tmp_path):
     """A 7B base in bf16 takes 14 GB as it serves, not 28."""
     import torch

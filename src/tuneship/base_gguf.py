@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tuneship.disk import locked, written_atomically
+from tuneship.disk import HEADROOM, free_disk_bytes, locked, written_atomically
 from tuneship.errors import TuneshipError
 from tuneship.paths import cache_dir
 
@@ -32,7 +32,8 @@ SERVED_MARK = "served-base.json"
 
 
 class ServedBaseUnavailable(TuneshipError):
-    """transformers cannot dequantize this base's quantized GGUF (its architecture or quant type)."""
+    """The base cannot be had as it serves: transformers cannot dequantize its quantized GGUF (its architecture or
+    quant type), or the cache's disk has no room for it."""
 
 
 def base_gguf(base_dir: str | Path, kind: str) -> Path:
@@ -74,6 +75,7 @@ def served_base_dir(base_dir: str | Path, kind: str) -> Path:
         return target
     with locked(quantized.parent / ".hf.lock"):
         if not (target / SERVED_MARK).is_file():
+            _require_room(base_dir, target, kind)
             try:
                 dequantize_gguf(quantized, target, files_from=base_dir)
             except (ValueError, NotImplementedError, KeyError) as exc:
@@ -86,6 +88,18 @@ def served_base_dir(base_dir: str | Path, kind: str) -> Path:
     return target
 
 
+def _require_room(base_dir: Path, target: Path, kind: str) -> None:
+    """The base as it serves takes what the base's weights take (it is stored in their dtype): about 14 GB for a 7B
+    base in bf16. Refused before writing any of it when the cache's disk has less free."""
+    needed = int(sum(weights.stat().st_size for weights in _weight_files(base_dir)) * HEADROOM)
+    free = free_disk_bytes(target.parent)
+    if free < needed:
+        raise ServedBaseUnavailable(
+            f"model.train_on_quant={kind}: {target} needs {needed / 1e9:.2f} GB (the base's weights) and "
+            f"{free / 1e9:.2f} GB are free there; free space on that disk or point TUNESHIP_CACHE at a larger one"
+        )
+
+
 def _gguf_folder(base_dir: Path) -> Path:
     """Where the base's GGUFs are: a served base's are its base's (the folder it lies in)."""
     if (base_dir / SERVED_MARK).is_file():
@@ -96,7 +110,11 @@ def _gguf_folder(base_dir: Path) -> Path:
 def base_key(base_dir: Path) -> str:
     """The base folder's identity: its path and its weight files' names, sizes and modification times."""
     digest = hashlib.sha256(str(base_dir.resolve()).encode())
-    for weights in sorted(base_dir.glob("*.safetensors")) + sorted(base_dir.glob("*.bin")):
+    for weights in _weight_files(base_dir):
         stat = weights.stat()
         digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+def _weight_files(base_dir: Path) -> list[Path]:
+    return sorted(base_dir.glob("*.safetensors")) + sorted(base_dir.glob("*.bin"))
