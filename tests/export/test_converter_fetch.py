@@ -2,8 +2,11 @@
 target folder, on a Python with tarfile's extraction filters and on one without (Debian 12's 3.11.2)."""
 
 import io
+import os
 import shutil
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -48,11 +51,7 @@ def test_the_sdist_setup_built_from_gives_the_converter_and_another_version_s_is
 
     version = converter.llama_cpp_version()
     monkeypatch.setenv("TUNESHIP_CACHE", str(tmp_path / "cache"))
-
-    def llama_sdist(folder, of_version: str, marker: str):
-        folder.mkdir()
-        inner = f"llama_cpp_python-{of_version}/vendor/llama.cpp/convert_hf_to_gguf.py"
-        return sdist(folder / f"llama_cpp_python-{of_version}.tar.gz", {inner: marker.encode()})
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))
 
     downloads = []
 
@@ -68,3 +67,40 @@ def test_the_sdist_setup_built_from_gives_the_converter_and_another_version_s_is
     setup = converter.fetch_converter(llama_sdist(tmp_path / "setup", version, "# setup's sdist\n"))
     assert downloads == [version] and (setup / "convert_hf_to_gguf.py").read_text() == "# setup's sdist\n"
     assert setup == converter.converter_dir(version) and not setup.with_name(setup.name + ".partial").exists()
+
+
+def llama_sdist(folder, of_version: str, marker: str):
+    folder.mkdir()
+    inner = f"llama_cpp_python-{of_version}/vendor/llama.cpp/convert_hf_to_gguf.py"
+    return sdist(folder / f"llama_cpp_python-{of_version}.tar.gz", {inner: marker.encode()})
+
+
+def test_it_is_kept_with_the_environment_so_a_process_with_another_cache_finds_it(tmp_path, monkeypatch):
+    """`make demo` and `make test` use the checkout's cache, a person's `tuneship serve` afterwards their own: the
+    converter belongs to the environment's llama-cpp-python, so both find it. One kept in a cache by an earlier
+    setup is still found; where the environment cannot be written, it is kept in the cache."""
+    from tuneship.export import converter
+
+    version = converter.llama_cpp_version()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))
+    monkeypatch.setenv("TUNESHIP_CACHE", str(tmp_path / "setup-cache"))
+    kept = converter.fetch_converter(llama_sdist(tmp_path / "sdist", version, "# setup's\n"))
+    assert kept == tmp_path / "env" / "share" / "tuneship" / f"llama.cpp-{version}"
+    monkeypatch.setenv("TUNESHIP_CACHE", str(tmp_path / "own-cache"))
+    assert converter.ensure_converter() == kept
+
+    shutil.rmtree(kept)
+    assert converter.converter_dir(version) == kept  # where none is: the first place that can be written
+    in_cache = tmp_path / "own-cache" / f"llama.cpp-{version}"
+    (in_cache / "gguf-py").mkdir(parents=True)
+    (in_cache / "convert_hf_to_gguf.py").write_text("# an earlier setup's\n")
+    assert converter.ensure_converter() == in_cache
+
+    shutil.rmtree(in_cache)
+    writable = os.access
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda path, mode: writable(path, mode) and tmp_path / "env" not in (Path(path), *Path(path).parents),
+    )  # a root-owned environment (root itself may write anywhere)
+    assert converter.fetch_converter(llama_sdist(tmp_path / "sdist2", version, "# downloaded\n")) == in_cache

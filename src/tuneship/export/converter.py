@@ -6,8 +6,10 @@ module that silently overwrites the real `gguf` package (and an uninstall delete
 llama-cpp-python source distribution vendors llama.cpp at the exact commit its runtime is built
 from, with `convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, `conversion/` and `gguf-py/`. We take
 those files once (`python -m tuneship.export.converter [SDIST]`: `make setup` passes the sdist it built the wheel
-from, else it is downloaded from the registry), keep them under the cache keyed by the installed llama-cpp-python
-version, and run the converter as a subprocess with its own gguf-py first on PYTHONPATH.
+from, else it is downloaded from the registry), keep them keyed by the installed llama-cpp-python version with the
+environment it is installed in (`<sys.prefix>/share/tuneship/`: a process using another cache, such as a person's
+`tuneship serve` after `make demo`, finds them too), or in the cache where that environment cannot be written, and
+run the converter as a subprocess with its own gguf-py first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -42,12 +44,28 @@ def llama_cpp_version() -> str:
 
 
 def converter_dir(version: str | None = None) -> Path:
-    return cache_dir() / f"llama.cpp-{version or llama_cpp_version()}"
+    """The converter's folder: the first of its places that has it, else the first this process may write."""
+    name = f"llama.cpp-{version or llama_cpp_version()}"
+    places = [Path(sys.prefix) / "share" / "tuneship" / name, cache_dir() / name]
+    for folder in places:
+        if _has_converter(folder):
+            return folder
+    return next((folder for folder in places if _writable(folder)), places[-1])
+
+
+def _has_converter(folder: Path) -> bool:
+    return (folder / "convert_hf_to_gguf.py").is_file()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether `folder` can be made: its nearest existing ancestor can be written."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    return os.access(existing, os.W_OK)
 
 
 def ensure_converter() -> Path:
     folder = converter_dir()
-    if not (folder / "convert_hf_to_gguf.py").is_file():
+    if not _has_converter(folder):
         raise ConverterMissing(
             f"llama.cpp's converter is not in {folder}; fetch it once with "
             f"`{sys.executable} -m tuneship.export.converter` (make setup does this)"
@@ -61,8 +79,9 @@ def fetch_converter(sdist: Path | None = None) -> Path:
     downloaded."""
     version = llama_cpp_version()
     target = converter_dir(version)
-    if (target / "convert_hf_to_gguf.py").is_file():
+    if _has_converter(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     if sdist is not None and sdist.name == f"llama_cpp_python-{version}.tar.gz":
         _extract_into(sdist, target)
         return target
