@@ -62,6 +62,22 @@ def qa(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_base_ggufs_of_gone_bases():
+    """The cache's GGUFs of earlier sessions' tiny bases, whose folders pytest has removed since (it keeps the last
+    three sessions'), are removed: the development cache does not grow with every run."""
+    from tuneship.base_gguf import BASE_RECORD
+    from tuneship.paths import cache_dir
+
+    for record in (cache_dir() / "base-gguf").glob(f"*/{BASE_RECORD}"):
+        try:
+            gone = not Path(json.loads(record.read_text())["base"]).exists()
+        except FileNotFoundError:  # another worker's cleanup
+            continue
+        if gone:
+            shutil.rmtree(record.parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     from tuneship.base_model import resolve_base_model

@@ -3,6 +3,7 @@ its learned check measures the weights llama.cpp answers with."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def test_no_room_for_it_is_said_before_any_of_it_is_written(tiny_model_dir, tmp_
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     quantized = base_gguf(base, QUANT)
+    assert json.loads((quantized.parent / "base.json").read_text()) == {"base": str(base.resolve())}  # which base
     monkeypatch.setattr(tuneship.base_gguf, "free_disk_bytes", lambda path: 1000)
     with pytest.raises(ServedBaseUnavailable, match=r"needs 0\.\d\d GB \(the base's weights\) and 0\.00 GB are free"):
         served_base_dir(base, QUANT)

@@ -29,6 +29,7 @@ from tuneship.paths import cache_dir
 REFERENCE_KIND = "f16"
 UNQUANTIZED = {"f16", "bf16", "f32"}
 SERVED_MARK = "served-base.json"
+BASE_RECORD = "base.json"
 
 
 class ServedBaseUnavailable(TuneshipError):
@@ -46,6 +47,7 @@ def base_gguf(base_dir: str | Path, kind: str) -> Path:
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder / ".lock"):
+        _record_base(folder, Path(base_dir))
         reference = folder / f"base-{REFERENCE_KIND}.gguf"
         if not reference.is_file():
             with written_atomically(reference) as partial:
@@ -54,6 +56,14 @@ def base_gguf(base_dir: str | Path, kind: str) -> Path:
             with written_atomically(path) as partial:
                 gguf.quantize(reference, partial, kind)
     return path
+
+
+def _record_base(folder: Path, base_dir: Path) -> None:
+    """Which base the folder's files are made from (BASE_RECORD), for a person looking through the cache (its names
+    are hashes) and for cleaning up after bases that are gone."""
+    record = folder / BASE_RECORD
+    if not record.is_file() and not (base_dir / SERVED_MARK).is_file():
+        record.write_text(json.dumps({"base": str(base_dir.resolve())}) + "\n")
 
 
 def served_base_dir(base_dir: str | Path, kind: str) -> Path:
