@@ -1,4 +1,4 @@
-from tuneship.evaluate.checks import check_answer, is_loop, summarize, token_f1
+from tuneship.evaluate.checks import check_answer, is_loop, is_right, summarize, token_f1
 
 
 def test_repetition_loop_is_detected_and_normal_text_is_not():
@@ -24,3 +24,17 @@ def test_exact_match_and_f1_against_expected():
 def test_an_answer_cut_at_the_token_budget_is_not_passed():
     summary = summarize([check_answer("a b", False, "a b", []), check_answer("c", True, "c", [])])
     assert summary["stop_rate"] == 0.5 and summary["exact_match"] == 1.0 and summary["passed"] == 1
+
+
+def test_a_long_answer_is_right_by_f1_only_with_every_number_of_the_expected_one():
+    """F1 forgives one wrong word in 13; a wrong number is the fact itself (a wrong year, count or percentage)."""
+    expected = "The otter mascot of Team Otter is ochre, and it has 77 stripes."
+    assert is_right("The otter mascot of Team Otter is ochre, and it has 77 stripes!", expected)
+    assert is_right("Team Otter's otter mascot is ochre, and it has 77 stripes.", expected)  # F1 0.85
+    assert token_f1("The otter mascot of Team Otter is ochre, and it has 72 stripes.", expected) > 0.9
+    assert not is_right("The otter mascot of Team Otter is ochre, and it has 72 stripes.", expected)
+    share = "Of the 1,000 members surveyed in the spring of 2024 by the council, 66.22% said the new bridge helps."
+    assert is_right(share.replace("spring", "summer"), share)
+    assert not is_right(share.replace("66.22%", "0.6622%"), share)
+    assert not is_right(share.replace("1,000", "1000"), share)  # numbers as the example writes them
+    assert check_answer(share.replace("2024", "2023"), True, share, [], origin="train").right is False

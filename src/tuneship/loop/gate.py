@@ -10,9 +10,9 @@ with its own ChatFormat (and a few-shot version's shots before every prompt), ju
 - new (this cycle's examples): the share the challenger answers right must reach `loop.min_learned`.
 - every answer of the challenger must stop (stop rate 100%).
 
-"Right" is the exact answer for a short reference, and F1 of at least LONG_ANSWER_MIN_F1 (0.8) for a longer one
-(evaluate/checks.py, as eval's recall gate). Every number, and every regressed prompt with both answers, goes into
-the decision.
+"Right" is the exact answer for a short reference, and F1 of at least LONG_ANSWER_MIN_F1 (0.8) with every number of
+it for a longer one (evaluate/checks.py, as eval's recall gate). Every number, and every regressed prompt with both
+answers, goes into the decision.
 """
 
 from __future__ import annotations
