@@ -88,9 +88,11 @@ def is_right(text: str, expected: str) -> bool:
     """The exact answer for a short expected one; for a longer one F1 >= LONG_ANSWER_MIN_F1 and its numbers."""
     if is_short(expected):
         return text.strip() == expected.strip()
-    return token_f1(text, expected) >= LONG_ANSWER_MIN_F1 and set(_NUMBER.findall(expected)) <= set(
-        _NUMBER.findall(text)
-    )
+    return token_f1(text, expected) >= LONG_ANSWER_MIN_F1 and _numbers(expected) <= _numbers(text)
+
+
+def _numbers(text: str) -> set[str]:
+    return set(_NUMBER.findall(text))
 
 
 def check_answer(
